@@ -1,0 +1,266 @@
+"""Weights between this repo's Flax ViTs and timm's `VisionTransformer`, plus position-embedding helpers.
+
+The Flax models name their parameters after timm's modules, so one generic rule maps the two layouts:
+
+    Flax params tree                          timm state dict
+    blocks_3/attn/qkv/kernel (D, 3D)     <->  blocks.3.attn.qkv.weight (3D, D)        dense: transposed
+    patch_embed/proj/kernel (p, p, 3, D) <->  patch_embed.proj.weight (D, 3, p, p)     conv: HWIO <-> OIHW
+    norm/scale (D,)                      <->  norm.weight (D,)                         LayerNorm
+    blocks_3/ls1/gamma, pos_embed, cls_token, .../bias                                 same name, same array
+
+A segment `name_<digits>` is timm's `name.<digits>` (a ModuleList index). Nothing here knows a recipe:
+the architecture comes from the run's config (`timm_kwargs`) and the arrays from its params.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+_INDEXED = re.compile(r"^(.+)_(\d+)$")  # Flax `blocks_3` <-> timm `blocks.3`
+_CONV_TO_TIMM = (3, 2, 0, 1)  # HWIO -> OIHW
+_CONV_TO_FLAX = (2, 3, 1, 0)  # OIHW -> HWIO
+
+# (embed_dim, depth, num_heads) of timm's ViT size names, for `timm_model_name`.
+_TIMM_SIZES = {
+    (192, 12, 3): "tiny",
+    (384, 12, 6): "small",
+    (512, 12, 8): "medium",
+    (768, 12, 12): "base",
+    (1024, 24, 16): "large",
+    (1280, 32, 16): "huge",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Position embeddings
+# ----------------------------------------------------------------------------------------------
+
+
+def sincos_2d_pos_embed(grid: int, dim: int, cls_rows: int = 0) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding, shape (1, cls_rows + grid*grid, dim), float32.
+
+    MAE's convention (models_mae.py `get_2d_sincos_pos_embed`, also MoCo v3): tokens in row-major order;
+    the first dim/2 channels encode the column index, the last dim/2 the row index; each half is
+    [sin(pos * omega), cos(pos * omega)] with omega_i = 1 / 10000^(i / (dim/4)). Prefix (cls) rows are zero.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs a dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        angles = pos.reshape(-1, 1) * omega  # (grid*grid, dim/4)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    emb = np.concatenate([encode(cols), encode(rows)], axis=1)
+    emb = np.concatenate([np.zeros((cls_rows, dim)), emb], axis=0)
+    return emb[None].astype(np.float32)
+
+
+def resize_pos_embed(pos_embed: np.ndarray, new_grid: int, prefix_rows: int = 0, *,
+                     antialias: bool = True) -> np.ndarray:
+    """Bicubic resize of the square patch grid of `pos_embed` (1, prefix_rows + g*g, D) to `new_grid`.
+
+    The first `prefix_rows` rows (cls/dist tokens) are kept as they are. This calls timm's
+    `resample_abs_pos_embed` with its defaults (bicubic, antialias=True, as timm's checkpoint filter does
+    when a model is created at a new image size), so Flax and timm fine-tunes start from the same numbers.
+    """
+    import torch
+    from timm.layers import resample_abs_pos_embed
+
+    pos_embed = np.asarray(pos_embed)
+    patches = pos_embed.shape[1] - prefix_rows
+    old_grid = int(round(patches**0.5))
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or old_grid * old_grid != patches:
+        raise ValueError(f"pos_embed of shape {pos_embed.shape} with {prefix_rows} prefix rows is not a square grid")
+    resized = resample_abs_pos_embed(torch.from_numpy(np.array(pos_embed, np.float32)), [new_grid, new_grid],
+                                     [old_grid, old_grid], num_prefix_tokens=prefix_rows, interpolation="bicubic",
+                                     antialias=antialias)
+    return resized.numpy().astype(pos_embed.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter layouts
+# ----------------------------------------------------------------------------------------------
+
+
+def flax_to_timm(params: Mapping[str, Any], *, pos_embed: np.ndarray | None = None,
+                 cls_rows_in_pos_embed: int = 0) -> dict[str, np.ndarray]:
+    """Flax params tree -> timm `VisionTransformer` state dict (numpy arrays, same dtypes).
+
+    pos_embed: a fixed embedding (e.g. `sincos_2d_pos_embed`) to export as timm's `pos_embed` when the
+        params have none; timm then holds it as an ordinary (learnable) parameter.
+    cls_rows_in_pos_embed: zero rows prepended to a patches-only `pos_embed`, for a timm target whose
+        pos_embed also covers the prefix tokens (a DeiT-III model, timm `no_embed_class=True`, exported to
+        a `vit_*` layout). Exact: the source model added no position embedding to its cls token, and timm
+        adds the zero row.
+    """
+    if "params" in params and len(params) == 1:  # a variables dict {"params": ...}
+        params = params["params"]
+    state: dict[str, np.ndarray] = {}
+    for path, value in _flatten(params):
+        *modules, leaf = path
+        value = np.asarray(value)
+        if leaf == "kernel":
+            if value.ndim == 2:
+                value = value.T
+            elif value.ndim == 4:
+                value = value.transpose(_CONV_TO_TIMM)
+            else:
+                raise ValueError(f"{'/'.join(path)}: cannot map a {value.ndim}-D kernel to timm")
+            leaf = "weight"
+        elif leaf == "scale":
+            leaf = "weight"
+        modules = [_INDEXED.sub(r"\1.\2", name) for name in modules]
+        state[".".join([*modules, leaf])] = np.ascontiguousarray(value)
+    if pos_embed is not None:
+        if "pos_embed" in state:
+            raise ValueError("the params already hold a pos_embed; pass pos_embed only for a fixed embedding")
+        state["pos_embed"] = np.ascontiguousarray(pos_embed)
+    if cls_rows_in_pos_embed:
+        if "pos_embed" not in state:
+            raise ValueError("cls_rows_in_pos_embed needs a pos_embed (in the params or as the pos_embed argument)")
+        grid_rows = state["pos_embed"]
+        zeros = np.zeros((1, cls_rows_in_pos_embed, grid_rows.shape[2]), grid_rows.dtype)
+        state["pos_embed"] = np.concatenate([zeros, grid_rows], axis=1)
+    return state
+
+
+def timm_to_flax(state_dict: Mapping[str, Any]) -> dict:
+    """timm `VisionTransformer` state dict (torch tensors or numpy) -> Flax params tree; inverse of `flax_to_timm`.
+
+    A 1-D `weight` is a LayerNorm `scale`, a 2-D one a dense `kernel` (transposed), a 4-D one a conv `kernel`
+    (OIHW -> HWIO); `blocks.3` becomes `blocks_3`. Dtypes are kept, so the round trip is bit-exact.
+    """
+    params: dict = {}
+    for name, value in state_dict.items():
+        value = _to_numpy(value)
+        segments: list[str] = []
+        for part in name.split("."):
+            if part.isdigit() and segments:
+                segments[-1] = f"{segments[-1]}_{part}"
+            else:
+                segments.append(part)
+        *modules, leaf = segments
+        if leaf == "weight":
+            if value.ndim == 1:
+                leaf = "scale"
+            elif value.ndim == 2:
+                leaf, value = "kernel", value.T
+            elif value.ndim == 4:
+                leaf, value = "kernel", value.transpose(_CONV_TO_FLAX)
+            else:
+                raise ValueError(f"{name}: cannot map a {value.ndim}-D weight to Flax")
+        node = params
+        for module in modules:
+            node = node.setdefault(module, {})
+        node[leaf] = np.ascontiguousarray(value)
+    return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture
+# ----------------------------------------------------------------------------------------------
+
+
+def timm_kwargs(config: Mapping[str, Any], *, no_embed_class: bool | None = None) -> dict[str, Any]:
+    """Keyword arguments of `timm.models.vision_transformer.VisionTransformer` for a run's config.
+
+    `config` is a run's saved config (its flags plus the resolved `num_classes`): image_size, patch_size,
+    layers, dim, heads, num_classes (or labels), pooling ('cls' or 'gap'), and optionally layerscale,
+    layerscale_init and mlp_ratio. Position embeddings are exported as timm's learnable `pos_embed`, a
+    fixed sin-cos one included (its values go into the state dict).
+
+    no_embed_class: whether timm's pos_embed covers the patches only (`deit3_*`: added before the cls token
+        is joined) rather than the cls token too (`vit_*`). None: the config's `no_embed_class` if present,
+        else True, the layout of a model whose `pos_embed` parameter holds patch rows only.
+    """
+    num_classes = config.get("num_classes")
+    if num_classes is None:
+        num_classes = config.get("labels", -1)
+    if num_classes is None or num_classes <= 0:
+        raise ValueError("the config has no resolved num_classes (nor a positive labels)")
+    pooling = config.get("pooling", "cls")
+    if pooling not in ("cls", "gap"):
+        raise ValueError(f"unknown pooling {pooling!r}; expected 'cls' or 'gap'")
+    layerscale_init = config.get("layerscale_init") if config.get("layerscale", False) else None
+    if no_embed_class is None:
+        no_embed_class = bool(config.get("no_embed_class", True))
+    class_token = pooling == "cls"
+    return dict(
+        img_size=int(config["image_size"]),
+        patch_size=int(config["patch_size"]),
+        embed_dim=int(config["dim"]),
+        depth=int(config["layers"]),
+        num_heads=int(config["heads"]),
+        mlp_ratio=float(config.get("mlp_ratio", 4)),
+        num_classes=int(num_classes),
+        class_token=class_token,
+        global_pool="token" if class_token else "avg",
+        fc_norm=not class_token,  # gap: mean of patch tokens, then LayerNorm (`fc_norm`), no final `norm`
+        no_embed_class=no_embed_class and class_token,  # without prefix tokens both layouts are the same
+        init_values=layerscale_init or None,  # timm (like the Flax model) has no LayerScale for 0 / None
+        qkv_bias=True,
+        pos_embed="learn",
+    )
+
+
+def timm_model_name(kwargs: Mapping[str, Any]) -> str | None:
+    """Name of the timm model (e.g. 'deit3_small_patch16_224') with the architecture of `kwargs`, else None.
+
+    The number of classes is not compared (create the model with `num_classes=`). The candidate is built
+    on the meta device (no memory, no weights) and must match in every parameter shape, the number of
+    heads, the pooling and the position-embedding layout.
+    """
+    import timm
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    size = _TIMM_SIZES.get((kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"]))
+    family = "deit3" if kwargs.get("no_embed_class") else "vit"
+    name = f"{family}_{size}_patch{kwargs['patch_size']}_{kwargs['img_size']}"
+    if size is None or not timm.is_model(name):
+        return None
+    with torch.device("meta"):
+        ours = VisionTransformer(**kwargs)
+        preset = timm.create_model(name, pretrained=False, num_classes=kwargs["num_classes"])
+    if not isinstance(preset, VisionTransformer):
+        return None
+
+    def signature(model: VisionTransformer) -> tuple:
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        return (shapes, model.blocks[0].attn.num_heads, model.global_pool, model.no_embed_class,
+                type(model.norm).__name__, type(model.fc_norm).__name__, type(model.blocks[0].mlp.act).__name__)
+
+    return name if signature(ours) == signature(preset) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key)), value
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """numpy view of a torch tensor or array-like; bfloat16 tensors keep their bits (as ml_dtypes.bfloat16)."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch for numpy inputs
+        import torch
+
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return value.numpy()
+    return np.asarray(value)

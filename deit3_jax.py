@@ -1,0 +1,750 @@
+"""DeiT III: Revenge of the ViT (Touvron, Cord, Jegou, ECCV 2022), in JAX/Flax.
+
+    python deit3_jax.py --model b16 --data /path/to/imagenet        # one host, all its devices
+    python deit3_jax.py --data digits --model t16 --image-size 32 --patch-size 4 --layers 4 ...
+
+The recipe in one paragraph (paper §3, Tables 1 and 9 and the official README): a plain ViT with
+LayerScale (init 1e-4) and the same stochastic-depth rate in every block; 3-Augment (one of
+grayscale / solarize / gaussian blur, plus color jitter 0.3) on top of a random resized crop on
+ImageNet-1k or a simple random crop on ImageNet-21k; mixup 0.8 / cutmix 1.0; binary cross-entropy
+on binarised mixed targets; LAMB at batch 2048 with gradient clipping 1.0; 3 repeated
+augmentations; low-resolution pretraining (192 px for B/L) and a short fine-tune at 224.
+The paper's table rows are full command lines in `scripts/deit3/`.
+
+File order: flags and presets, model, data, optimizer, train and eval steps, loop, main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from common import UserError, augment, checkpoint, convert, data, dist, schedules
+from common.runlog import RunLog
+
+# ----------------------------------------------------------------------------------------------
+# Flags and presets. Flag names follow deit3-jax, the JAX reimplementation users come from.
+# ----------------------------------------------------------------------------------------------
+
+# DeiT-III Table 9 / the ViT paper: (layers, dim, heads, patch size).
+MODEL_PRESETS = {
+    "t16": dict(layers=12, dim=192, heads=3, patch_size=16),
+    "s16": dict(layers=12, dim=384, heads=6, patch_size=16),
+    "b16": dict(layers=12, dim=768, heads=12, patch_size=16),
+    "l16": dict(layers=24, dim=1024, heads=16, patch_size=16),
+    "h14": dict(layers=32, dim=1280, heads=16, patch_size=14),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default="digits",
+                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
+    g.add_argument("--output-dir", default="runs/deit3", help="config.json, log.jsonl and checkpoints go here")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate --pretrained-ckpt (or the last checkpoint), then exit")
+    g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
+    g.add_argument("--benchmark-steps", type=int, default=30)
+    g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data loader processes per host")
+    g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
+    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
+    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="s16", help="preset: " + " ".join(MODEL_PRESETS))
+    g.add_argument("--layers", type=int, help="override the preset's depth")
+    g.add_argument("--dim", type=int, help="override the preset's width")
+    g.add_argument("--heads", type=int, help="override the preset's number of heads")
+    g.add_argument("--patch-size", type=int, help="override the preset's patch size")
+    g.add_argument("--image-size", type=int, default=224)
+    g.add_argument("--labels", type=int, default=-1, help="number of classes (-1: from the data)")
+    g.add_argument("--layerscale", action=argparse.BooleanOptionalAction, default=True,
+                   help="LayerScale on both residual branches (DeiT-III §3)")
+    g.add_argument("--layerscale-init", type=float, default=1e-4,
+                   help="LayerScale init; 1e-4 for all sizes in the original code (timm's deit3 says 1e-6)")
+    g.add_argument("--posemb", choices=["learnable", "sincos2d"], default="learnable")
+    g.add_argument("--pooling", choices=["cls", "gap"], default="cls")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--droppath", type=float, default=0.1, help="stochastic depth, the same rate in every block")
+    g.add_argument("--grad-ckpt", action="store_true", help="rematerialise each block in the backward pass")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="compute dtype; parameters and optimizer state stay float32")
+
+    g = p.add_argument_group("data and augmentation")
+    g.add_argument("--batch-size", type=int, default=2048, help="global batch over all devices and hosts")
+    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--random-crop", choices=["none", "rrc", "src"], default="rrc",
+                   help="random resized crop (in1k) or simple random crop (in21k)")
+    g.add_argument("--color-jitter", type=float, default=0.3)
+    g.add_argument("--auto-augment", default="3a", help="timm auto-augment string; '3a' is 3-Augment, 'none' off")
+    g.add_argument("--random-erasing", type=float, default=0.0)
+    g.add_argument("--augment-repeats", type=int, default=3,
+                   help="repeated augmentation: decode once, augment n times")
+    g.add_argument("--test-crop-ratio", type=float, default=1.0)
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+
+    g = p.add_argument_group("loss and optimizer")
+    g.add_argument("--criterion", choices=["ce", "bce"], default="bce")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--optimizer", choices=["adamw", "lamb"], default="lamb")
+    g.add_argument("--learning-rate", type=float, default=3e-3,
+                   help="peak lr, absolute (DeiT-III gives it at batch 2048 and disables lr scaling)")
+    g.add_argument("--lr-ref-batch", type=int, default=0,
+                   help="if > 0, scale the lr linearly: lr * batch-size / lr-ref-batch")
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--adam-b1", type=float, default=0.9)
+    g.add_argument("--adam-b2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--lr-decay", type=float, default=1.0, help="layer-wise lr decay (1.0: off)")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global-norm clip (0: off)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=float, default=800)
+    g.add_argument("--warmup-epochs", type=float, default=5)
+    g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides --epochs")
+    g.add_argument("--warmup-steps", type=int, default=-1, help="if >= 0, overrides --warmup-epochs")
+
+    g = p.add_argument_group("seeds and checkpoints")
+    g.add_argument("--seed", type=int, default=0, help="default for the four seeds below")
+    g.add_argument("--init-seed", type=int)
+    g.add_argument("--mixup-seed", type=int)
+    g.add_argument("--dropout-seed", type=int)
+    g.add_argument("--shuffle-seed", type=int)
+    g.add_argument("--pretrained-ckpt", help="initialise from this checkpoint (pos-emb resized to --image-size)")
+    g.add_argument("--label-mapping", help="JSON list of [src, dst] class pairs to map a pretrained head")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.model not in MODEL_PRESETS:
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
+    for key, value in MODEL_PRESETS[args.model].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("init_seed", "mixup_seed", "dropout_seed", "shuffle_seed"):
+        if getattr(args, name) is None:
+            setattr(args, name, args.seed)
+    if args.image_size % args.patch_size:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.dim % args.heads:
+        raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    if args.batch_size % args.grad_accum:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    if args.auto_augment in ("", "none"):
+        args.auto_augment = None
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: a ViT whose parameter names follow timm's VisionTransformer (blocks_0/attn/qkv <->
+# blocks.0.attn.qkv), so that common.convert maps it to timm's `deit3_*` models one to one.
+# ----------------------------------------------------------------------------------------------
+
+
+trunc_normal = nn.initializers.truncated_normal(0.02)  # DeiT/timm init for weights, tokens, pos-emb
+layer_norm = functools.partial(nn.LayerNorm, epsilon=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    num_classes: int
+    image_size: int = 224
+    patch_size: int = 16
+    layers: int = 12
+    dim: int = 768
+    heads: int = 12
+    mlp_ratio: int = 4
+    layerscale_init: float | None = 1e-4  # None: no LayerScale
+    posemb: str = "learnable"  # or "sincos2d" (fixed)
+    pooling: str = "cls"  # or "gap" (mean of patch tokens, then fc_norm; no cls token)
+    dropout: float = 0.0
+    droppath: float = 0.0
+    grad_ckpt: bool = False
+    dtype: str = "float32"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+class LayerScale(nn.Module):
+    init_value: float
+
+    @nn.compact
+    def __call__(self, x):
+        gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+        return x * gamma.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    heads: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        batch, tokens, dim = x.shape
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=trunc_normal)
+        qkv = dense(3 * dim, name="qkv")(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        out = jax.nn.dot_product_attention(q, k, v)  # fused (cuDNN flash) where the backend has it
+        return dense(dim, name="proj")(out.reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    hidden: int
+    dropout: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=trunc_normal)
+        dim = x.shape[-1]
+        x = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=False)  # exact GELU, as timm
+        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = dense(dim, name="fc2")(x)
+        return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+
+class PatchEmbed(nn.Module):
+    patch_size: int
+    dim: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, images):
+        p = self.patch_size
+        x = nn.Conv(self.dim, (p, p), strides=p, padding="VALID", dtype=self.dtype,
+                    kernel_init=trunc_normal, name="proj")(images)
+        return x.reshape(x.shape[0], -1, self.dim)  # (batch, grid*grid, dim), row-major as timm
+
+
+class Block(nn.Module):
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        # Stochastic depth drops a sample's whole residual branch: dropout broadcast over tokens
+        # and channels, scaled by 1/keep, as timm's DropPath.
+        drop_path = nn.Dropout(c.droppath, broadcast_dims=(1, 2), rng_collection="droppath")
+        scale = (lambda name: LayerScale(c.layerscale_init, name=name)) if c.layerscale_init else (
+            lambda name: lambda y: y)
+        y = Attention(c.heads, dtype, name="attn")(layer_norm(dtype=dtype, name="norm1")(x))
+        x = x + drop_path(scale("ls1")(y), deterministic=not train)
+        y = Mlp(c.dim * c.mlp_ratio, c.dropout, dtype, name="mlp")(layer_norm(dtype=dtype, name="norm2")(x), train)
+        return x + drop_path(scale("ls2")(y), deterministic=not train)
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding (1, grid*grid, dim), as in MoCo v3 / MAE."""
+    from common.convert import sincos_2d_pos_embed
+
+    return sincos_2d_pos_embed(grid, dim)
+
+
+class VisionTransformer(nn.Module):
+    """DeiT-III ViT = timm `VisionTransformer(no_embed_class=True, init_values=1e-4)`:
+    the position embedding covers the patches only and is added before the cls token is joined."""
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        x = PatchEmbed(c.patch_size, c.dim, dtype, name="patch_embed")(images.astype(dtype))
+        if c.posemb == "learnable":
+            pos_embed = self.param("pos_embed", trunc_normal, (1, c.grid * c.grid, c.dim))
+        else:
+            pos_embed = sincos_2d(c.grid, c.dim)
+        x = x + jnp.asarray(pos_embed, dtype)
+        if c.pooling == "cls":
+            cls_token = self.param("cls_token", trunc_normal, (1, 1, c.dim))
+            x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(dtype), (x.shape[0], 1, c.dim)), x], axis=1)
+        x = nn.Dropout(c.dropout)(x, deterministic=not train)
+        block = nn.remat(Block, static_argnums=(2,)) if c.grad_ckpt else Block
+        for i in range(c.layers):
+            x = block(c, name=f"blocks_{i}")(x, train)
+        if c.pooling == "cls":
+            x = layer_norm(dtype=dtype, name="norm")(x)[:, 0]
+        else:
+            x = layer_norm(dtype=dtype, name="fc_norm")(x.mean(axis=1))
+        logits = nn.Dense(c.num_classes, dtype=dtype, kernel_init=trunc_normal, name="head")(x)
+        return logits.astype(jnp.float32)
+
+
+def model_config(args: argparse.Namespace, num_classes: int) -> ViTConfig:
+    return ViTConfig(num_classes=num_classes, image_size=args.image_size, patch_size=args.patch_size,
+                     layers=args.layers, dim=args.dim, heads=args.heads,
+                     layerscale_init=args.layerscale_init if args.layerscale else None, posemb=args.posemb,
+                     pooling=args.pooling, dropout=args.dropout, droppath=args.droppath, grad_ckpt=args.grad_ckpt,
+                     dtype=args.dtype)
+
+
+def train_flops_per_image(c: ViTConfig) -> float:
+    """Matmul FLOPs of one training image: 3 passes (forward, 2x backward) x 2 FLOPs per multiply-add."""
+    tokens = c.grid * c.grid + (c.pooling == "cls")
+    macs = c.grid * c.grid * 3 * c.patch_size**2 * c.dim  # patch embedding
+    macs += c.layers * tokens * (4 * c.dim * c.dim + 2 * c.mlp_ratio * c.dim * c.dim)  # qkv, proj, mlp
+    macs += c.layers * 2 * tokens * tokens * c.dim  # q @ k and attn @ v
+    macs += c.dim * c.num_classes
+    return 6.0 * macs
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: uint8 batches from PyTorch DataLoaders (timm transforms) or webdataset shards; normalisation,
+# mixup/cutmix and random erasing run on the device inside the train step.
+# ----------------------------------------------------------------------------------------------
+
+
+def train_transform(args: argparse.Namespace):
+    # DeiT-III §3: 3-Augment + color jitter 0.3 on RRC (in1k) or simple random crop (in21k).
+    return augment.train_transform(args.image_size, random_crop=args.random_crop, color_jitter=args.color_jitter,
+                                   auto_augment=args.auto_augment)
+
+
+def eval_transform(args: argparse.Namespace):
+    return augment.eval_transform(args.image_size, crop_ratio=args.test_crop_ratio)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer: LAMB as in timm/apex (the paper's), or AdamW; decoupled weight decay on weight matrices only.
+# ----------------------------------------------------------------------------------------------
+
+
+def decay_mask(params):
+    """Weight decay (and LAMB's trust ratio) on kernels only: not biases, norms, LayerScale, tokens, pos-emb."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(args: argparse.Namespace, schedule: optax.Schedule, params) -> optax.GradientTransformation:
+    mask = decay_mask(params)
+    clip = [optax.clip_by_global_norm(args.clip_grad)] if args.clip_grad > 0 else []
+    if args.optimizer == "lamb":
+        # optax.lamb puts the trust ratio on every leaf and does not clip; timm/apex LAMB (used by the
+        # paper) clips to global norm 1.0 first and adapts only the parameters that get weight decay.
+        core = [optax.scale_by_adam(args.adam_b1, args.adam_b2, args.adam_eps),
+                optax.add_decayed_weights(args.weight_decay, mask),
+                optax.masked(optax.scale_by_trust_ratio(), mask)]
+    else:
+        # optax.adamw defaults to weight decay 1e-4: always pass it.
+        core = [optax.scale_by_adam(args.adam_b1, args.adam_b2, args.adam_eps),
+                optax.add_decayed_weights(args.weight_decay, mask)]
+    layer_decay = []
+    if args.lr_decay < 1.0:
+        layer_decay = [schedules.scale_by_tree(schedules.layer_decay_scales(params, args.layers, args.lr_decay))]
+    return optax.chain(*clip, *core, *layer_decay, optax.scale_by_learning_rate(schedule))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss, train step and eval step.
+# ----------------------------------------------------------------------------------------------
+
+
+def loss_fn(logits, targets, criterion: str):
+    if criterion == "bce":
+        return optax.sigmoid_binary_cross_entropy(logits, targets).mean()
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def make_targets(args: argparse.Namespace, rng, images, labels, num_classes: int):
+    """Mixup/cutmix on the device; DeiT-III's BCE takes the binarised mixed targets (every class in the mix is 1)."""
+    bce = args.criterion == "bce"
+    smoothing = 0.0 if bce else args.label_smoothing
+    if args.mixup > 0 or args.cutmix > 0:
+        images, targets = augment.mixup_cutmix(rng, images, labels, num_classes, mixup_alpha=args.mixup,
+                                               cutmix_alpha=args.cutmix, label_smoothing=smoothing)
+    else:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    if bce:
+        targets = (targets > 0).astype(jnp.float32)
+        if args.label_smoothing > 0:
+            targets = targets * (1 - args.label_smoothing) + args.label_smoothing / num_classes
+    return images, targets
+
+
+def make_train_step(args: argparse.Namespace, model: VisionTransformer, optimizer, schedule, num_classes: int,
+                    base_keys: dict):
+    def step_fn(state, batch):
+        step = state["step"]
+        mix_key, erase_key = jax.random.split(jax.random.fold_in(base_keys["mixup"], step))
+        images = augment.normalize(batch["image"])
+        images, targets = make_targets(args, mix_key, images, batch["label"], num_classes)
+        if args.random_erasing > 0:
+            images = augment.random_erasing(erase_key, images, args.random_erasing)
+
+        def micro_loss(params, micro_images, micro_targets, micro_index):
+            keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(base_keys["dropout"], step), micro_index))
+            logits = model.apply({"params": params}, micro_images, train=True,
+                                 rngs={"dropout": keys[0], "droppath": keys[1]})
+            return loss_fn(logits, micro_targets, args.criterion)
+
+        grad_fn = jax.value_and_grad(micro_loss)
+        if args.grad_accum == 1:
+            loss, grads = grad_fn(state["params"], images, targets, 0)
+        else:
+            # Gradient accumulation: a scan over micro-batches inside one compiled step. Micro-batch i takes
+            # rows i, i + n, i + 2n, ... so that each device keeps working on its own rows.
+            split = lambda x: x.reshape(-1, args.grad_accum, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+
+            def accumulate(carry, micro):
+                loss, grads = grad_fn(state["params"], *micro)
+                return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state["params"]))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros,
+                                            (split(images), split(targets), jnp.arange(args.grad_accum)))
+            loss, grads = jax.tree_util.tree_map(lambda x: x / args.grad_accum, (loss, grads))
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        return {"params": params, "opt_state": opt_state, "step": step + 1}, metrics
+
+    return step_fn
+
+
+def make_eval_step(model: VisionTransformer):
+    def eval_fn(params, batch):
+        logits = model.apply({"params": params}, augment.normalize(batch["image"]), train=False)
+        labels = batch["label"]
+        valid = labels >= 0  # padding rows carry label -1
+        top5 = jax.lax.top_k(logits, 5)[1] if logits.shape[-1] >= 5 else jnp.argsort(-logits)[:, :5]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        return {"count": valid.sum(), "loss": jnp.where(valid, loss, 0).sum(),
+                "top1": jnp.where(valid, top5[:, 0] == labels, False).sum(),
+                "top5": jnp.where(valid, (top5 == labels[:, None]).any(-1), False).sum()}
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation: from scratch, or from a pretrained checkpoint at a new resolution / label set.
+# ----------------------------------------------------------------------------------------------
+
+
+def init_params(model: VisionTransformer, args: argparse.Namespace):
+    images = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
+    return jax.jit(model.init)(jax.random.PRNGKey(args.init_seed), images)["params"]
+
+
+def load_pretrained(params, args: argparse.Namespace):
+    """Copy a pretrained checkpoint into `params`: pos-emb resized bicubically to the new grid (DeiT-III
+    fine-tuning at 224 after pretraining at 192), head remapped with --label-mapping (in21k -> in1k) or
+    left freshly initialised when the number of classes differs."""
+    source, _ = checkpoint.load_params_and_config(args.pretrained_ckpt)
+    source = dict(source)
+    target_grid = args.image_size // args.patch_size
+    num_classes = np.shape(params["head"]["kernel"])[1]
+    if "pos_embed" in source and "pos_embed" in params and source["pos_embed"].shape != params["pos_embed"].shape:
+        source["pos_embed"] = convert.resize_pos_embed(source["pos_embed"], target_grid)
+    if args.label_mapping:
+        source["head"] = map_head(source["head"], params["head"], args.label_mapping)
+    elif np.shape(source["head"]["kernel"]) != np.shape(params["head"]["kernel"]):
+        print(f"note: the pretrained head has {np.shape(source['head']['kernel'])[1]} classes and this run "
+              f"{num_classes}: the head starts from scratch", file=sys.stderr)
+        source["head"] = params["head"]
+
+    def take(path, new):
+        name, old = "/".join(k.key for k in path), source
+        for key in path:
+            old = old.get(key.key) if isinstance(old, dict) else None
+        if old is None:
+            raise UserError(f"--pretrained-ckpt {args.pretrained_ckpt} has no parameter {name}")
+        if np.shape(old) != np.shape(new):
+            raise UserError(f"--pretrained-ckpt {args.pretrained_ckpt}: {name} has shape {np.shape(old)}, "
+                            f"this model {np.shape(new)}")
+        return jnp.asarray(old, new.dtype)
+
+    return jax.tree_util.tree_map_with_path(take, params)
+
+
+def map_head(source_head: dict, target_head: dict, mapping_file: str) -> dict:
+    """Reuse the classifier columns of a pretrained head: pairs [src, dst]; unmapped columns get kernel 0, bias -10."""
+    try:
+        pairs = json.load(open(mapping_file))
+    except (OSError, ValueError) as e:
+        raise UserError(f"--label-mapping {mapping_file}: {e}") from None
+    kernel = np.zeros(np.shape(target_head["kernel"]), np.float32)
+    bias = np.full(np.shape(target_head["bias"]), -10.0, np.float32)
+    for src, dst in pairs:
+        kernel[:, dst] = np.asarray(source_head["kernel"])[:, src]
+        bias[dst] = np.asarray(source_head["bias"])[src]
+    return {"kernel": kernel, "bias": bias}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop: one Mesh over all devices of all hosts, state replicated, batches sharded on 'data'.
+# ----------------------------------------------------------------------------------------------
+
+
+# Dense bf16 matmul peak per chip, FLOP/s, for MFU (H100: measured on a large matmul, spec 989e12).
+PEAK_FLOPS = {"H100": 800e12, "H200": 800e12, "A100": 312e12, "TPU v3": 123e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def peak_flops(device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+
+
+def synthetic_batch(mesh, global_batch: int, image_size: int, num_classes: int, seed: int):
+    """A random uint8 batch made on the devices (no host data path): for --benchmark and --data synthetic."""
+    @functools.partial(jax.jit, out_shardings=dist.batch_sharded(mesh))
+    def make(key):
+        image_key, label_key = jax.random.split(key)
+        return {"image": jax.random.randint(image_key, (global_batch, image_size, image_size, 3), 0, 256, jnp.uint8),
+                "label": jax.random.randint(label_key, (global_batch,), 0, num_classes, jnp.int32)}
+
+    return make(jax.random.PRNGKey(seed))
+
+
+def evaluate(args, eval_step, params, mesh) -> dict:
+    totals = None
+    batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
+                                workers=args.workers, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    for batch in tqdm(batches, desc="eval", leave=False, disable=not dist.is_main_process()):
+        batch.pop("skipped", None)
+        out = eval_step(params, dist.global_batch(batch, mesh))
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    if totals is None:
+        return {}
+    totals = jax.tree_util.tree_map(lambda x: float(dist.host_value(x)), totals)
+    count = max(totals["count"], 1.0)
+    return {"val_loss": totals["loss"] / count, "val_top1": 100 * totals["top1"] / count,
+            "val_top5": 100 * totals["top5"] / count, "val_images": int(totals["count"])}
+
+
+class Preemption:
+    """SIGTERM (a preempted TPU VM or a scheduler's stop) asks the loop to checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __bool__(self) -> bool:
+        if jax.process_count() > 1:  # every host must agree to stop at the same step
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+        return self.requested
+
+
+def run(args: argparse.Namespace) -> dict:
+    dist.initialize()
+    mesh = dist.data_mesh()
+    main_process = dist.is_main_process()
+    if args.batch_size % jax.device_count() or args.eval_batch_size % jax.process_count():
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {jax.device_count()} devices")
+    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UserError("mixup/cutmix pair each image with the batch flipped: --batch-size must be even")
+
+    spec = data.describe(args.data, num_classes=args.labels)
+    num_classes = spec.num_classes
+    config = model_config(args, num_classes)
+    model = VisionTransformer(config)
+
+    # Durations: epochs of the training set (DeiT's RASampler keeps one dataset-size per epoch).
+    steps_per_epoch = data.steps_per_epoch(spec.train_size, args.batch_size) if spec.train_size else 0
+    total_steps = args.training_steps or int(args.epochs * steps_per_epoch)
+    if args.benchmark:
+        total_steps = total_steps or 10_000  # only shapes the lr schedule of the timed steps
+    if total_steps <= 0:
+        raise UserError(f"{args.data} has no known size: give --training-steps")
+    warmup_steps = args.warmup_steps if args.warmup_steps >= 0 else int(args.warmup_epochs * steps_per_epoch)
+    peak_lr = schedules.scaled_lr(args.learning_rate, args.batch_size, args.lr_ref_batch)
+    schedule = schedules.warmup_cosine(peak_lr, total_steps, warmup_steps, warmup_lr=args.warmup_lr,
+                                       min_lr=args.min_lr)
+
+    params = init_params(model, args)
+    if args.pretrained_ckpt and not args.eval_only:
+        params = load_pretrained(params, args)
+    optimizer = make_optimizer(args, schedule, params)
+    state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = jax.device_put(state, dist.replicated(mesh))
+
+    run_config = dict(vars(args), num_classes=num_classes, peak_lr=peak_lr, total_steps=total_steps,
+                      warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, devices=jax.device_count(),
+                      processes=jax.process_count(), device_kind=jax.devices()[0].device_kind,
+                      params=sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    if args.benchmark:
+        return benchmark(args, model, optimizer, schedule, state, mesh, config, num_classes)
+
+    ckpt = checkpoint.Checkpointer(args.output_dir)
+    best_top1 = -1.0
+    if args.eval_only:
+        if args.pretrained_ckpt:
+            state["params"] = jax.device_put(load_pretrained(params, args), dist.replicated(mesh))
+        else:
+            state, _ = ckpt.restore(state)
+    elif ckpt.latest_step() is not None:
+        if not args.resume:
+            raise UserError(f"{args.output_dir} already holds checkpoints: pass --resume to continue that run, "
+                            "or choose another --output-dir")
+        state, meta = ckpt.restore(state)
+        best_top1 = meta.get("best_top1", -1.0)
+    log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+
+    base_keys = {"mixup": jax.random.PRNGKey(args.mixup_seed), "dropout": jax.random.PRNGKey(args.dropout_seed)}
+    state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
+                         out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
+
+    if args.eval_only:
+        metrics = evaluate(args, eval_step, state["params"], mesh)
+        log.write(int(state["step"]), **metrics)
+        if main_process:
+            print(json.dumps(metrics))
+        log.close()
+        return metrics
+
+    start_step = int(state["step"])
+    eval_interval = args.eval_interval or steps_per_epoch or total_steps
+    save_interval = args.save_interval or eval_interval
+    if main_process:
+        print(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), "
+              f"peak lr {peak_lr:g}, {jax.device_count()} device(s) on {jax.process_count()} host(s), "
+              f"starting at step {start_step}", file=sys.stderr)
+
+    if spec.source == "synthetic":
+        fixed = synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, args.shuffle_seed)
+        batches = iter(lambda: None, 0)
+    else:
+        batches = data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
+                                     seed=args.shuffle_seed, repeats=args.augment_repeats, start_step=start_step,
+                                     workers=args.workers, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    preemption = Preemption()
+    skipped, metrics, last = 0, {}, {}
+    window_start, window_steps = time.perf_counter(), 0
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
+                    disable=not main_process, dynamic_ncols=True)
+
+    def save(step: int, is_best: bool = False) -> None:
+        check_finite(metrics, step, args.output_dir)
+        ckpt.save(step, state, {"config": run_config, "step": step, "best_top1": best_top1}, best=is_best)
+
+    for step in progress:
+        if spec.source == "synthetic":
+            batch = fixed
+        else:
+            host_batch = next(batches)
+            skipped += host_batch.pop("skipped", 0)
+            batch = dist.global_batch(host_batch, mesh)
+        state, metrics = train_step(state, batch)
+        window_steps += 1
+        done = step + 1
+        if done % args.log_interval == 0 or done == total_steps:
+            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            check_finite(last, done, args.output_dir)
+            elapsed = time.perf_counter() - window_start
+            last["img_per_sec"] = window_steps * args.batch_size / elapsed
+            last["epoch"] = done / steps_per_epoch if steps_per_epoch else 0.0
+            if skipped:
+                last["skipped_images"] = skipped
+            log.write(done, **last)
+            progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                 img_s=f"{last['img_per_sec']:.0f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if done % eval_interval == 0 or done == total_steps:
+            results = evaluate(args, eval_step, state["params"], mesh)
+            is_best = results.get("val_top1", -1.0) > best_top1
+            best_top1 = max(best_top1, results.get("val_top1", -1.0))
+            if results:
+                log.write(done, **results, best_top1=best_top1)
+                progress.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()))
+            save(done, is_best)
+            window_start, window_steps = time.perf_counter(), 0
+        elif done % save_interval == 0:
+            save(done)
+        if preemption:
+            save(done)
+            progress.write(f"SIGTERM: saved a checkpoint at step {done} in {args.output_dir}; exiting")
+            break
+    ckpt.wait()
+    ckpt.close()
+    log.close()
+    return dict(last, best_top1=best_top1)
+
+
+def check_finite(metrics: dict, step: int, output_dir: str) -> None:
+    loss = float(metrics["loss"]) if "loss" in metrics else 0.0
+    if not np.isfinite(loss):
+        raise UserError(f"loss is {loss} at step {step}; stopping without saving (the last good checkpoint "
+                        f"in {output_dir} is kept)")
+
+
+def benchmark(args, model, optimizer, schedule, state, mesh, config: ViTConfig, num_classes: int) -> dict:
+    """Train steps on device-made random batches: img/s, step time, peak device memory and MFU."""
+    base_keys = {"mixup": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+    train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
+                         donate_argnums=0)
+    batch = synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
+    start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+    for _ in range(3):  # warm up
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(args.benchmark_steps):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    step_time = (time.perf_counter() - start) / args.benchmark_steps
+    images_per_sec = args.batch_size / step_time
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    peak = peak_flops(device)
+    result = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
+              "dtype": args.dtype, "devices": jax.device_count(), "device_kind": device.device_kind,
+              "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
+              "compile_s": round(compile_seconds, 1),
+              "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None,
+              "train_gflops_per_img": round(train_flops_per_image(config) / 1e9, 2),
+              "mfu": round(train_flops_per_image(config) * images_per_sec / (peak * jax.device_count()), 3)
+              if peak else None}
+    if dist.is_main_process():
+        print(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

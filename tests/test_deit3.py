@@ -1,0 +1,217 @@
+"""deit3_jax.py end to end on CPU: learning, multi-device parity, exact resume, preemption, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, recipe_env, run_script
+from PIL import Image
+
+from common import checkpoint
+from common.runlog import read_log
+
+# A small ViT on 32 px digits: fast on two CPU cores.
+TINY = ["--data", "digits", "--model", "t16", "--image-size", "32", "--patch-size", "8", "--layers", "2",
+        "--dim", "64", "--heads", "4", "--dtype", "float32", "--workers", "0", "--batch-size", "32",
+        "--eval-batch-size", "120", "--log-interval", "1", "--random-crop", "none", "--auto-augment", "none",
+        "--color-jitter", "0", "--augment-repeats", "1"]
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run_dir) if "loss" in r}
+
+
+def final_params(run_dir):
+    params, _ = checkpoint.load_params_and_config(run_dir, which="last")
+    return params
+
+
+def assert_trees_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_trees_equal(a[key], b[key])
+        else:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_digits_learns_beyond_chance(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("deit3_jax.py", *TINY, "--layers", "4", "--patch-size", "4", "--batch-size", "64",
+                      "--epochs", "15", "--warmup-epochs", "1", "--optimizer", "adamw", "--learning-rate", "2e-3",
+                      "--weight-decay", "0.05", "--criterion", "ce", "--droppath", "0", "--mixup", "0",
+                      "--cutmix", "0", "--log-interval", "20", "--eval-interval", "1000", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evals = [r for r in read_log(out) if "val_top1" in r]
+    assert evals, "no eval record in log.jsonl"
+    assert evals[-1]["val_top1"] > 60, f"10 classes, chance is 10%: got {evals[-1]['val_top1']:.1f}%"
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_classes"] == 10 and config["model"] == "t16"
+
+
+def test_eight_devices_match_one_device(tmp_path):
+    """Same global batch on 1 and 8 (simulated) devices: the same loss curve, mixup and drop path included."""
+    common_args = [*TINY, "--training-steps", "6", "--warmup-steps", "2", "--mixup", "0.8", "--cutmix", "1.0",
+                   "--droppath", "0.1", "--eval-interval", "1000"]
+    one = run_script("deit3_jax.py", *common_args, "--output-dir", tmp_path / "one", devices=1)
+    eight = run_script("deit3_jax.py", *common_args, "--output-dir", tmp_path / "eight", devices=8)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert eight.returncode == 0, eight.stderr[-3000:]
+    assert json.loads((tmp_path / "eight" / "config.json").read_text())["devices"] == 8
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5, atol=2e-6)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
+    args = [*TINY, "--training-steps", "12", "--warmup-steps", "3", "--mixup", "0.8", "--cutmix", "1.0",
+            "--droppath", "0.1", "--save-interval", "2", "--eval-interval", "1000", "--augment-repeats", "3",
+            "--random-crop", "rrc", "--auto-augment", "3a", "--color-jitter", "0.3"]
+    straight = run_script("deit3_jax.py", *args, "--output-dir", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(REPO / "deit3_jax.py"), *args, "--output-dir", str(killed_dir)],
+                            cwd=REPO, env=recipe_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in (killed_dir / "checkpoints").glob("*") if p.name.isdigit()]
+        if steps and max(steps) >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
+    interrupted_at = max(losses(killed_dir))
+    assert interrupted_at < 12
+
+    resumed = run_script("deit3_jax.py", *args, "--output-dir", killed_dir, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_trees_equal(final_params(tmp_path / "straight"), final_params(killed_dir))
+    a, b = losses(tmp_path / "straight"), losses(killed_dir)
+    assert all(a[s] == b[s] for s in a), "the resumed run's losses differ from the uninterrupted run's"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "deit3_jax.py"), *TINY, "--training-steps", "100000",
+                             "--save-interval", "100000", "--eval-interval", "100000", "--output-dir", str(out)],
+                            cwd=REPO, env=recipe_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "log.jsonl").exists() and len(losses(out)) >= 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM" in stderr
+    step_dir = checkpoint.find_step_dir(out)
+    assert int(step_dir.name) >= 3
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def image_folder(root: Path, classes=("a", "b"), per_class=4, corrupt: bool = False) -> Path:
+    for split in ("train", "val"):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                color = (40 * c + 20 * i, 255 - 40 * c, 30 * i)
+                Image.new("RGB", (40, 36), color).save(folder / f"{i}.jpg")
+    if corrupt:
+        (root / "train" / classes[0] / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+def run_folder(folder, out, *extra):
+    return run_script("deit3_jax.py", *TINY, "--data", folder, "--batch-size", "4", "--eval-batch-size", "4",
+                      "--training-steps", "3", "--output-dir", out, *extra)
+
+
+def test_corrupt_jpeg_is_skipped_and_reported(tmp_path):
+    folder = image_folder(tmp_path / "data", corrupt=True)
+    proc = run_folder(folder, tmp_path / "run", "--augment-repeats", "1", "--training-steps", "6")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "broken.jpg" in proc.stderr
+    assert any(r.get("skipped_images", 0) >= 1 for r in read_log(tmp_path / "run"))
+
+
+def assert_user_error(proc, *words):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in last, last
+
+
+def test_unknown_model(tmp_path):
+    assert_user_error(run_script("deit3_jax.py", "--model", "x99", "--output-dir", tmp_path), "x99")
+
+
+def test_missing_data_folder(tmp_path):
+    assert_user_error(run_folder(tmp_path / "nowhere", tmp_path / "run"), "nowhere")
+
+
+def test_empty_class_folder(tmp_path):
+    folder = image_folder(tmp_path / "data")
+    (folder / "train" / "empty_class").mkdir()
+    assert_user_error(run_folder(folder, tmp_path / "run"), "empty_class")
+
+
+def test_mismatched_checkpoint_is_refused_and_kept(tmp_path):
+    out = tmp_path / "run"
+    assert run_script("deit3_jax.py", *TINY, "--training-steps", "2", "--output-dir", out).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert_user_error(run_script("deit3_jax.py", *TINY, "--dim", "96", "--training-steps", "4", "--output-dir", out,
+                                 "--resume"), "does not match")
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "log.jsonl" not in p.name}
+    assert all(before[p] == after[p] for p in after), "a refused resume must leave the checkpoint untouched"
+
+
+def test_existing_run_needs_resume(tmp_path):
+    out = tmp_path / "run"
+    assert run_script("deit3_jax.py", *TINY, "--training-steps", "2", "--output-dir", out).returncode == 0
+    assert_user_error(run_script("deit3_jax.py", *TINY, "--training-steps", "2", "--output-dir", out), "--resume")
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("deit3_jax.py", *TINY, "--training-steps", "20", "--optimizer", "adamw",
+                      "--learning-rate", "1e30", "--warmup-steps", "0", "--clip-grad", "0", "--save-interval", "1",
+                      "--output-dir", out)
+    assert_user_error(proc, "loss is")
+    for step_dir in (out / "checkpoints").glob("[0-9]*"):
+        params, _ = checkpoint.load_params_and_config(step_dir)
+        assert all(np.isfinite(x).all() for x in _leaves(params)), "a non-finite checkpoint was written"
+
+
+def _leaves(tree):
+    for value in tree.values():
+        yield from (_leaves(value) if isinstance(value, dict) else [value])
+
+
+def test_benchmark_prints_throughput(tmp_path):
+    proc = run_script("deit3_jax.py", *TINY, "--benchmark", "--benchmark-steps", "2", "--data", "synthetic",
+                      "--labels", "10", "--output-dir", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["img_per_sec"] > 0 and result["step_ms"] > 0 and result["train_gflops_per_img"] > 0
+    assert set(result) >= {"peak_memory_gib", "mfu"}
+
+
+def test_grad_accum_matches_full_batch(tmp_path):
+    args = [*TINY, "--training-steps", "3", "--mixup", "0", "--cutmix", "0", "--droppath", "0",
+            "--eval-interval", "1000"]
+    full = run_script("deit3_jax.py", *args, "--output-dir", tmp_path / "full")
+    accum = run_script("deit3_jax.py", *args, "--grad-accum", "4", "--output-dir", tmp_path / "accum")
+    assert full.returncode == 0 and accum.returncode == 0, accum.stderr[-3000:]
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "accum")
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-4)
+    assert os.path.exists(tmp_path / "accum" / "config.json")
