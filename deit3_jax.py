@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate --pretrained-ckpt (or the last checkpoint), then exit")
     g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
     g.add_argument("--benchmark-steps", type=int, default=30)
-    g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data loader processes per host")
+    g.add_argument("--workers", "--train-loader-workers", type=int, default=min(16, os.cpu_count() or 1),
+                   help="data loader processes per host")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
     g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
@@ -90,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype; parameters and optimizer state stay float32")
 
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--batch-size", type=int, default=2048, help="global batch over all devices and hosts")
-    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--batch-size", "--train-batch-size", type=int, default=2048,
+                   help="global batch over all devices and hosts")
+    g.add_argument("--eval-batch-size", "--valid-batch-size", type=int, default=256)
     g.add_argument("--random-crop", choices=["none", "rrc", "src"], default="rrc",
                    help="random resized crop (in1k) or simple random crop (in21k)")
     g.add_argument("--color-jitter", type=float, default=0.3)
@@ -454,7 +456,7 @@ def load_pretrained(params, args: argparse.Namespace):
     """Copy a pretrained checkpoint into `params`: pos-emb resized bicubically to the new grid (DeiT-III
     fine-tuning at 224 after pretraining at 192), head remapped with --label-mapping (in21k -> in1k) or
     left freshly initialised when the number of classes differs."""
-    source, _ = checkpoint.load_params_and_config(args.pretrained_ckpt)
+    source, _ = checkpoint.load_params_and_config(args.pretrained_ckpt, which="last")
     source = dict(source)
     target_grid = args.image_size // args.patch_size
     num_classes = np.shape(params["head"]["kernel"])[1]
@@ -482,16 +484,23 @@ def load_pretrained(params, args: argparse.Namespace):
 
 
 def map_head(source_head: dict, target_head: dict, mapping_file: str) -> dict:
-    """Reuse the classifier columns of a pretrained head: pairs [src, dst]; unmapped columns get kernel 0, bias -10."""
+    """Reuse the classifier columns of a pretrained head (in21k -> in1k). The file holds [[src, dst], ...] or
+    deit3-jax's {"src": [...], "dst": [...]}; unmapped columns get kernel 0 and bias -10 (deit3-jax)."""
     try:
-        pairs = json.load(open(mapping_file))
-    except (OSError, ValueError) as e:
-        raise UserError(f"--label-mapping {mapping_file}: {e}") from None
+        with open(mapping_file) as f:
+            mapping = json.load(f)
+        pairs = list(zip(mapping["src"], mapping["dst"])) if isinstance(mapping, dict) else [tuple(p) for p in mapping]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--label-mapping {mapping_file} is not a list of [src, dst] pairs: {e}") from None
+    source_kernel, source_bias = np.asarray(source_head["kernel"]), np.asarray(source_head["bias"])
     kernel = np.zeros(np.shape(target_head["kernel"]), np.float32)
     bias = np.full(np.shape(target_head["bias"]), -10.0, np.float32)
     for src, dst in pairs:
-        kernel[:, dst] = np.asarray(source_head["kernel"])[:, src]
-        bias[dst] = np.asarray(source_head["bias"])[src]
+        if not (0 <= src < source_bias.shape[0] and 0 <= dst < bias.shape[0]):
+            raise UserError(f"--label-mapping pair [{src}, {dst}] is out of range for heads of "
+                            f"{source_bias.shape[0]} and {bias.shape[0]} classes")
+        kernel[:, dst] = source_kernel[:, src]
+        bias[dst] = source_bias[src]
     return {"kernel": kernel, "bias": bias}
 
 
@@ -596,102 +605,100 @@ def run(args: argparse.Namespace) -> dict:
     if args.benchmark:
         return benchmark(args, model, optimizer, schedule, state, mesh, config, num_classes)
 
-    ckpt = checkpoint.Checkpointer(args.output_dir)
-    best_top1 = -1.0
-    if args.eval_only:
-        if args.pretrained_ckpt:
-            state["params"] = jax.device_put(load_pretrained(params, args), dist.replicated(mesh))
-        else:
-            state, _ = ckpt.restore(state)
-    elif ckpt.latest_step() is not None:
-        if not args.resume:
-            raise UserError(f"{args.output_dir} already holds checkpoints: pass --resume to continue that run, "
-                            "or choose another --output-dir")
-        state, meta = ckpt.restore(state)
-        best_top1 = meta.get("best_top1", -1.0)
-    log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+    with checkpoint.Checkpointer(args.output_dir) as ckpt:  # waits for pending writes, also on errors
+        best_top1 = -1.0
+        if args.eval_only:
+            if args.pretrained_ckpt:
+                state["params"] = jax.device_put(load_pretrained(params, args), dist.replicated(mesh))
+            else:
+                state, _ = ckpt.restore(state)
+        elif ckpt.latest_step() is not None:
+            if not args.resume:
+                raise UserError(f"{args.output_dir} already holds checkpoints: pass --resume to continue that run, "
+                                "or choose another --output-dir")
+            state, meta = ckpt.restore(state)
+            best_top1 = meta.get("best_top1", -1.0)
+        log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
 
-    base_keys = {"mixup": jax.random.PRNGKey(args.mixup_seed), "dropout": jax.random.PRNGKey(args.dropout_seed)}
-    state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
-                         out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
-    eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
+        base_keys = {"mixup": jax.random.PRNGKey(args.mixup_seed), "dropout": jax.random.PRNGKey(args.dropout_seed)}
+        state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+        train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
+                             out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
 
-    if args.eval_only:
-        metrics = evaluate(args, eval_step, state["params"], mesh)
-        log.write(int(state["step"]), **metrics)
+        if args.eval_only:
+            metrics = evaluate(args, eval_step, state["params"], mesh)
+            log.write(int(state["step"]), **metrics)
+            if main_process:
+                print(json.dumps(metrics))
+            log.close()
+            return metrics
+
+        start_step = int(state["step"])
+        eval_interval = args.eval_interval or steps_per_epoch or total_steps
+        save_interval = args.save_interval or eval_interval
         if main_process:
-            print(json.dumps(metrics))
-        log.close()
-        return metrics
+            print(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), "
+                  f"peak lr {peak_lr:g}, {jax.device_count()} device(s) on {jax.process_count()} host(s), "
+                  f"starting at step {start_step}", file=sys.stderr)
 
-    start_step = int(state["step"])
-    eval_interval = args.eval_interval or steps_per_epoch or total_steps
-    save_interval = args.save_interval or eval_interval
-    if main_process:
-        print(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), "
-              f"peak lr {peak_lr:g}, {jax.device_count()} device(s) on {jax.process_count()} host(s), "
-              f"starting at step {start_step}", file=sys.stderr)
-
-    if spec.source == "synthetic":
-        fixed = synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, args.shuffle_seed)
-        batches = iter(lambda: None, 0)
-    else:
-        batches = data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
-                                     seed=args.shuffle_seed, repeats=args.augment_repeats, start_step=start_step,
-                                     workers=args.workers, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
-    preemption = Preemption()
-    skipped, metrics, last = 0, {}, {}
-    window_start, window_steps = time.perf_counter(), 0
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
-                    disable=not main_process, dynamic_ncols=True)
-
-    def save(step: int, is_best: bool = False) -> None:
-        check_finite(metrics, step, args.output_dir)
-        ckpt.save(step, state, {"config": run_config, "step": step, "best_top1": best_top1}, best=is_best)
-
-    for step in progress:
         if spec.source == "synthetic":
-            batch = fixed
+            fixed = synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, args.shuffle_seed)
+            batches = iter(lambda: None, 0)
         else:
-            host_batch = next(batches)
-            skipped += host_batch.pop("skipped", 0)
-            batch = dist.global_batch(host_batch, mesh)
-        state, metrics = train_step(state, batch)
-        window_steps += 1
-        done = step + 1
-        if done % args.log_interval == 0 or done == total_steps:
-            last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            check_finite(last, done, args.output_dir)
-            elapsed = time.perf_counter() - window_start
-            last["img_per_sec"] = window_steps * args.batch_size / elapsed
-            last["epoch"] = done / steps_per_epoch if steps_per_epoch else 0.0
-            if skipped:
-                last["skipped_images"] = skipped
-            log.write(done, **last)
-            progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                 img_s=f"{last['img_per_sec']:.0f}")
-            window_start, window_steps = time.perf_counter(), 0
-        if done % eval_interval == 0 or done == total_steps:
-            results = evaluate(args, eval_step, state["params"], mesh)
-            is_best = results.get("val_top1", -1.0) > best_top1
-            best_top1 = max(best_top1, results.get("val_top1", -1.0))
-            if results:
-                log.write(done, **results, best_top1=best_top1)
-                progress.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()))
-            save(done, is_best)
-            window_start, window_steps = time.perf_counter(), 0
-        elif done % save_interval == 0:
-            save(done)
-        if preemption:
-            save(done)
-            progress.write(f"SIGTERM: saved a checkpoint at step {done} in {args.output_dir}; exiting")
-            break
-    ckpt.wait()
-    ckpt.close()
-    log.close()
-    return dict(last, best_top1=best_top1)
+            batches = data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
+                                         seed=args.shuffle_seed, repeats=args.augment_repeats, start_step=start_step,
+                                         workers=args.workers, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+        preemption = Preemption()
+        skipped, metrics, last = 0, {}, {}
+        window_start, window_steps = time.perf_counter(), 0
+        progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
+                        disable=not main_process, dynamic_ncols=True)
+
+        def save(step: int, is_best: bool = False) -> None:
+            check_finite(metrics, step, args.output_dir)
+            ckpt.save(step, state, {"config": run_config, "step": step, "best_top1": best_top1}, best=is_best)
+
+        for step in progress:
+            if spec.source == "synthetic":
+                batch = fixed
+            else:
+                host_batch = next(batches)
+                skipped += host_batch.pop("skipped", 0)
+                batch = dist.global_batch(host_batch, mesh)
+            state, metrics = train_step(state, batch)
+            window_steps += 1
+            done = step + 1
+            if done % args.log_interval == 0 or done == total_steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(last, done, args.output_dir)
+                elapsed = time.perf_counter() - window_start
+                last["img_per_sec"] = window_steps * args.batch_size / elapsed
+                last["epoch"] = done / steps_per_epoch if steps_per_epoch else 0.0
+                if skipped:
+                    last["skipped_images"] = skipped
+                log.write(done, **last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                     img_s=f"{last['img_per_sec']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if done % eval_interval == 0 or done == total_steps:
+                results = evaluate(args, eval_step, state["params"], mesh)
+                is_best = results.get("val_top1", -1.0) > best_top1
+                best_top1 = max(best_top1, results.get("val_top1", -1.0))
+                if results:
+                    log.write(done, **results, best_top1=best_top1)
+                    tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), file=sys.stderr)
+                save(done, is_best)
+                window_start, window_steps = time.perf_counter(), 0
+            elif done % save_interval == 0:
+                save(done)
+            if preemption:
+                save(done)
+                tqdm.write(f"SIGTERM: saved a checkpoint at step {done} in {args.output_dir}; exiting", file=sys.stderr)
+                break
+        log.close()
+        return dict(last, best_top1=best_top1)
 
 
 def check_finite(metrics: dict, step: int, output_dir: str) -> None:

@@ -63,6 +63,13 @@ class Checkpointer:
         self.last.close()
         self.best.close()
 
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wait()
+        self.close()
+
 
 def find_step_dir(path: str | os.PathLike, which: str = "last") -> Path:
     """Resolve a run dir, its `checkpoints`/`best` dir, or a step dir to the step dir holding `state` and `meta`."""
@@ -101,7 +108,7 @@ def restore_into(step_dir: str | os.PathLike, template: Any) -> tuple[Any, dict]
     return restored["state"], dict(restored["meta"])
 
 
-def load_params_and_config(path: str | os.PathLike, which: str = "best") -> tuple[dict, dict]:
+def load_params_and_config(path: str | os.PathLike, which: str = "last") -> tuple[dict, dict]:
     """Params (nested dict of numpy arrays) and the run config of a checkpoint, without knowing the model."""
     step_dir = find_step_dir(path, which)
     state = ocp.StandardCheckpointer().restore(step_dir.absolute() / "state")

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("ckpt", help="run dir, checkpoints/best dir or step dir of a Flax checkpoint")
     p.add_argument("--out", help="output .pth path (default: CKPT/timm_model.pth); .safetensors is written beside it")
+    p.add_argument("--which", choices=["last", "best"], default="last",
+                   help="with a run dir: its last checkpoint (the paper's number) or the best by val top-1")
     p.add_argument("--arch", choices=["deit3", "vit"],
                    help="deit3: pos-emb on patches only; vit: with a zero cls row (default: as trained)")
     return p
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"checkpoint {ckpt} does not exist")
         from common.checkpoint import load_params_and_config
 
-        params, config = load_params_and_config(ckpt)
+        params, config = load_params_and_config(ckpt, which=args.which)
         state, kwargs = convert(params, config, args.arch)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -165,9 +165,17 @@ def test_empty_class_folder(tmp_path):
     assert_user_error(run_folder(folder, tmp_path / "run"), "empty_class")
 
 
-def test_mismatched_checkpoint_is_refused_and_kept(tmp_path):
-    out = tmp_path / "run"
-    assert run_script("deit3_jax.py", *TINY, "--training-steps", "2", "--output-dir", out).returncode == 0
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 2-step run, shared read-only by the tests below."""
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    proc = run_script("deit3_jax.py", *TINY, "--training-steps", "2", "--output-dir", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_mismatched_checkpoint_is_refused_and_kept(tiny_run):
+    out = tiny_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert_user_error(run_script("deit3_jax.py", *TINY, "--dim", "96", "--training-steps", "4", "--output-dir", out,
                                  "--resume"), "does not match")
@@ -175,9 +183,8 @@ def test_mismatched_checkpoint_is_refused_and_kept(tmp_path):
     assert all(before[p] == after[p] for p in after), "a refused resume must leave the checkpoint untouched"
 
 
-def test_existing_run_needs_resume(tmp_path):
-    out = tmp_path / "run"
-    assert run_script("deit3_jax.py", *TINY, "--training-steps", "2", "--output-dir", out).returncode == 0
+def test_existing_run_needs_resume(tiny_run):
+    out = tiny_run
     assert_user_error(run_script("deit3_jax.py", *TINY, "--training-steps", "2", "--output-dir", out), "--resume")
 
 
@@ -206,12 +213,63 @@ def test_benchmark_prints_throughput(tmp_path):
     assert set(result) >= {"peak_memory_gib", "mfu"}
 
 
-def test_grad_accum_matches_full_batch(tmp_path):
+def test_grad_accum_and_grad_ckpt_match_full_batch(tmp_path):
     args = [*TINY, "--training-steps", "3", "--mixup", "0", "--cutmix", "0", "--droppath", "0",
             "--eval-interval", "1000"]
     full = run_script("deit3_jax.py", *args, "--output-dir", tmp_path / "full")
-    accum = run_script("deit3_jax.py", *args, "--grad-accum", "4", "--output-dir", tmp_path / "accum")
+    accum = run_script("deit3_jax.py", *args, "--grad-accum", "4", "--grad-ckpt", "--output-dir", tmp_path / "accum")
     assert full.returncode == 0 and accum.returncode == 0, accum.stderr[-3000:]
     a, b = losses(tmp_path / "full"), losses(tmp_path / "accum")
     np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-4)
     assert os.path.exists(tmp_path / "accum" / "config.json")
+
+
+def test_two_process_jax_distributed_matches_one_process(tmp_path):
+    """A 2-host run (jax.distributed on CPU, one device each) follows the 1-host 2-device loss curve."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*TINY, "--training-steps", "4", "--warmup-steps", "1", "--mixup", "0.8", "--cutmix", "1.0",
+            "--eval-interval", "4"]
+    single = run_script("deit3_jax.py", *args, "--output-dir", tmp_path / "single", devices=2)
+    assert single.returncode == 0, single.stderr[-3000:]
+    out = tmp_path / "multi"
+    procs = [subprocess.Popen([sys.executable, str(REPO / "deit3_jax.py"), *args, "--output-dir", str(out)],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=recipe_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                                             JAX_PROCESS_ID=str(rank)))
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
+    a, b = losses(tmp_path / "single"), losses(out)
+    np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=2e-5, atol=2e-6)
+    evals = [r for r in read_log(out) if "val_images" in r]
+    assert evals and evals[-1]["val_images"] == [r for r in read_log(tmp_path / "single")
+                                                 if "val_images" in r][-1]["val_images"]
+
+
+def test_finetune_at_new_resolution_with_label_mapping_then_eval_only(tmp_path, tiny_run):
+    """DeiT-III's second stage: pretrained weights at 32 px -> fine-tune at 48 px, head remapped; then --eval-only."""
+    pre = tiny_run
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps([[i, 9 - i] for i in range(10)]))
+    fine = tmp_path / "fine"
+    proc = run_script("deit3_jax.py", *TINY, "--image-size", "48", "--training-steps", "1", "--learning-rate", "0",
+                      "--warmup-lr", "0", "--min-lr", "0", "--pretrained-ckpt", pre, "--label-mapping", mapping,
+                      "--output-dir", fine)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source, _ = checkpoint.load_params_and_config(pre)
+    tuned, config = checkpoint.load_params_and_config(fine)
+    assert config["image_size"] == 48 and tuned["pos_embed"].shape == (1, 36, 64)
+    np.testing.assert_allclose(tuned["head"]["kernel"][:, ::-1], source["head"]["kernel"], atol=1e-6)
+    np.testing.assert_allclose(tuned["blocks_1"]["mlp"]["fc1"]["kernel"], source["blocks_1"]["mlp"]["fc1"]["kernel"],
+                               atol=1e-6)
+    evaluated = run_script("deit3_jax.py", *TINY, "--image-size", "48", "--eval-only", "--output-dir", fine)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert 0 <= json.loads(evaluated.stdout.strip().splitlines()[-1])["val_top1"] <= 100
+    bad = run_script("deit3_jax.py", *TINY, "--training-steps", "1", "--pretrained-ckpt", tmp_path / "none",
+                     "--output-dir", tmp_path / "bad")
+    assert_user_error(bad, "none")
