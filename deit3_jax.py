@@ -260,13 +260,6 @@ class Block(nn.Module):
         return x + drop_path(scale("ls2")(y), deterministic=not train)
 
 
-def sincos_2d(grid: int, dim: int) -> np.ndarray:
-    """Fixed 2-D sin-cos position embedding (1, grid*grid, dim), as in MoCo v3 / MAE."""
-    from common.convert import sincos_2d_pos_embed
-
-    return sincos_2d_pos_embed(grid, dim)
-
-
 class VisionTransformer(nn.Module):
     """DeiT-III ViT = timm `VisionTransformer(no_embed_class=True, init_values=1e-4)`:
     the position embedding covers the patches only and is added before the cls token is joined."""
@@ -281,7 +274,7 @@ class VisionTransformer(nn.Module):
         if c.posemb == "learnable":
             pos_embed = self.param("pos_embed", trunc_normal, (1, c.grid * c.grid, c.dim))
         else:
-            pos_embed = sincos_2d(c.grid, c.dim)
+            pos_embed = convert.sincos_2d_pos_embed(c.grid, c.dim)  # fixed 2-D sin-cos, as MAE
         x = x + jnp.asarray(pos_embed, dtype)
         if c.pooling == "cls":
             cls_token = self.param("cls_token", trunc_normal, (1, 1, c.dim))
