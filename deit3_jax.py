@@ -21,9 +21,7 @@ import dataclasses
 import functools
 import json
 import os
-import signal
 import sys
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -31,9 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
-from common import UserError, augment, checkpoint, convert, data, dist, schedules
+from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -330,28 +327,11 @@ def eval_transform(args: argparse.Namespace):
 # ----------------------------------------------------------------------------------------------
 
 
-def decay_mask(params):
-    """Weight decay (and LAMB's trust ratio) on kernels only: not biases, norms, LayerScale, tokens, pos-emb."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
-
-
 def make_optimizer(args: argparse.Namespace, schedule: optax.Schedule, params) -> optax.GradientTransformation:
-    mask = decay_mask(params)
-    clip = [optax.clip_by_global_norm(args.clip_grad)] if args.clip_grad > 0 else []
-    if args.optimizer == "lamb":
-        # optax.lamb puts the trust ratio on every leaf and does not clip; timm/apex LAMB (used by the
-        # paper) clips to global norm 1.0 first and adapts only the parameters that get weight decay.
-        core = [optax.scale_by_adam(args.adam_b1, args.adam_b2, args.adam_eps),
-                optax.add_decayed_weights(args.weight_decay, mask),
-                optax.masked(optax.scale_by_trust_ratio(), mask)]
-    else:
-        # optax.adamw defaults to weight decay 1e-4: always pass it.
-        core = [optax.scale_by_adam(args.adam_b1, args.adam_b2, args.adam_eps),
-                optax.add_decayed_weights(args.weight_decay, mask)]
-    layer_decay = []
-    if args.lr_decay < 1.0:
-        layer_decay = [schedules.scale_by_tree(schedules.layer_decay_scales(params, args.layers, args.lr_decay))]
-    return optax.chain(*clip, *core, *layer_decay, optax.scale_by_learning_rate(schedule))
+    # LAMB as timm/apex (the paper's, §3: clip 1.0, trust ratio on weight matrices) or AdamW for fine-tuning.
+    return optim.make_optimizer(args.optimizer, schedule, params, weight_decay=args.weight_decay, b1=args.adam_b1,
+                                b2=args.adam_b2, eps=args.adam_eps, clip_norm=args.clip_grad,
+                                layer_decay=args.lr_decay, depth=args.layers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,22 +377,8 @@ def make_train_step(args: argparse.Namespace, model: VisionTransformer, optimize
                                  rngs={"dropout": keys[0], "droppath": keys[1]})
             return loss_fn(logits, micro_targets, args.criterion)
 
-        grad_fn = jax.value_and_grad(micro_loss)
-        if args.grad_accum == 1:
-            loss, grads = grad_fn(state["params"], images, targets, 0)
-        else:
-            # Gradient accumulation: a scan over micro-batches inside one compiled step. Micro-batch i takes
-            # rows i, i + n, i + 2n, ... so that each device keeps working on its own rows.
-            split = lambda x: x.reshape(-1, args.grad_accum, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
-
-            def accumulate(carry, micro):
-                loss, grads = grad_fn(state["params"], *micro)
-                return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
-
-            zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, state["params"]))
-            (loss, grads), _ = jax.lax.scan(accumulate, zeros,
-                                            (split(images), split(targets), jnp.arange(args.grad_accum)))
-            loss, grads = jax.tree_util.tree_map(lambda x: x / args.grad_accum, (loss, grads))
+        loss, grads = loop.accumulate_gradients(jax.value_and_grad(micro_loss), state["params"], (images, targets),
+                                                args.grad_accum)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
@@ -424,13 +390,7 @@ def make_train_step(args: argparse.Namespace, model: VisionTransformer, optimize
 def make_eval_step(model: VisionTransformer):
     def eval_fn(params, batch):
         logits = model.apply({"params": params}, augment.normalize(batch["image"]), train=False)
-        labels = batch["label"]
-        valid = labels >= 0  # padding rows carry label -1
-        top5 = jax.lax.top_k(logits, 5)[1] if logits.shape[-1] >= 5 else jnp.argsort(-logits)[:, :5]
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
-        return {"count": valid.sum(), "loss": jnp.where(valid, loss, 0).sum(),
-                "top1": jnp.where(valid, top5[:, 0] == labels, False).sum(),
-                "top5": jnp.where(valid, (top5 == labels[:, None]).any(-1), False).sum()}
+        return loop.classification_totals(logits, batch["label"])
 
     return eval_fn
 
@@ -502,74 +462,16 @@ def map_head(source_head: dict, target_head: dict, mapping_file: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-# Dense bf16 matmul peak per chip, FLOP/s, for MFU (H100: measured on a large matmul, spec 989e12).
-PEAK_FLOPS = {"H100": 800e12, "H200": 800e12, "A100": 312e12, "TPU v3": 123e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
-
-
-def peak_flops(device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
-
-
-def synthetic_batch(mesh, global_batch: int, image_size: int, num_classes: int, seed: int):
-    """A random uint8 batch made on the devices (no host data path): for --benchmark and --data synthetic."""
-    @functools.partial(jax.jit, out_shardings=dist.batch_sharded(mesh))
-    def make(key):
-        image_key, label_key = jax.random.split(key)
-        return {"image": jax.random.randint(image_key, (global_batch, image_size, image_size, 3), 0, 256, jnp.uint8),
-                "label": jax.random.randint(label_key, (global_batch,), 0, num_classes, jnp.int32)}
-
-    return make(jax.random.PRNGKey(seed))
-
-
-def evaluate(args, eval_step, params, mesh) -> dict:
-    totals = None
-    batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
-                                workers=args.workers, process_index=jax.process_index(),
-                                process_count=jax.process_count())
-    for batch in tqdm(batches, desc="eval", leave=False, disable=not dist.is_main_process()):
-        batch.pop("skipped", None)
-        out = eval_step(params, dist.global_batch(batch, mesh))
-        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    if totals is None:
-        return {}
-    totals = jax.tree_util.tree_map(lambda x: float(dist.host_value(x)), totals)
-    count = max(totals["count"], 1.0)
-    return {"val_loss": totals["loss"] / count, "val_top1": 100 * totals["top1"] / count,
-            "val_top5": 100 * totals["top5"] / count, "val_images": int(totals["count"])}
-
-
-class Preemption:
-    """SIGTERM (a preempted TPU VM or a scheduler's stop) asks the loop to checkpoint and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __bool__(self) -> bool:
-        if jax.process_count() > 1:  # every host must agree to stop at the same step
-            from jax.experimental import multihost_utils
-
-            return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
-        return self.requested
-
-
-def run(args: argparse.Namespace) -> dict:
+def setup(args: argparse.Namespace):
+    """Mesh, model, lr schedule and initial state (replicated on every device) of a run."""
     dist.initialize()
     mesh = dist.data_mesh()
-    main_process = dist.is_main_process()
     if args.batch_size % jax.device_count() or args.eval_batch_size % jax.process_count():
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {jax.device_count()} devices")
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError("mixup/cutmix pair each image with the batch flipped: --batch-size must be even")
-
     spec = data.describe(args.data, num_classes=args.labels)
-    num_classes = spec.num_classes
-    config = model_config(args, num_classes)
+    config = model_config(args, spec.num_classes)
     model = VisionTransformer(config)
 
     # Durations: epochs of the training set (DeiT's RASampler keeps one dataset-size per epoch).
@@ -590,150 +492,66 @@ def run(args: argparse.Namespace) -> dict:
     optimizer = make_optimizer(args, schedule, params)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
     state = jax.device_put(state, dist.replicated(mesh))
-
-    run_config = dict(vars(args), num_classes=num_classes, peak_lr=peak_lr, total_steps=total_steps,
+    run_config = dict(vars(args), num_classes=spec.num_classes, peak_lr=peak_lr, total_steps=total_steps,
                       warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, devices=jax.device_count(),
                       processes=jax.process_count(), device_kind=jax.devices()[0].device_kind,
                       params=sum(x.size for x in jax.tree_util.tree_leaves(params)))
+    return mesh, model, config, optimizer, schedule, state, run_config
+
+
+def run(args: argparse.Namespace) -> dict:
+    mesh, model, config, optimizer, schedule, state, run_config = setup(args)
+    num_classes, total_steps = config.num_classes, run_config["total_steps"]
+    base_keys = {"mixup": jax.random.PRNGKey(args.mixup_seed), "dropout": jax.random.PRNGKey(args.dropout_seed)}
+    state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
+                         out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
     if args.benchmark:
-        return benchmark(args, model, optimizer, schedule, state, mesh, config, num_classes)
+        batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
+        return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
+                              train_flops_per_image=train_flops_per_image(config), model=args.model,
+                              image_size=args.image_size, dtype=args.dtype)
+
+    eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
+
+    def evaluate(state) -> dict:
+        batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
+                                    workers=args.workers, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+        return loop.evaluate(eval_step, state["params"], batches, mesh)
 
     with checkpoint.Checkpointer(args.output_dir) as ckpt:  # waits for pending writes, also on errors
-        best_top1 = -1.0
         if args.eval_only:
             if args.pretrained_ckpt:
-                state["params"] = jax.device_put(load_pretrained(params, args), dist.replicated(mesh))
+                state["params"] = jax.device_put(load_pretrained(state["params"], args), dist.replicated(mesh))
             else:
                 state, _ = ckpt.restore(state)
-        elif ckpt.latest_step() is not None:
-            if not args.resume:
-                raise UserError(f"{args.output_dir} already holds checkpoints: pass --resume to continue that run, "
-                                "or choose another --output-dir")
-            state, meta = ckpt.restore(state)
-            best_top1 = meta.get("best_top1", -1.0)
-        log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
-
-        base_keys = {"mixup": jax.random.PRNGKey(args.mixup_seed), "dropout": jax.random.PRNGKey(args.dropout_seed)}
-        state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
-                             out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
-
-        if args.eval_only:
-            metrics = evaluate(args, eval_step, state["params"], mesh)
+            log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+            metrics = evaluate(state)
             log.write(int(state["step"]), **metrics)
-            if main_process:
-                print(json.dumps(metrics))
             log.close()
+            if dist.is_main_process():
+                print(json.dumps(metrics))
             return metrics
 
-        start_step = int(state["step"])
-        eval_interval = args.eval_interval or steps_per_epoch or total_steps
-        save_interval = args.save_interval or eval_interval
-        if main_process:
+        state, meta = loop.restore_or_start(ckpt, state, resume=args.resume, output_dir=args.output_dir)
+        log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+        start_step, steps_per_epoch = int(state["step"]), run_config["steps_per_epoch"]
+        if dist.is_main_process():
             print(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), "
-                  f"peak lr {peak_lr:g}, {jax.device_count()} device(s) on {jax.process_count()} host(s), "
-                  f"starting at step {start_step}", file=sys.stderr)
-
-        if spec.source == "synthetic":
-            fixed = synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, args.shuffle_seed)
-            batches = iter(lambda: None, 0)
-        else:
-            batches = data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
-                                         seed=args.shuffle_seed, repeats=args.augment_repeats, start_step=start_step,
-                                         workers=args.workers, process_index=jax.process_index(),
-                                         process_count=jax.process_count())
-        preemption = Preemption()
-        skipped, metrics, last = 0, {}, {}
-        window_start, window_steps = time.perf_counter(), 0
-        progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
-                        disable=not main_process, dynamic_ncols=True)
-
-        def save(step: int, is_best: bool = False) -> None:
-            check_finite(metrics, step, args.output_dir)
-            ckpt.save(step, state, {"config": run_config, "step": step, "best_top1": best_top1}, best=is_best)
-
-        for step in progress:
-            if spec.source == "synthetic":
-                batch = fixed
-            else:
-                host_batch = next(batches)
-                skipped += host_batch.pop("skipped", 0)
-                batch = dist.global_batch(host_batch, mesh)
-            state, metrics = train_step(state, batch)
-            window_steps += 1
-            done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(last, done, args.output_dir)
-                elapsed = time.perf_counter() - window_start
-                last["img_per_sec"] = window_steps * args.batch_size / elapsed
-                last["epoch"] = done / steps_per_epoch if steps_per_epoch else 0.0
-                if skipped:
-                    last["skipped_images"] = skipped
-                log.write(done, **last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                     img_s=f"{last['img_per_sec']:.0f}")
-                window_start, window_steps = time.perf_counter(), 0
-            if done % eval_interval == 0 or done == total_steps:
-                results = evaluate(args, eval_step, state["params"], mesh)
-                is_best = results.get("val_top1", -1.0) > best_top1
-                best_top1 = max(best_top1, results.get("val_top1", -1.0))
-                if results:
-                    log.write(done, **results, best_top1=best_top1)
-                    tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), file=sys.stderr)
-                save(done, is_best)
-                window_start, window_steps = time.perf_counter(), 0
-            elif done % save_interval == 0:
-                save(done)
-            if preemption:
-                save(done)
-                tqdm.write(f"SIGTERM: saved a checkpoint at step {done} in {args.output_dir}; exiting", file=sys.stderr)
-                break
+                  f"peak lr {run_config['peak_lr']:g}, {jax.device_count()} device(s) on {jax.process_count()} "
+                  f"host(s), starting at step {start_step}", file=sys.stderr)
+        batches = loop.train_stream(args.data, train_transform(args), mesh, global_batch=args.batch_size,
+                                    seed=args.shuffle_seed, repeats=args.augment_repeats, start_step=start_step,
+                                    workers=args.workers, image_size=args.image_size, num_classes=num_classes)
+        eval_interval = args.eval_interval or steps_per_epoch or total_steps
+        result = loop.train(state, train_step, batches, evaluate, ckpt=ckpt, log=log, run_config=run_config,
+                            total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=args.batch_size,
+                            log_interval=args.log_interval, eval_interval=eval_interval,
+                            save_interval=args.save_interval or eval_interval,
+                            best_top1=meta.get("best_top1", -1.0), output_dir=args.output_dir)
         log.close()
-        return dict(last, best_top1=best_top1)
-
-
-def check_finite(metrics: dict, step: int, output_dir: str) -> None:
-    loss = float(metrics["loss"]) if "loss" in metrics else 0.0
-    if not np.isfinite(loss):
-        raise UserError(f"loss is {loss} at step {step}; stopping without saving (the last good checkpoint "
-                        f"in {output_dir} is kept)")
-
-
-def benchmark(args, model, optimizer, schedule, state, mesh, config: ViTConfig, num_classes: int) -> dict:
-    """Train steps on device-made random batches: img/s, step time, peak device memory and MFU."""
-    base_keys = {"mixup": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
-    train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
-                         donate_argnums=0)
-    batch = synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
-    start = time.perf_counter()
-    state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
-    compile_seconds = time.perf_counter() - start
-    for _ in range(3):  # warm up
-        state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(args.benchmark_steps):
-        state, metrics = train_step(state, batch)
-    jax.block_until_ready(metrics)
-    step_time = (time.perf_counter() - start) / args.benchmark_steps
-    images_per_sec = args.batch_size / step_time
-    device = jax.devices()[0]
-    stats = device.memory_stats() or {}
-    peak = peak_flops(device)
-    result = {"model": args.model, "image_size": args.image_size, "batch_size": args.batch_size,
-              "dtype": args.dtype, "devices": jax.device_count(), "device_kind": device.device_kind,
-              "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
-              "compile_s": round(compile_seconds, 1),
-              "peak_memory_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2) or None,
-              "train_gflops_per_img": round(train_flops_per_image(config) / 1e9, 2),
-              "mfu": round(train_flops_per_image(config) * images_per_sec / (peak * jax.device_count()), 3)
-              if peak else None}
-    if dist.is_main_process():
-        print(json.dumps(result))
-    return result
+        return result
 
 
 def main(argv: list[str] | None = None) -> int:

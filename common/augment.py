@@ -23,7 +23,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import auto_augment as _timm_auto_augment
 from timm.data import create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import str_to_interp_mode
@@ -32,6 +33,20 @@ from torchvision import transforms
 from common import UserError
 
 RANDOM_CROPS = ("rrc", "src", "none")
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
+    """timm's posterize op, also for 0 bits: RandAugment 'inc1' (DeiT, MAE) keeps 4 - int(0.4 * magnitude) bits,
+    0 at magnitude 10. Pillow < 12 turned that into a black image (every bit masked off); Pillow 12+ raises."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    _timm_auto_augment.NAME_TO_OP[_name] = _posterize
 
 # ----------------------------------------------------------------------------------------------
 # Host side: PIL image -> uint8 HWC array

@@ -13,7 +13,6 @@ config, data position, best metric).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -108,11 +107,16 @@ def restore_into(step_dir: str | os.PathLike, template: Any) -> tuple[Any, dict]
     return restored["state"], dict(restored["meta"])
 
 
-def load_params_and_config(path: str | os.PathLike, which: str = "last") -> tuple[dict, dict]:
-    """Params (nested dict of numpy arrays) and the run config of a checkpoint, without knowing the model."""
+def load_params_and_config(path: str | os.PathLike, which: str = "last", key: str = "params") -> tuple[dict, dict]:
+    """Params (nested dict of numpy arrays) and the run config of a checkpoint, without knowing the model.
+
+    key: the state entry to read, "params" or e.g. "ema_params" (the EMA weights of a run that keeps them).
+    """
     step_dir = find_step_dir(path, which)
     state = ocp.StandardCheckpointer().restore(step_dir.absolute() / "state")
-    params = jax.tree_util.tree_map(np.asarray, state["params"])
+    if key not in state:
+        raise UserError(f"checkpoint {step_dir} has no {key!r} (it holds {', '.join(sorted(state))})")
+    params = jax.tree_util.tree_map(np.asarray, state[key])
     return params, read_meta(step_dir).get("config", {})
 
 
@@ -125,13 +129,3 @@ def _stored_shapes(step_dir: Path) -> dict[str, tuple]:
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     return {_key(path): tuple(getattr(leaf, "shape", ())) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
-def save_json(path: str | os.PathLike, obj: dict) -> None:
-    """Write JSON atomically (temp file + rename), from the main process only."""
-    if jax.process_index() != 0:
-        return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)

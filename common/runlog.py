@@ -9,10 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-
-from common.checkpoint import save_json
-
 
 class RunLog:
     """Append-only JSON-lines log of one run, written by the main process only.
@@ -22,8 +18,9 @@ class RunLog:
     """
 
     def __init__(self, output_dir: str | os.PathLike, config: dict[str, Any], *, wandb_project: str | None = None,
-                 tensorboard: bool = False):
-        self.main = jax.process_index() == 0
+                 tensorboard: bool = False, main: bool | None = None):
+        """main: whether this process writes (the PyTorch recipes pass rank == 0); None asks JAX (process 0)."""
+        self.main = _jax_main_process() if main is None else main
         self.output_dir = Path(output_dir)
         self.file = None
         self.wandb = None
@@ -31,7 +28,7 @@ class RunLog:
         if not self.main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_json(self.output_dir / "config.json", config)
+        save_json(self.output_dir / "config.json", config, main=True)
         self.file = open(self.output_dir / "log.jsonl", "a")
         if wandb_project:
             self.wandb = _optional_import("wandb")
@@ -73,6 +70,22 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
         path = path / "log.jsonl"
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def save_json(path: str | os.PathLike, obj: dict, *, main: bool | None = None) -> None:
+    """Write JSON atomically (temp file + rename), from the main process only (None: JAX process 0)."""
+    if not (_jax_main_process() if main is None else main):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def _jax_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _plain(value: Any) -> Any:

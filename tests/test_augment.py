@@ -90,6 +90,22 @@ def test_mae_preset_is_crop_and_flip_only():
     assert transform.transforms[0].scale == (0.2, 1.0)
 
 
+def test_randaugment_posterize_at_full_magnitude_is_black_not_an_error():
+    """timm's 'inc1' posterize keeps 4 - int(0.4 * magnitude) bits: 0 at magnitude 10 (old Pillow: a black image;
+    Pillow 12+ raises). The DeiT / MAE RandAugment must not crash the loader on it."""
+    from timm.data.auto_augment import AugmentOp
+
+    op = AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    assert not np.asarray(op(image)).any()
+    kept = np.asarray(AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=5)(image))  # 2 bits kept
+    np.testing.assert_array_equal(kept, np.asarray(image) & 0b11000000)
+    transform = augment.train_transform(16, auto_augment="rand-n3-m10-mstd0-inc1")
+    for seed in range(20):
+        torch.manual_seed(seed)
+        assert transform(image.resize((16, 16))).shape == (16, 16, 3)
+
+
 def test_unknown_random_crop_is_a_user_error():
     with pytest.raises(UserError, match="unknown random crop"):
         augment.train_transform(32, random_crop="center")

@@ -286,7 +286,7 @@ def test_script_writes_loadable_timm_weights(tmp_path, monkeypatch, capsys, arch
     model = flax_model(config)
     params = random_params(model, config)
     stub = types.ModuleType("common.checkpoint")
-    stub.load_params_and_config = lambda path, which="last": (params, config)
+    stub.load_params_and_config = lambda path, which="last", key="params": (params, config)
     monkeypatch.setitem(sys.modules, "common.checkpoint", stub)
 
     argv = [str(tmp_path)] + (["--arch", arch] if arch else [])

@@ -144,8 +144,8 @@ def _expand(text: str, env: dict[str, str], where: str) -> str:
         text = expanded
 
 
-def read_preset(path: Path) -> tuple[list[str], dict[str, str]]:
-    """The flags the preset passes to deit3_jax.py (defaults substituted) and its variables' default values."""
+def read_preset(path: Path, script: str = "deit3_jax.py") -> tuple[list[str], dict[str, str]]:
+    """The flags the preset passes to `script` (defaults substituted) and its variables' default values."""
     text = path.read_text().replace("\\\n", " ")  # line continuations
     env: dict[str, str] = {}
     commands = []
@@ -158,9 +158,9 @@ def read_preset(path: Path) -> tuple[list[str], dict[str, str]]:
             env[assignment[1]] = _expand(words[0], env, path.name)
         elif line.startswith("python "):
             commands.append(line)
-    assert len(commands) == 1, f"{path.name}: expected one `python deit3_jax.py` command, found {len(commands)}"
+    assert len(commands) == 1, f"{path.name}: expected one `python {script}` command, found {len(commands)}"
     words = shlex.split(commands[0], comments=True)
-    assert words[:2] == ["python", "deit3_jax.py"], f"{path.name}: the command must start `python deit3_jax.py`"
+    assert words[:2] == ["python", script], f"{path.name}: the command must start `python {script}`"
     assert words[-1] == "$@", f'{path.name}: the command must end with "$@" so that users can override flags'
     argv = [_expand(word, env, path.name) for word in words[2:-1]]
     assert not any("$" in word for word in argv), f"{path.name}: unexpanded variable in {argv}"

@@ -1,0 +1,263 @@
+"""The plumbing of a JAX training loop, shared by the JAX recipes: batches onto the mesh, the step loop with
+logging / eval / checkpointing / preemption, evaluation totals, gradient accumulation and the benchmark.
+
+What is trained, and how (model, loss, optimizer, augmentation), stays in the recipe script: it hands this
+module a jitted `train_step(state, batch) -> (state, metrics)` and an `evaluate(state) -> metrics` callable.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from common import UserError, data, dist
+from common.checkpoint import Checkpointer
+from common.runlog import RunLog
+
+# Dense bf16 matmul peak per chip, FLOP/s, for MFU (H100: measured on a large matmul, spec 989e12).
+PEAK_FLOPS = {"H100": 800e12, "H200": 800e12, "A100": 312e12, "TPU v3": 123e12, "TPU v4": 275e12,
+              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def peak_flops(device: Any) -> float | None:
+    """The dense bf16 peak of a device from `PEAK_FLOPS`, or None for an unknown kind (e.g. CPU)."""
+    kind = getattr(device, "device_kind", "")
+    return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
+
+
+def synthetic_batch(mesh: Mesh, global_batch: int, image_size: int, num_classes: int, seed: int) -> dict:
+    """A random uint8 batch made on the devices (no host data path): for --benchmark and --data synthetic."""
+    @functools.partial(jax.jit, out_shardings=dist.batch_sharded(mesh))
+    def make(key):
+        image_key, label_key = jax.random.split(key)
+        return {"image": jax.random.randint(image_key, (global_batch, image_size, image_size, 3), 0, 256, jnp.uint8),
+                "label": jax.random.randint(label_key, (global_batch,), 0, num_classes, jnp.int32)}
+
+    return make(jax.random.PRNGKey(seed))
+
+
+def train_stream(data_source: str, transform: Callable, mesh: Mesh, *, global_batch: int, seed: int, repeats: int,
+                 start_step: int, workers: int, image_size: int, num_classes: int) -> Iterator[tuple[dict, int]]:
+    """Global train batches on the mesh, with the number of unreadable images skipped to make each.
+
+    Batch k depends only on (seed, k) (see `common.data.train_batches`), so starting at `start_step` after a
+    resume continues the exact sequence. `synthetic` repeats one device-made batch.
+    """
+    if data.describe(data_source).source == "synthetic":
+        fixed = synthetic_batch(mesh, global_batch, image_size, num_classes, seed)
+        while True:
+            yield fixed, 0
+    batches = data.train_batches(data_source, transform, global_batch=global_batch, seed=seed, repeats=repeats,
+                                 start_step=start_step, workers=workers, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    for host_batch in batches:
+        skipped = host_batch.pop("skipped", 0)
+        yield dist.global_batch(host_batch, mesh), skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------
+
+
+def accumulate_gradients(grad_fn: Callable, params: Any, inputs: tuple, steps: int) -> tuple[jax.Array, Any]:
+    """Mean loss and gradients of `grad_fn(params, *micro_inputs, micro_index)` over `steps` micro-batches.
+
+    A scan inside the compiled step (one optimizer update per call). Micro-batch i takes rows i, i + n,
+    i + 2n, ... of every input, so each device keeps working on its own rows of the sharded batch.
+    """
+    if steps == 1:
+        return grad_fn(params, *inputs, 0)
+    split = lambda x: x.reshape(-1, steps, *x.shape[1:]).swapaxes(0, 1)  # noqa: E731
+
+    def add(carry, micro):
+        return jax.tree_util.tree_map(jnp.add, carry, grad_fn(params, *micro)), None
+
+    zeros = (jnp.zeros(()), jax.tree_util.tree_map(jnp.zeros_like, params))
+    micro_inputs = (*jax.tree_util.tree_map(split, inputs), jnp.arange(steps))
+    (loss, grads), _ = jax.lax.scan(add, zeros, micro_inputs)
+    return jax.tree_util.tree_map(lambda x: x / steps, (loss, grads))
+
+
+def classification_totals(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Summed loss, top-1 and top-5 hits over the valid rows of an eval batch (padding rows have label -1)."""
+    valid = labels >= 0
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+    loss = -jnp.take_along_axis(log_probs, jnp.maximum(labels, 0)[:, None], axis=-1)[:, 0]
+    return {"count": valid.sum(), "loss": jnp.where(valid, loss, 0).sum(),
+            "top1": jnp.where(valid, top5[:, 0] == labels, False).sum(),
+            "top5": jnp.where(valid, (top5 == labels[:, None]).any(-1), False).sum()}
+
+
+def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, prefix: str = "val_") -> dict:
+    """Run `eval_step(params, batch) -> classification_totals` over host batches and turn totals into metrics."""
+    totals = None
+    for batch in tqdm(batches, desc="eval", leave=False, disable=_no_progress_bar()):
+        batch.pop("skipped", None)
+        out = eval_step(params, dist.global_batch(batch, mesh))
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    if totals is None:
+        return {}
+    totals = jax.tree_util.tree_map(lambda x: float(dist.host_value(x)), totals)
+    count = max(totals["count"], 1.0)
+    return {f"{prefix}loss": totals["loss"] / count, f"{prefix}top1": 100 * totals["top1"] / count,
+            f"{prefix}top5": 100 * totals["top5"] / count, f"{prefix}images": int(totals["count"])}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+
+def _no_progress_bar() -> bool | None:
+    """tqdm's `disable`: bars on the main process when stderr is a terminal (None: tqdm checks), else none."""
+    return None if dist.is_main_process() else True
+
+
+class Preemption:
+    """SIGTERM (a preempted TPU VM or a scheduler's stop) asks the loop to checkpoint and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def __enter__(self) -> Preemption:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)  # give SIGTERM back to the handler installed before
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __bool__(self) -> bool:
+        if jax.process_count() > 1:  # every host must agree to stop at the same step
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
+        return self.requested
+
+
+def check_finite(metrics: dict, step: int, output_dir: str) -> None:
+    """A NaN/inf loss stops the run with a UserError before anything is saved over the last good checkpoint."""
+    loss = float(metrics["loss"]) if "loss" in metrics else 0.0
+    if not np.isfinite(loss):
+        raise UserError(f"loss is {loss} at step {step}; stopping without saving (the last good checkpoint "
+                        f"in {output_dir} is kept)")
+
+
+def restore_or_start(ckpt: Checkpointer, state: Any, *, resume: bool, output_dir: str) -> tuple[Any, dict]:
+    """The state to start from: the last checkpoint with --resume; a fresh run must not reuse a run's folder."""
+    if ckpt.latest_step() is None:
+        return state, {}
+    if not resume:
+        raise UserError(f"{output_dir} already holds checkpoints: pass --resume to continue that run, "
+                        "or choose another --output-dir")
+    return ckpt.restore(state)
+
+
+def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]], evaluate_fn: Callable[[Any], dict],
+          *, ckpt: Checkpointer, log: RunLog, run_config: dict, total_steps: int, steps_per_epoch: int,
+          global_batch: int, log_interval: int, eval_interval: int, save_interval: int, best_top1: float = -1.0,
+          best_metric: str = "val_top1", output_dir: str) -> dict:
+    """Step from the state's step to `total_steps`: log every `log_interval` steps, evaluate (and save, keeping
+    the best by `best_metric`) every `eval_interval`, save every `save_interval`, and on SIGTERM save and return.
+
+    Returns the last logged train metrics and the best value of `best_metric` (as `best_top1`).
+    """
+    start_step = int(state["step"])
+    skipped, metrics, last = 0, {}, {}
+    window_start, window_steps = time.perf_counter(), 0
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
+                    disable=_no_progress_bar(), dynamic_ncols=True)
+
+    def save(step: int, is_best: bool = False) -> None:
+        check_finite(metrics, step, output_dir)
+        ckpt.save(step, state, {"config": run_config, "step": step, "best_top1": best_top1}, best=is_best)
+
+    with Preemption() as preemption:  # SIGTERM: save and return
+        for step in progress:
+            batch, batch_skipped = next(batches)
+            skipped += batch_skipped
+            state, metrics = train_step(state, batch)
+            window_steps += 1
+            done = step + 1
+            if done % log_interval == 0 or done == total_steps:
+                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                check_finite(last, done, output_dir)
+                last["img_per_sec"] = window_steps * global_batch / (time.perf_counter() - window_start)
+                last["epoch"] = done / steps_per_epoch if steps_per_epoch else 0.0
+                if skipped:
+                    last["skipped_images"] = skipped
+                log.write(done, **last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                     img_s=f"{last['img_per_sec']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if done % eval_interval == 0 or done == total_steps:
+                results = evaluate_fn(state)
+                is_best = results.get(best_metric, -1.0) > best_top1
+                best_top1 = max(best_top1, results.get(best_metric, -1.0))
+                if results:
+                    log.write(done, **results, best_top1=best_top1)
+                    tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), file=sys.stderr)
+                save(done, is_best)
+                window_start, window_steps = time.perf_counter(), 0
+            elif done % save_interval == 0:
+                save(done)
+            if preemption:
+                save(done)
+                tqdm.write(f"SIGTERM: saved a checkpoint at step {done} in {output_dir}; exiting", file=sys.stderr)
+                break
+    return dict(last, best_top1=best_top1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark
+# ----------------------------------------------------------------------------------------------
+
+
+def benchmark(train_step: Callable, state: Any, batch: dict, *, steps: int, global_batch: int,
+              train_flops_per_image: float, **report: Any) -> dict:
+    """Time `steps` train steps after compiling and 3 warm-up steps; print and return img/s, step time, compile
+    time, peak device memory and MFU (model matmul FLOPs against `PEAK_FLOPS` of the device kind)."""
+    start = time.perf_counter()
+    state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_seconds = time.perf_counter() - start
+    for _ in range(3):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    step_time = (time.perf_counter() - start) / steps
+    images_per_sec = global_batch / step_time
+    device = jax.devices()[0]
+    peak_memory = (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
+    peak = peak_flops(device)
+    result = dict(report, batch_size=global_batch, devices=jax.device_count(), device_kind=device.device_kind,
+                  img_per_sec=round(images_per_sec, 1), step_ms=round(1000 * step_time, 2),
+                  compile_s=round(compile_seconds, 1), peak_memory_gib=round(peak_memory / 2**30, 2) or None,
+                  train_gflops_per_img=round(train_flops_per_image / 1e9, 2),
+                  mfu=round(train_flops_per_image * images_per_sec / (peak * jax.device_count()), 3) if peak else None)
+    if dist.is_main_process():
+        print(json.dumps(result))
+    return result
