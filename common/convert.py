@@ -209,8 +209,20 @@ def timm_kwargs(config: Mapping[str, Any], *, no_embed_class: bool | None = None
     )
 
 
-def timm_model_name(kwargs: Mapping[str, Any]) -> str | None:
-    """Name of the timm model (e.g. 'deit3_small_patch16_224') with the architecture of `kwargs`, else None.
+def timm_model_class(distilled: bool = False) -> type:
+    """timm's `VisionTransformer`, or `VisionTransformerDistilled` (DeiT's cls + distillation tokens, `head_dist`)."""
+    if distilled:
+        from timm.models.deit import VisionTransformerDistilled
+
+        return VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+def timm_model_name(kwargs: Mapping[str, Any], distilled: bool = False) -> str | None:
+    """Name of the timm model (e.g. 'deit3_small_patch16_224', 'deit_tiny_distilled_patch16_224') with the
+    architecture of `kwargs` (and DeiT's distillation token if `distilled`), else None.
 
     The number of classes is not compared (create the model with `num_classes=`). The candidate is built
     on the meta device (no memory, no weights) and must match in every parameter shape, the number of
@@ -218,20 +230,22 @@ def timm_model_name(kwargs: Mapping[str, Any]) -> str | None:
     """
     import timm
     import torch
-    from timm.models.vision_transformer import VisionTransformer
 
     size = _TIMM_SIZES.get((kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"]))
     family = "deit3" if kwargs.get("no_embed_class") else "vit"
     name = f"{family}_{size}_patch{kwargs['patch_size']}_{kwargs['img_size']}"
+    if distilled:
+        name = f"deit_{size}_distilled_patch{kwargs['patch_size']}_{kwargs['img_size']}"
     if size is None or not timm.is_model(name):
         return None
+    model_class = timm_model_class(distilled)
     with torch.device("meta"):
-        ours = VisionTransformer(**kwargs)
+        ours = model_class(**kwargs)
         preset = timm.create_model(name, pretrained=False, num_classes=kwargs["num_classes"])
-    if not isinstance(preset, VisionTransformer):
+    if type(preset) is not model_class:
         return None
 
-    def signature(model: VisionTransformer) -> tuple:
+    def signature(model) -> tuple:
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         return (shapes, model.blocks[0].attn.num_heads, model.global_pool, model.no_embed_class,
                 type(model.norm).__name__, type(model.fc_norm).__name__, type(model.blocks[0].mlp.act).__name__)

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output .pth path (default: CKPT/timm_model.pth); .safetensors is written beside it")
     p.add_argument("--which", choices=["last", "best"], default="last",
                    help="with a run dir: its last checkpoint (the paper's number) or the best by val top-1")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (runs with --ema-decay > 0)")
     p.add_argument("--arch", choices=["deit3", "vit"],
                    help="deit3: pos-emb on patches only; vit: with a zero cls row (default: as trained)")
     return p
@@ -74,32 +75,34 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"checkpoint {ckpt} does not exist")
         from common.checkpoint import load_params_and_config
 
-        params, config = load_params_and_config(ckpt, which=args.which)
+        params, config = load_params_and_config(ckpt, which=args.which, key="ema_params" if args.ema else "params")
         state, kwargs = convert(params, config, args.arch)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if config.get("ema_eval") and config.get("ema_decay") and not args.ema:
+        print("note: this run reported its EMA weights; pass --ema to export those", file=sys.stderr)
 
     import torch
     from safetensors.torch import save_file
-    from timm.models.vision_transformer import VisionTransformer
 
-    from common.convert import timm_model_name
+    from common.convert import timm_model_class, timm_model_name
 
     out = Path(args.out) if args.out else (ckpt if ckpt.is_dir() else ckpt.parent) / "timm_model.pth"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: torch.from_numpy(value) for name, value in state.items()}
+    tensors = {name: torch.tensor(value) for name, value in state.items()}
     torch.save(tensors, out)
     save_file(tensors, str(out.with_suffix(".safetensors")))
 
-    model = VisionTransformer(**kwargs)
+    distilled = "dist_token" in tensors  # DeiT's distillation token: timm's VisionTransformerDistilled
+    model = timm_model_class(distilled)(**kwargs)
     model.load_state_dict(tensors, strict=True)  # every key and shape, or a RuntimeError naming the mismatch
-    name = timm_model_name(kwargs)
+    name = timm_model_name(kwargs, distilled)
     print(f"wrote {out} and {out.with_suffix('.safetensors')} ({len(tensors)} tensors)")
     if name:
         print(f"timm model: {name} (timm.create_model({name!r}, num_classes={kwargs['num_classes']}))")
     else:
-        print(f"timm model: VisionTransformer(**kwargs) with kwargs = {json.dumps(kwargs)}")
+        print(f"timm model: {type(model).__name__}(**kwargs) with kwargs = {json.dumps(kwargs)}")
     return 0
 
 
