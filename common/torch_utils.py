@@ -1,0 +1,274 @@
+"""PyTorch plumbing shared by the PyTorch recipes: torchrun/DDP setup, uint8 batches to device tensors, the
+warmup + decay learning-rate schedule, atomic checkpoints, FLOP counting and mixed precision.
+
+Nothing here knows about one recipe. The JAX recipes use `common.dist`, `common.checkpoint` and
+`common.schedules` for the same jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from common import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Processes: torchrun / DDP over one or many nodes, or a single process
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands in the run: global rank, rank on its node, number of processes, device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group that `torchrun` describes (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT in the
+    environment), or return a single-process environment when it is absent.
+
+    Each process drives the GPU of its LOCAL_RANK (NCCL); without GPUs the processes use gloo on the CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not torch_dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        torch_dist.init_process_group(backend, rank=rank, world_size=world_size, **kwargs)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (if any); call once at the end of the run, also after errors."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of `tensor` over all processes (in place; a no-op in a single process). Returns the tensor."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()
+
+
+def default_workers() -> int:
+    """Data-loader processes per training process: the node's CPU cores shared by its torchrun processes."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // local_processes - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: `common.data` yields uint8 NHWC numpy arrays; normalisation runs on the device
+# ----------------------------------------------------------------------------------------------
+
+
+def images_to_device(images: np.ndarray | torch.Tensor, device: torch.device, mean: tuple[float, ...],
+                     std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W) on `device`: (x / 255 - mean) / std.
+
+    The batch crosses to the device as uint8 (4x fewer bytes than float32), from pinned memory on GPUs.
+    mean/std in 0-1 units, as timm's constants.
+    """
+    images = torch.as_tensor(images)
+    if device.type == "cuda":
+        images = images.pin_memory()
+    images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
+    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+    return (images - mean_t) / std_t
+
+
+def labels_to_device(labels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int labels -> int64 tensor on `device` (what the losses index with)."""
+    return torch.as_tensor(labels).to(device, dtype=torch.int64, non_blocking=True)
+
+
+def batches_to_device(batches: Iterator[dict], device: torch.device, mean: tuple[float, ...],
+                      std: tuple[float, ...]) -> Iterator[dict]:
+    """Wrap an iterator of `common.data` batches: yields {"image": normalised NCHW, "label": int64, "skipped"}."""
+    for batch in batches:
+        yield {"image": images_to_device(batch["image"], device, mean, std),
+               "label": labels_to_device(batch["label"], device), "skipped": int(batch.get("skipped", 0))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate
+# ----------------------------------------------------------------------------------------------
+
+
+def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int,
+                    decay: str = "cosine") -> float:
+    """big_vision's schedule (utils.create_learning_rate_schedule), per optimizer step.
+
+    `step` counts the updates already made (0 for the first). With progress p = clip((step - warmup) /
+    (total - warmup), 0, 1):
+        cosine: lr = peak * (1 + cos(pi p)) / 2          linear: lr = peak * (1 - p)
+    and during warmup lr is multiplied by step / warmup (linear warmup from 0).
+    """
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    lr = peak_lr * (0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress)
+    if warmup_steps > 0:
+        lr *= min(1.0, step / warmup_steps)
+    return lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every param group's lr to `lr` times its `lr_scale` (timm's per-group multiplier, default 1)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one file per step, written to a temporary name and renamed when complete
+# ----------------------------------------------------------------------------------------------
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the complete checkpoints `<step>.pt` in `directory`, ascending (empty if none or absent)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.stem) for p in directory.glob("*.pt") if re.fullmatch(r"\d+", p.stem))
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, state: Mapping[str, Any], *, keep: int = 1) -> Path:
+    """Write `state` to `directory/<step>.pt` atomically (temporary file, fsync, rename), then delete all but the
+    `keep` newest checkpoints. A kill at any moment leaves the previous checkpoint intact. Call on one process."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{step}.pt"
+    tmp = directory / f".{step}.pt.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in checkpoint_steps(directory)[:-keep]:
+        (directory / f"{old}.pt").unlink(missing_ok=True)
+    return path
+
+
+def find_checkpoint(path: str | os.PathLike, subdirs: tuple[str, ...] = ("checkpoints",)) -> Path:
+    """Resolve a checkpoint file, a folder of `<step>.pt`, or a run folder (looked up in `subdirs`, in order) to
+    the newest checkpoint file. Raises UserError when there is none."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for folder in [path / sub for sub in subdirs] + [path]:
+        steps = checkpoint_steps(folder)
+        if steps:
+            return folder / f"{steps[-1]}.pt"
+    raise UserError(f"no checkpoint found at {path}")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint` onto the CPU; an unreadable file is a UserError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise UserError (naming the first difference) when `state_dict` does not fit `model`'s names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in unwrap(model).state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for key in sorted(set(expected) | set(stored)):
+        if expected.get(key) != stored.get(key):
+            raise UserError(f"checkpoint {where} does not match this model: {key} is "
+                            f"{stored.get(key, 'missing')} in the checkpoint and {expected.get(key, 'missing')} here")
+
+
+# ----------------------------------------------------------------------------------------------
+# Throughput: FLOPs, peak FLOP/s, mixed precision
+# ----------------------------------------------------------------------------------------------
+
+# Dense bf16 matmul peak per GPU, FLOP/s, for MFU (H100: measured on a large matmul; the spec sheet says 989e12).
+PEAK_FLOPS = {"H100": 800e12, "H200": 800e12, "A100": 312e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """bf16 peak FLOP/s of `device` from PEAK_FLOPS, or None when unknown (CPUs, unlisted GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+
+
+def train_flops_per_sample(make_model: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> float:
+    """FLOPs of one training sample (forward + backward) as counted by torch's FlopCounterMode: matmuls,
+    convolutions and attention, 2 FLOPs per multiply-add. The model is built on the meta device (no memory, no
+    compute), so this is cheap even for ViT-L."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = make_model()
+        inputs = torch.zeros((1, *input_shape), device="meta")
+    with FlopCounterMode(display=False) as counter:
+        model(inputs).float().sum().backward()
+    return float(counter.get_total_flops())
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for the forward pass on GPUs ('bf16', 'fp16'); float32 on CPUs and with 'fp32'."""
+    dtype = AUTOCAST_DTYPES[precision]
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 on GPUs; a disabled scaler (a pass-through) otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision == "fp16")

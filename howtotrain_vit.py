@@ -1,0 +1,775 @@
+"""How to train your ViT? Data, Augmentation, and Regularization in Vision Transformers (Steiner et al. 2021),
+in PyTorch with timm's ViTs.
+
+    python howtotrain_vit.py train --model vit_base_patch16_224 --augreg medium2 --data /path/to/imagenet
+    torchrun --nproc_per_node=8 howtotrain_vit.py train ...              # DDP; add --nnodes/--rdzv-* for many nodes
+    python howtotrain_vit.py history runs/howtotrain/in1k_b16_medium2_300ep   # loss / accuracy / lr curves -> PNG
+    python howtotrain_vit.py predict runs/howtotrain/in1k_b16_medium2_300ep photos/   # top-k labels
+
+The recipe in one paragraph (paper §3, and its official config big_vision/configs/vit_i1k.py): a plain ViT
+(class token, learnable position embedding, a tanh pre-logits layer, zero-initialised head) trained with Adam
+(β1 0.9, β2 0.999) at lr 1e-3 and batch 4096, decoupled weight decay 1e-4 on the weight matrices, gradient
+clipping at global norm 1.0, 10k steps of linear warmup then cosine decay to 0, sigmoid cross-entropy;
+inception crop + flip, and "AugReg": RandAugment and mixup at one of seven levels (`--augreg`), with or without
+dropout 0.1 and stochastic depth 0.1 (`--reg`). The paper's grid points are full command lines in
+`scripts/howtotrain/`.
+
+File order: flags and presets, model, data, loss and train step, loop, evaluation, benchmark, history, predict,
+main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.layers import lecun_normal_
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from tqdm import tqdm
+
+from common import UserError, augment, data
+from common import torch_utils as tu
+from common.runlog import RunLog, read_log
+
+# ----------------------------------------------------------------------------------------------
+# Flags and presets.
+# ----------------------------------------------------------------------------------------------
+
+# The paper's models (§3, "Models") by their timm names. R+ViT hybrids: a ResNet stem, then the ViT on its feature map.
+PAPER_MODELS = {
+    "Ti/16": "vit_tiny_patch16_224", "S/32": "vit_small_patch32_224", "S/16": "vit_small_patch16_224",
+    "B/32": "vit_base_patch32_224", "B/16": "vit_base_patch16_224", "L/16": "vit_large_patch16_224",
+    "R+Ti/16": "vit_tiny_r_s16_p8_224", "R26+S/32": "vit_small_r26_s32_224", "R50+L/32": "vit_large_r50_s32_224",
+}
+
+
+class AugLevel(NamedTuple):
+    randaug_layers: int  # 0: no RandAugment
+    randaug_magnitude: int
+    mixup: float  # mixup alpha (0: off)
+
+
+# Paper §3 ("Data augmentation and regularization") and big_vision configs/vit_i1k.py (RANDAUG_DEF, MIXUP_DEF).
+AUGREG_LEVELS = {
+    "none": AugLevel(0, 0, 0.0),
+    "light1": AugLevel(2, 0, 0.0),  # magnitude 0 still applies autocontrast / equalize / invert
+    "light2": AugLevel(2, 10, 0.2),
+    "medium1": AugLevel(2, 15, 0.2),
+    "medium2": AugLevel(2, 15, 0.5),
+    "strong1": AugLevel(2, 20, 0.5),
+    "strong2": AugLevel(2, 20, 0.8),
+}
+PAPER_REG_RATE = 0.1  # paper §3: dropout 0.1 and stochastic depth 0.1 together, or neither
+
+MEAN = STD = (0.5, 0.5, 0.5)  # big_vision value_range(-1, 1)
+PAPER_BATCH = 4096  # paper §3 ("Pre-training"): the batch at which the paper gives lr 1e-3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="How to train your ViT? (Steiner et al. 2021), in PyTorch",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_train_flags(commands.add_parser("train", help="train a ViT", description="train a ViT the AugReg way",
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    p = commands.add_parser("history", help="plot a run's log.jsonl to PNG and print a summary table")
+    p.add_argument("run_dir", help="a run's --output-dir (or its log.jsonl)")
+    p.add_argument("--output", help="PNG path (default: RUN_DIR/history.png)")
+    p = commands.add_parser("predict", help="classify images with a trained checkpoint",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a run's --output-dir (its best checkpoint, else its last) or a .pt file")
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--labels-file", help="class names, one per line (default: the training data's, saved in the "
+                                         "checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64)
+    return parser
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    # Defaults: the 36-epoch ImageNet-1k run at batch 256 that users of the PyTorch study start from; everything
+    # else is the paper's. scripts/howtotrain/ holds the paper's 300-epoch, batch-4096 grid points.
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default="digits",
+                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
+    g.add_argument("--output-dir", default="runs/howtotrain", help="config.json, log.jsonl and checkpoints go here")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="save and exit after this many steps of this invocation (0: run to the end); for job time "
+                        "limits, continue with --resume")
+    g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic batches and exit")
+    g.add_argument("--benchmark-steps", type=int, default=20)
+    g.add_argument("--workers", type=int, default=tu.default_workers(), help="data loader processes per process")
+    g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (big_vision: 50)")
+    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
+    g.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16",
+                   help="autocast dtype on GPUs (fp16 adds loss scaling); CPUs always compute in float32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, dropout, mixup")
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_small_patch16_224",
+                   help="a timm model name, or a paper name: " + " ".join(PAPER_MODELS))
+    g.add_argument("--img-size", "--image-size", type=int, default=224)
+    g.add_argument("--patch-size", type=int, help="override the model's patch size")
+    g.add_argument("--depth", type=int, help="override the model's number of blocks")
+    g.add_argument("--embed-dim", type=int, help="override the model's width")
+    g.add_argument("--num-heads", type=int, help="override the model's number of heads")
+    g.add_argument("--num-classes", type=int, default=-1, help="-1: from the data")
+    g.add_argument("--pre-logits", action=argparse.BooleanOptionalAction, default=True,
+                   help="tanh pre-logits layer before the head (big_vision vit_i1k.py: rep_size=True)")
+
+    g = p.add_argument_group("augmentation and regularisation (AugReg)")
+    g.add_argument("--augreg", default="medium2",
+                   help="augmentation level: " + ", ".join(f"{name} {tuple(level)}" for name, level in
+                                                            AUGREG_LEVELS.items()) +
+                        " as (RandAugment layers, magnitude, mixup alpha); medium2 is the paper's pick for S/16")
+    g.add_argument("--reg", type=float, default=0.0,
+                   help=f"dropout and stochastic depth rate together (paper: 0 or {PAPER_REG_RATE})")
+    g.add_argument("--randaug-layers", type=int, help="overrides the level's (0: no RandAugment)")
+    g.add_argument("--randaug-magnitude", type=int, help="overrides the level's")
+    g.add_argument("--mixup", type=float, help="mixup alpha, overrides the level's (0: off)")
+    g.add_argument("--dropout", type=float, help="overrides --reg")
+    g.add_argument("--drop-path", type=float, help="stochastic depth, overrides --reg")
+    g.add_argument("--random-crop", choices=["rrc", "none"], default="rrc",
+                   help="rrc: inception crop, 5-100%% of the area (big_vision); none: resize + center crop")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--test-crop-ratio", type=float, default=0.875, help="eval: resize to size/ratio, center crop")
+
+    g = p.add_argument_group("loss and optimizer")
+    g.add_argument("--loss", choices=["sigmoid", "softmax"], default="sigmoid",
+                   help="sigmoid cross-entropy (paper; head bias -log(classes)) or softmax cross-entropy")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--batch-size", type=int, default=256,
+                   help="global batch over all processes (paper: 4096; the PyTorch study: 256)")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="global")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak lr at --lr-ref-batch (paper: 1e-3 at 4096)")
+    g.add_argument("--lr-ref-batch", type=int, default=PAPER_BATCH)
+    g.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"], default="sqrt",
+                   help="how the peak lr follows --batch-size / --lr-ref-batch; sqrt (Adam's square-root rule) is "
+                        "not the paper's, which trains at 4096 only")
+    g.add_argument("--weight-decay", type=float, default=1e-4,
+                   help="decoupled, big_vision's convention: each step w -= wd * schedule(t) * w, NOT multiplied by "
+                        "the lr. PyTorch's AdamW multiplies by the lr, so it gets weight_decay = wd / peak lr "
+                        "(1e-4 / 1e-3 = 0.1, the 'wd_0.1' of the released checkpoints' names)")
+    g.add_argument("--adam-b1", type=float, default=0.9)
+    g.add_argument("--adam-b2", type=float, default=0.999)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
+    g.add_argument("--warmup-steps", type=int, default=10_000, help="linear warmup from 0")
+    g.add_argument("--decay", choices=["cosine", "linear"], default="cosine", help="decay to 0 after the warmup")
+    g.add_argument("--epochs", type=float, default=36, help="paper: 300 on ImageNet-1k")
+    g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides --epochs")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        resolve_train_args(args)
+    return args
+
+
+def resolve_train_args(args: argparse.Namespace) -> None:
+    """Model name, AugReg level -> components (each overridable by its own flag), and sanity checks."""
+    args.model = PAPER_MODELS.get(args.model, args.model)
+    if not timm.is_model(args.model):
+        raise UserError(f"unknown model {args.model!r}: give a timm model name (e.g. vit_base_patch16_224) or a "
+                        f"paper name: {', '.join(PAPER_MODELS)}")
+    if args.augreg not in AUGREG_LEVELS:
+        note = " ('light0' appears in some released checkpoint names but the paper does not define it)" \
+            if args.augreg == "light0" else ""
+        raise UserError(f"unknown --augreg level {args.augreg!r}; choose one of {', '.join(AUGREG_LEVELS)}{note}")
+    level = AUGREG_LEVELS[args.augreg]
+    for name in ("randaug_layers", "randaug_magnitude", "mixup"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(level, name))
+    for name in ("dropout", "drop_path"):
+        if getattr(args, name) is None:
+            setattr(args, name, args.reg)
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "log_interval", "lr_ref_batch", "benchmark_steps"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.randaug_layers < 0 or args.randaug_magnitude < 0 or args.mixup < 0:
+        raise UserError("RandAugment layers and magnitude and the mixup alpha must be >= 0")
+
+
+def randaug_policy(layers: int, magnitude: int) -> str | None:
+    """timm RandAugment string. timm clips magnitudes at 10 unless told otherwise (mmax); TF's RandAugment, which
+    the paper used, does not: magnitude 15 rotates up to 45 degrees."""
+    if layers == 0:
+        return None
+    return f"rand-n{layers}-m{magnitude}-mmax{max(10, magnitude)}"
+
+
+def peak_lr(args: argparse.Namespace) -> float:
+    ratio = args.batch_size / args.lr_ref_batch
+    return args.lr * {"sqrt": math.sqrt(ratio), "linear": ratio, "none": 1.0}[args.lr_scaling]
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: timm's ViT with the paper's initialisation (timm 'jax' init mirrors the original ViT code), an optional
+# tanh pre-logits layer, and a zero head whose bias is -log(classes) for the sigmoid loss.
+# ----------------------------------------------------------------------------------------------
+
+
+def model_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
+    """timm.create_model keyword arguments. Dropout as the original ViT code: after the position embedding, after
+    attention and in the MLP (timm pos_drop_rate, proj_drop_rate); stochastic depth linear from 0 to the rate."""
+    kwargs = dict(num_classes=num_classes, img_size=args.img_size, pos_drop_rate=args.dropout,
+                  proj_drop_rate=args.dropout, drop_path_rate=args.drop_path)
+    overrides = dict(patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads)
+    kwargs.update({key: value for key, value in overrides.items() if value is not None})
+    return kwargs
+
+
+def create_model(name: str, kwargs: dict[str, Any], *, pre_logits: bool, head_bias: float) -> nn.Module:
+    try:
+        model = timm.create_model(name, pretrained=False, weight_init="jax", **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as e:
+        raise UserError(f"timm cannot build {name} with {kwargs}: {e}") from None
+    width, num_classes = model.head.in_features, model.head.out_features
+    head = nn.Linear(width, num_classes)
+    if pre_logits:
+        hidden = nn.Linear(width, width)
+        lecun_normal_(hidden.weight)  # flax Dense default, as big_vision's pre_logits
+        nn.init.zeros_(hidden.bias)
+        model.head = nn.Sequential(OrderedDict(pre_logits=hidden, act=nn.Tanh(), fc=head))
+    else:
+        model.head = head
+    nn.init.zeros_(head.weight)  # big_vision head_zeroinit
+    nn.init.constant_(head.bias, head_bias)
+    return model
+
+
+def head_bias(loss: str, num_classes: int) -> float:
+    """-log(C) for the sigmoid loss: every class starts at probability 1/C instead of 1/2 (paper §3, "Pre-training")."""
+    return -math.log(num_classes) if loss == "sigmoid" else 0.0
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """The model of a run, from its config (train and predict both use this)."""
+    return create_model(config["model"], config["model_kwargs"], pre_logits=config["pre_logits"],
+                        head_bias=head_bias(config["loss"], config["num_classes"]))
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """Adam with decoupled weight decay on weight matrices only (big_vision wd_mults '.*/kernel$': no biases, norms,
+    class token or position embedding). The paper's wd is not scaled by the lr, AdamW's is: divide by the peak lr."""
+    groups = param_groups_weight_decay(model, args.weight_decay / lr,
+                                       no_weight_decay_list=getattr(model, "no_weight_decay", set)())
+    return torch.optim.AdamW(groups, lr=lr, betas=(args.adam_b1, args.adam_b2), eps=1e-8,
+                             fused=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: uint8 batches from common.data (exact resume by step); normalisation and mixup on the device.
+# ----------------------------------------------------------------------------------------------
+
+
+def train_transform(args: argparse.Namespace):
+    # big_vision: decode_jpeg_and_inception_crop(224) (area 5-100%, bilinear) | flip_lr | randaug(n, m).
+    return augment.train_transform(args.img_size, random_crop=args.random_crop, scale=(0.05, 1.0), hflip=args.hflip,
+                                   auto_augment=randaug_policy(args.randaug_layers, args.randaug_magnitude),
+                                   interpolation="bilinear")
+
+
+def eval_transform(img_size: int, crop_ratio: float):
+    # big_vision: resize_small(256) | central_crop(224), i.e. crop ratio 0.875.
+    return augment.eval_transform(img_size, crop_ratio=crop_ratio, interpolation="bilinear")
+
+
+def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float,
+          rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """big_vision utils.mixup: one ratio per batch, lam = max(r, 1 - r) with r ~ Beta(alpha, alpha), each image
+    mixed with its neighbour in the batch (roll by one)."""
+    if alpha <= 0:
+        return images, targets
+    ratio = rng.beta(alpha, alpha)
+    lam = max(ratio, 1.0 - ratio)
+    return (lam * images + (1 - lam) * images.roll(1, 0), lam * targets + (1 - lam) * targets.roll(1, 0))
+
+
+def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
+    return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
+
+
+def synthetic_batch(batch_size: int, img_size: int, num_classes: int, device: torch.device, seed: int) -> dict:
+    """Random normalised images and labels made on the device: --benchmark and --data synthetic."""
+    generator = torch.Generator(device).manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, img_size, img_size, 3), dtype=torch.uint8, device=device,
+                           generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device, generator=generator)
+    return {"image": tu.images_to_device(images, device, MEAN, STD), "label": labels, "skipped": 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and train step.
+# ----------------------------------------------------------------------------------------------
+
+
+def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "sigmoid":  # big_vision sigmoid_xent: summed over classes, averaged over the batch by the caller
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1)
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Dropout and stochastic-depth masks are a function of (seed, step, rank): a resumed run draws the same."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
+               step: int, args: argparse.Namespace, env: tu.DistEnv, num_classes: int) -> dict[str, torch.Tensor]:
+    """One optimizer step on this process's share of the global batch, split into --grad-accum micro-batches.
+
+    DDP averages the gradients over processes, so the update equals one process's on the whole batch. Returns device
+    tensors (no host sync): summed loss and correct top-1 over the local samples, and the pre-clip gradient norm.
+    """
+    torch.manual_seed(step_seed(args.seed, step, env.rank))
+    images, labels = batch["image"], batch["label"]
+    targets = one_hot(labels, num_classes, args.label_smoothing)
+    images, targets = mixup(images, targets, args.mixup, np.random.default_rng([args.seed, step]))
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=images.device)
+    correct = torch.zeros((), device=images.device)
+    chunks = list(zip(images.chunk(args.grad_accum), targets.chunk(args.grad_accum), labels.chunk(args.grad_accum)))
+    for index, (micro_images, micro_targets, micro_labels) in enumerate(chunks):
+        last = index == len(chunks) - 1
+        no_sync = getattr(model, "no_sync", None) if not last else None  # DDP: all-reduce on the last one only
+        with no_sync() if no_sync else contextlib.nullcontext(), tu.autocast(images.device, args.precision):
+            logits = model(micro_images).float()
+            losses = per_sample_loss(logits, micro_targets, args.loss)
+            scaler.scale(losses.sum() / len(labels)).backward()
+        loss_sum += losses.detach().sum()
+        correct += (logits.detach().argmax(-1) == micro_labels).sum()
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss_sum": loss_sum, "correct": correct, "grad_norm": grad_norm}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------
+
+
+class Preemption:
+    """SIGTERM (a preempted VM, a scheduler's stop, torchrun's shutdown) asks the loop to checkpoint and exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def train(args: argparse.Namespace) -> dict:
+    env = tu.init_distributed()
+    try:
+        return run(args, env)
+    finally:
+        tu.cleanup_distributed()
+
+
+def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+    if args.batch_size % (env.world_size * args.grad_accum):
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
+                        f"--grad-accum {args.grad_accum}")
+    spec = data.describe(args.data, num_classes=args.num_classes)
+    steps_per_epoch = data.steps_per_epoch(spec.train_size, args.batch_size) if spec.train_size else 0
+    total_steps = args.training_steps or int(args.epochs * steps_per_epoch) or (10_000 if args.benchmark else 0)
+    if total_steps <= 0:
+        raise UserError(f"{args.data} has no known size: give --training-steps")
+    lr = peak_lr(args)
+    config = dict(vars(args), num_classes=spec.num_classes, class_names=spec.class_names,
+                  model_kwargs=model_kwargs(args, spec.num_classes), peak_lr=lr,
+                  adamw_weight_decay=args.weight_decay / lr, total_steps=total_steps,
+                  steps_per_epoch=steps_per_epoch, world_size=env.world_size, device=str(env.device),
+                  randaug=randaug_policy(args.randaug_layers, args.randaug_magnitude), mean=MEAN, std=STD)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = build_model(config).to(env.device)
+    config["params"] = sum(p.numel() for p in model.parameters())
+    optimizer = make_optimizer(model, args, lr, env.device)
+    scaler = tu.grad_scaler(env.device, args.precision)
+
+    out = Path(args.output_dir)
+    start_step, best_top1 = 0, -1.0
+    last_steps = tu.checkpoint_steps(out / "checkpoints")
+    if last_steps and not args.benchmark:
+        if not args.resume:
+            raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
+                            "--output-dir")
+        path = out / "checkpoints" / f"{last_steps[-1]}.pt"
+        state = tu.load_checkpoint(path)
+        tu.check_state_dict(model, state["model"], str(path))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, best_top1 = state["step"], state["best_top1"]
+
+    if env.distributed:
+        device_ids = [env.device] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        model = torch.compile(model)
+    if args.benchmark:
+        return benchmark(args, env, model, optimizer, scaler, config)
+    log = None
+    if env.is_main:  # rank 0 writes config.json and log.jsonl
+        log = RunLog(out, config, wandb_project=args.wandb, tensorboard=args.tensorboard, main=True)
+    try:
+        return loop(args, env, model, optimizer, scaler, config, spec, start_step, best_top1, log)
+    finally:
+        if log:
+            log.close()
+
+
+def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
+         best_top1: float, log: RunLog | None) -> dict:
+    total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
+    eval_interval = args.eval_interval or steps_per_epoch or total_steps
+    out = Path(args.output_dir)
+    if env.is_main:
+        print(f"{config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), peak lr "
+              f"{config['peak_lr']:.3g}, AdamW weight decay {config['adamw_weight_decay']:.3g}, {env.world_size} "
+              f"process(es) on {env.device.type}, starting at step {start_step}", file=sys.stderr)
+    if spec.source == "synthetic":
+        fixed = synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
+                                args.seed + env.rank)
+        batches = iter(lambda: fixed, None)
+    else:
+        host_batches = data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
+                                          seed=args.seed, start_step=start_step, workers=args.workers,
+                                          process_index=env.rank, process_count=env.world_size)
+        batches = tu.batches_to_device(host_batches, env.device, MEAN, STD)
+
+    window = {"loss_sum": torch.zeros((), device=env.device), "correct": torch.zeros((), device=env.device)}
+    nonfinite = torch.zeros((), device=env.device)
+    window_start, window_steps, skipped, last = time.perf_counter(), 0, 0, {}
+
+    def check_finite(step: int) -> None:
+        if tu.all_reduce_sum(nonfinite.clone()).item() > 0:
+            raise UserError(f"the loss became NaN or infinite before step {step}; stopping without saving (the last "
+                            f"good checkpoint in {out / 'checkpoints'} is kept)")
+
+    def save(step: int, results: dict) -> None:
+        check_finite(step)
+        plain = tu.unwrap(model)
+        if not all(torch.isfinite(p).all() for p in plain.parameters()):
+            raise UserError(f"the weights are NaN or infinite at step {step}; stopping without saving (the last good "
+                            f"checkpoint in {out / 'checkpoints'} is kept)")
+        if env.is_main:
+            tu.save_checkpoint(out / "checkpoints", step, {
+                "model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "step": step, "best_top1": best_top1, "config": config})
+            if results.get("val_top1", -1.0) >= best_top1 and results:  # kept for predict: weights and config only
+                tu.save_checkpoint(out / "best", step, {"model": plain.state_dict(), "step": step,
+                                                        "val_top1": results["val_top1"], "config": config})
+        tu.barrier()
+
+    def stop_requested(done: int) -> bool:
+        """--stop-after, or SIGTERM: checked every step in one process; every --log-interval steps over many, where
+        the processes must agree (a collective), to stop at the same step."""
+        if args.stop_after and done - start_step >= args.stop_after:
+            return True
+        if not env.distributed:
+            return preemption.requested
+        if done % args.log_interval:
+            return False
+        return tu.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
+
+    preemption = Preemption()
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
+                    disable=not env.is_main, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for step in progress:
+            batch = next(batches)
+            skipped += batch["skipped"]
+            lr = tu.warmup_decay_lr(step, peak_lr=config["peak_lr"], total_steps=total_steps,
+                                    warmup_steps=args.warmup_steps, decay=args.decay)
+            tu.set_lr(optimizer, lr)
+            metrics = train_step(model, optimizer, scaler, batch, step, args, env, spec.num_classes)
+            nonfinite += ~torch.isfinite(metrics["loss_sum"])
+            window["loss_sum"] += metrics["loss_sum"]
+            window["correct"] += metrics["correct"]
+            window_steps += 1
+            done = step + 1
+            if done % args.log_interval == 0 or done == total_steps:
+                check_finite(done)
+                totals = tu.all_reduce_sum(torch.stack([window["loss_sum"], window["correct"]]))
+                samples = window_steps * args.batch_size
+                last = {"loss": totals[0].item() / samples, "train_top1": 100 * totals[1].item() / samples, "lr": lr,
+                        "grad_norm": metrics["grad_norm"].item(),
+                        "img_per_sec": samples / (time.perf_counter() - window_start),
+                        "epoch": done / steps_per_epoch if steps_per_epoch else 0.0}
+                if skipped:
+                    last["skipped_images"] = skipped
+                if log:
+                    log.write(done, **last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_sec']:.0f}")
+                window = {key: torch.zeros_like(value) for key, value in window.items()}
+                window_start, window_steps = time.perf_counter(), 0
+            stop = stop_requested(done)
+            if done % eval_interval == 0 or done == total_steps:
+                eval_start = time.perf_counter()
+                results = evaluate(tu.unwrap(model), args, env, spec.num_classes)
+                best_top1 = max(best_top1, results.get("val_top1", -1.0))
+                if results and log:
+                    log.write(done, **results, best_top1=best_top1,
+                              epoch=done / steps_per_epoch if steps_per_epoch else 0.0)
+                if results and env.is_main:
+                    tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()),
+                               file=sys.stderr)
+                save(done, results)
+                window_start += time.perf_counter() - eval_start  # img/s counts training time only
+            elif stop:
+                save(done, {})
+            if stop and done < total_steps:
+                if env.is_main:
+                    tqdm.write(f"stopping at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with "
+                               "--resume", file=sys.stderr)
+                break
+    finally:
+        preemption.restore()
+        progress.close()
+    return dict(last, best_top1=best_top1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv, num_classes: int) -> dict:
+    """Loss (the training criterion on one-hot labels), top-1 and top-5 over the val split, summed over processes."""
+    model.eval()
+    sums = torch.zeros(4, device=env.device)  # images, loss, top-1, top-5
+    host_batches = data.eval_batches(args.data, eval_transform(args.img_size, args.test_crop_ratio),
+                                     global_batch=args.eval_batch_size, workers=args.workers, process_index=env.rank,
+                                     process_count=env.world_size)
+    for batch in tqdm(tu.batches_to_device(host_batches, env.device, MEAN, STD), desc="eval", leave=False,
+                      disable=not env.is_main, file=sys.stderr):
+        labels = batch["label"]
+        valid = labels >= 0  # padding slots and unreadable images carry -1
+        with tu.autocast(env.device, args.precision):
+            logits = model(batch["image"]).float()
+        losses = per_sample_loss(logits, one_hot(labels.clamp(min=0), num_classes, 0.0), args.loss)
+        top5 = logits.topk(min(5, num_classes), dim=-1).indices
+        hits = top5 == labels[:, None]
+        sums += torch.stack([valid.sum(), (losses * valid).sum(), (hits[:, 0] & valid).sum(),
+                             (hits.any(-1) & valid).sum()]).float()
+    model.train()
+    count, loss, top1, top5 = tu.all_reduce_sum(sums).tolist()
+    if count == 0:
+        return {}
+    return {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
+            "val_images": int(count)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: train steps on device-made batches (no data loading): img/s, step time, memory, MFU.
+# ----------------------------------------------------------------------------------------------
+
+
+def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> dict:
+    num_classes = config["num_classes"]
+    batch = synthetic_batch(args.batch_size // env.world_size, args.img_size, num_classes, env.device, env.rank)
+    tu.set_lr(optimizer, config["peak_lr"])
+
+    def timed(steps: int) -> float:
+        start = time.perf_counter()
+        for step in range(steps):
+            metrics = train_step(model, optimizer, scaler, batch, step, args, env, num_classes)
+        metrics["loss_sum"].item()  # waits for the device
+        return time.perf_counter() - start
+
+    compile_seconds = timed(1)
+    timed(3)  # warm up
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+    step_time = timed(args.benchmark_steps) / args.benchmark_steps
+    images_per_sec = args.batch_size / step_time
+    flops = tu.train_flops_per_sample(lambda: build_model(config), (3, args.img_size, args.img_size))
+    peak = tu.peak_flops(env.device)
+    result = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
+              "precision": args.precision if env.device.type == "cuda" else "fp32", "compile": args.compile,
+              "processes": env.world_size,
+              "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+              "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
+              "first_step_s": round(compile_seconds, 1),
+              "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
+              if env.device.type == "cuda" else None,
+              "train_gflops_per_img": float(f"{flops / 1e9:.4g}"),
+              "mfu": round(flops * images_per_sec / (peak * env.world_size), 3) if peak else None}
+    if env.is_main:
+        print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# History: a run's log.jsonl -> loss / accuracy / lr curves (PNG) and a summary table.
+# ----------------------------------------------------------------------------------------------
+
+
+def history(args: argparse.Namespace) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(args.run_dir)
+    try:
+        records = read_log(run_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the log of {run_dir}: {e}") from None
+    # A resumed run logs again the steps after its last checkpoint: keep the last record of each step.
+    train_log = {r["step"]: r for r in records if "loss" in r}
+    val_log = {r["step"]: r for r in records if "val_top1" in r}
+    if not train_log and not val_log:
+        raise UserError(f"{run_dir} has no training or evaluation records yet")
+    steps, vsteps = sorted(train_log), sorted(val_log)
+
+    figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    loss_ax.plot(steps, [train_log[s]["loss"] for s in steps], label="train")
+    loss_ax.plot(vsteps, [val_log[s]["val_loss"] for s in vsteps], "o-", label="val")
+    acc_ax.plot(steps, [train_log[s].get("train_top1", math.nan) for s in steps], label="train top-1 (mixed images)")
+    acc_ax.plot(vsteps, [val_log[s]["val_top1"] for s in vsteps], "o-", label="val top-1")
+    acc_ax.plot(vsteps, [val_log[s]["val_top5"] for s in vsteps], "o-", label="val top-5")
+    lr_ax.plot(steps, [train_log[s]["lr"] for s in steps])
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy (%)"), (lr_ax, "learning rate")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax is not lr_ax:
+            ax.legend()
+    figure.suptitle(str(run_dir))
+    figure.tight_layout()
+    output = Path(args.output) if args.output else (run_dir if run_dir.is_dir() else run_dir.parent) / "history.png"
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+
+    print(f"{'step':>8} {'epoch':>7} {'train loss':>10} {'val loss':>9} {'val top-1':>9} {'val top-5':>9} {'lr':>9}")
+    for step in vsteps:  # with the last train record at or before each eval
+        train_at = train_log[steps[bisect.bisect_right(steps, step) - 1]] if steps and steps[0] <= step else {}
+        val_at = val_log[step]
+        train_loss, lr = (f"{train_at['loss']:.4f}", f"{train_at['lr']:.2e}") if train_at else ("-", "-")
+        print(f"{step:>8} {val_at.get('epoch', 0.0):>7.2f} {train_loss:>10} {val_at['val_loss']:>9.4f} "
+              f"{val_at['val_top1']:>9.2f} {val_at['val_top5']:>9.2f} {lr:>9}")
+    if vsteps:
+        best = max(vsteps, key=lambda s: val_log[s]["val_top1"])
+        print(f"best val top-1 {val_log[best]['val_top1']:.2f}% at step {best}")
+    print(f"wrote {output}")
+    return output
+
+
+# ----------------------------------------------------------------------------------------------
+# Predict: top-k labels of image files or folders.
+# ----------------------------------------------------------------------------------------------
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in data.IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{name} does not exist")
+    if not files:
+        raise UserError(f"no images in {' '.join(paths)}")
+    return files
+
+
+def class_names(config: dict, labels_file: str | None) -> list[str]:
+    if labels_file:
+        try:
+            names = [line.strip() for line in Path(labels_file).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UserError(f"cannot read --labels-file: {e}") from None
+        if len(names) != config["num_classes"]:
+            raise UserError(f"--labels-file {labels_file} has {len(names)} names; the model has "
+                            f"{config['num_classes']} classes")
+        return names
+    return config.get("class_names") or [str(i) for i in range(config["num_classes"])]
+
+
+@torch.no_grad()
+def predict(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
+    """Print one line per image: path, then the top-k (class name, softmax probability) pairs, tab-separated."""
+    path = tu.find_checkpoint(args.checkpoint, subdirs=("best", "checkpoints"))
+    state = tu.load_checkpoint(path)
+    config = state["config"]
+    model = build_model(config)
+    tu.check_state_dict(model, state["model"], str(path))
+    model.load_state_dict(state["model"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    names = class_names(config, args.labels_file)
+    transform = eval_transform(config["img_size"], config["test_crop_ratio"])
+    files = image_files(args.images)
+    top_k = min(args.top_k, config["num_classes"])
+    rows = []
+    for start in range(0, len(files), args.batch_size):
+        batch, kept = [], []
+        for file in files[start:start + args.batch_size]:
+            try:
+                with Image.open(file) as image:
+                    batch.append(transform(image.convert("RGB")))
+                kept.append(file)
+            except Exception as e:  # unreadable or not an image: skip it, say so
+                print(f"warning: skipping unreadable image {file} ({type(e).__name__}: {e})", file=sys.stderr)
+        if not batch:
+            continue
+        with tu.autocast(device, "bf16"):
+            logits = model(tu.images_to_device(np.stack(batch), device, MEAN, STD)).float()
+        # Softmax over the logits: a distribution over the classes (for a sigmoid-trained model it ranks the classes
+        # as the per-class sigmoids do).
+        probs, indices = logits.softmax(-1).topk(top_k, dim=-1)
+        for file, p_row, i_row in zip(kept, probs.tolist(), indices.tolist()):
+            pairs = [(names[i], p) for i, p in zip(i_row, p_row)]
+            rows.append((str(file), pairs))
+            print("\t".join([str(file)] + [f"{name}\t{p:.4f}" for name, p in pairs]))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        {"train": train, "history": history, "predict": predict}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

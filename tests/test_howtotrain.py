@@ -1,0 +1,384 @@
+"""howtotrain_vit.py on CPU: the AugReg table, lr schedule, clipping, DDP parity, learning, history, predict, exact
+resume, preemption and bad input. Most runs are in-process `main([...])` calls on tiny ViTs (16 px digits, patch 4),
+to stay fast; one test launches torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, recipe_env
+from PIL import Image
+
+import howtotrain_vit as recipe
+from common import augment, data
+from common import torch_utils as tu
+from common.runlog import read_log
+
+TINY = ["--data", "digits", "--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--depth", "2",
+        "--embed-dim", "32", "--num-heads", "2", "--workers", "0", "--batch-size", "32", "--eval-batch-size", "120",
+        "--log-interval", "1", "--augreg", "none", "--random-crop", "none", "--hflip", "0", "--test-crop-ratio", "1",
+        "--lr-scaling", "none"]
+
+# The paper's augmentation levels (§3.3; big_vision configs/vit_i1k.py): (RandAugment layers, magnitude, mixup alpha).
+PAPER_AUGREG = {"none": (0, 0, 0.0), "light1": (2, 0, 0.0), "light2": (2, 10, 0.2), "medium1": (2, 15, 0.2),
+                "medium2": (2, 15, 0.5), "strong1": (2, 20, 0.5), "strong2": (2, 20, 0.8)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP threads crawl when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(*args) -> int:
+    return recipe.main(["train", *map(str, args)])
+
+
+def final_state(run_dir: Path) -> dict:
+    return tu.load_checkpoint(tu.find_checkpoint(run_dir))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_log(run_dir) if "loss" in r}
+
+
+def assert_user_error(code: int, capsys, *words: str) -> None:
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), err[-3000:]
+    assert "Traceback" not in err
+    for word in words:
+        assert word in last, last
+
+
+# ---------------------------------------------------------------------------------------------- the recipe's tables
+
+
+def test_augreg_levels_match_the_paper_table():
+    assert {name: tuple(level) for name, level in recipe.AUGREG_LEVELS.items()} == PAPER_AUGREG
+    for name, (layers, magnitude, alpha) in PAPER_AUGREG.items():
+        args = recipe.parse_args(["train", "--augreg", name])
+        assert (args.randaug_layers, args.randaug_magnitude, args.mixup) == (layers, magnitude, alpha), name
+        assert args.dropout == args.drop_path == 0.0
+        randaug = [t for t in recipe.train_transform(args).transforms if type(t).__name__ == "RandAugment"]
+        if layers == 0:
+            assert not randaug, f"{name}: no RandAugment expected"
+        else:
+            assert randaug[0].num_layers == layers and {op.magnitude for op in randaug[0].ops} == {magnitude}, name
+            # timm clips magnitudes at 10 by default; the paper's TF RandAugment does not.
+            assert all((op.magnitude_max or 10) >= magnitude for op in randaug[0].ops), name
+
+
+def test_each_component_overrides_the_level_and_reg_sets_dropout_and_drop_path():
+    args = recipe.parse_args(["train", "--augreg", "strong2", "--reg", "0.1", "--mixup", "0", "--randaug-magnitude",
+                              "5", "--drop-path", "0.2"])
+    assert (args.randaug_layers, args.randaug_magnitude, args.mixup) == (2, 5, 0.0)
+    assert (args.dropout, args.drop_path) == (0.1, 0.2)
+    model = recipe.create_model("vit_tiny_patch16_224", recipe.model_kwargs(args, 10) | dict(depth=3, img_size=32),
+                                pre_logits=True, head_bias=recipe.head_bias("sigmoid", 10))
+    assert model.pos_drop.p == 0.1 and model.blocks[0].mlp.drop1.p == 0.1 and model.blocks[0].attn.proj_drop.p == 0.1
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)  # timm: linear from 0 to the rate
+    assert torch.allclose(model.head.fc.bias, torch.full((10,), -math.log(10))) and not model.head.fc.weight.any()
+
+
+def test_light0_is_refused_with_the_valid_levels(capsys):
+    assert_user_error(train("--augreg", "light0"), capsys, "light0", "light1", "medium2", "strong2")
+
+
+def test_lr_schedule_matches_its_formula():
+    def formula(step, peak, total, warmup, decay):
+        progress = min(max((step - warmup) / (total - warmup), 0.0), 1.0)
+        value = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
+        return peak * value * (min(1.0, step / warmup) if warmup else 1.0)
+
+    kw = dict(peak_lr=1e-3, total_steps=1000, warmup_steps=100)
+    for decay in ("cosine", "linear"):
+        for step in (0, 1, 50, 99, 100, 101, 333, 550, 999, 1000):
+            assert tu.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(formula(step, 1e-3, 1000, 100, decay))
+    # Anchors computed by hand: warmup from 0, the peak at the end of warmup, half-way down, and 0 at the end.
+    assert tu.warmup_decay_lr(0, **kw) == 0.0
+    assert tu.warmup_decay_lr(25, **kw) == pytest.approx(2.5e-4)
+    assert tu.warmup_decay_lr(100, **kw) == pytest.approx(1e-3)
+    assert tu.warmup_decay_lr(550, **kw) == pytest.approx(5e-4)
+    assert tu.warmup_decay_lr(775, decay="linear", **kw) == pytest.approx(2.5e-4)
+    assert tu.warmup_decay_lr(1000, **kw) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_weight_decay_and_lr_follow_the_paper_conventions():
+    args = recipe.parse_args(["train", "--batch-size", "4096"])
+    assert recipe.peak_lr(args) == pytest.approx(1e-3)
+    model = recipe.create_model("vit_tiny_patch16_224", dict(num_classes=10, img_size=32, depth=1), pre_logits=True,
+                                head_bias=0.0)
+    optimizer = recipe.make_optimizer(model, args, recipe.peak_lr(args), torch.device("cpu"))
+    decays = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    # 1e-4 without the lr factor = AdamW weight_decay 0.1 at lr 1e-3, on weight matrices only.
+    assert decays[id(names["blocks.0.attn.qkv.weight"])] == pytest.approx(0.1)
+    assert decays[id(names["head.fc.weight"])] == pytest.approx(0.1)
+    for name in ("pos_embed", "cls_token", "blocks.0.attn.qkv.bias", "blocks.0.norm1.weight"):
+        assert decays[id(names[name])] == 0.0, name
+    assert recipe.peak_lr(recipe.parse_args(["train", "--batch-size", "1024"])) == pytest.approx(5e-4)  # sqrt rule
+
+
+def test_gradient_clipping_bounds_the_global_norm():
+    args = recipe.parse_args(["train", *TINY, "--clip-grad", "0.01"])
+    torch.manual_seed(0)
+    model = recipe.create_model(args.model, recipe.model_kwargs(args, 10), pre_logits=True, head_bias=-math.log(10))
+    optimizer = recipe.make_optimizer(model, args, 1e-3, torch.device("cpu"))
+    env = tu.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    batch = {"image": torch.randn(8, 3, 16, 16), "label": torch.arange(8)}
+    metrics = recipe.train_step(model, optimizer, tu.grad_scaler(env.device, "fp32"), batch, 0, args, env, 10)
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    assert metrics["grad_norm"].item() > 0.01, "make the gradients larger than the clip for this test to mean anything"
+    assert clipped == pytest.approx(0.01, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- a shared digits run
+
+LEARN = [*TINY, "--embed-dim", "64", "--batch-size", "64", "--epochs", "6", "--warmup-steps", "20", "--lr", "1e-3",
+         "--log-interval", "5"]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("howtotrain") / "digits"
+    assert train(*LEARN, "--output-dir", out) == 0
+    return out
+
+
+def test_digits_learns_beyond_chance(digits_run):
+    evals = [r for r in read_log(digits_run) if "val_top1" in r]
+    assert len(evals) == 6, "one eval per epoch"
+    assert evals[-1]["val_top1"] > 50, f"10 classes, chance is 10%: got {evals[-1]['val_top1']:.1f}%"
+    config = json.loads((digits_run / "config.json").read_text())
+    assert config["num_classes"] == 10 and config["class_names"] == [str(i) for i in range(10)]
+    assert tu.checkpoint_steps(digits_run / "best"), "the best checkpoint is kept"
+
+
+def test_logged_lr_follows_the_schedule(digits_run):
+    config = json.loads((digits_run / "config.json").read_text())
+    records = [r for r in read_log(digits_run) if "lr" in r]
+    assert len(records) > 10
+    for r in records:  # the record of step s holds the lr of the update that made step s (big_vision count s - 1)
+        expected = tu.warmup_decay_lr(r["step"] - 1, peak_lr=config["peak_lr"], total_steps=config["total_steps"],
+                                      warmup_steps=20)
+        assert r["lr"] == pytest.approx(expected), r
+
+
+def test_history_writes_a_png_and_a_table(digits_run, capsys):
+    assert recipe.main(["history", str(digits_run)]) == 0
+    out = capsys.readouterr().out
+    with Image.open(digits_run / "history.png") as image:
+        assert image.format == "PNG" and image.size[0] > 500
+    rows = [line for line in out.splitlines() if re.match(r"\s*\d+ ", line)]
+    assert len(rows) == 6, out
+    assert "best val top-1" in out
+
+
+def test_predict_prints_top_k_rows(digits_run, tmp_path, capsys):
+    batch = next(data.eval_batches("digits", augment.eval_transform(32, crop_ratio=1.0), global_batch=40, workers=0))
+    (tmp_path / "nested").mkdir()
+    labels = {}
+    for i, (image, label) in enumerate(zip(batch["image"], batch["label"])):
+        path = tmp_path / ("nested" if i % 2 else "") / f"{i}.png"
+        Image.fromarray(image).save(path)
+        labels[str(path)] = str(label)
+    (tmp_path / "nested" / "broken.png").write_bytes(b"not a png")
+    assert recipe.main(["predict", str(digits_run), str(tmp_path), "--top-k", "3", "--batch-size", "16"]) == 0
+    captured = capsys.readouterr()
+    rows = [line.split("\t") for line in captured.out.strip().splitlines()]
+    assert len(rows) == 40 and "broken.png" in captured.err
+    correct = 0
+    for path, *pairs in rows:
+        names, probs = pairs[0::2], [float(p) for p in pairs[1::2]]
+        assert len(names) == 3 and set(names) <= {str(i) for i in range(10)}
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-4
+        correct += names[0] == labels[path]
+    assert correct >= 20, f"predict agrees with the labels on {correct}/40 images (the model's val top-1 is > 50%)"
+
+
+def test_mismatched_checkpoint_is_refused_and_kept(digits_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in digits_run.rglob("*") if p.is_file()}
+    assert_user_error(train(*LEARN, "--embed-dim", "48", "--resume", "--output-dir", digits_run), capsys,
+                      "does not match")
+    assert before == {p: p.stat().st_mtime_ns for p in digits_run.rglob("*") if p.is_file()}
+
+
+def test_existing_run_needs_resume(digits_run, capsys):
+    assert_user_error(train(*LEARN, "--output-dir", digits_run), capsys, "--resume")
+
+
+# ---------------------------------------------------------------------------------------------- parity and resume
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*TINY, "--training-steps", "4", "--warmup-steps", "1", "--lr", "1e-3", "--eval-interval", "4"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "howtotrain_vit.py", "train", *args, "--output-dir", str(tmp_path / "ddp")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=recipe_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert train(*args, "--output-dir", tmp_path / "one") == 0
+    ddp, one = final_state(tmp_path / "ddp"), final_state(tmp_path / "one")
+    assert ddp["config"]["world_size"] == 2 and ddp["step"] == one["step"] == 4
+    torch.manual_seed(0)
+    initial = recipe.build_model(one["config"]).state_dict()
+    assert max((one["model"][k] - initial[k]).abs().max() for k in initial) > 1e-4, "the weights did not move"
+    for key, value in one["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=1e-5, msg=key)
+    evals = [[r for r in read_log(tmp_path / run) if "val_images" in r][-1] for run in ("ddp", "one")]
+    assert evals[0]["val_images"] == evals[1]["val_images"] == 359
+    assert evals[0]["val_top1"] == pytest.approx(evals[1]["val_top1"])
+
+
+def test_grad_accum_matches_the_full_batch(tmp_path):
+    args = [*TINY, "--training-steps", "3", "--warmup-steps", "1", "--lr", "1e-3", "--eval-interval", "100"]
+    assert train(*args, "--output-dir", tmp_path / "full") == 0
+    assert train(*args, "--grad-accum", "4", "--output-dir", tmp_path / "accum") == 0
+    full, accum = final_state(tmp_path / "full")["model"], final_state(tmp_path / "accum")["model"]
+    for key, value in full.items():
+        torch.testing.assert_close(accum[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+RESUME = [*TINY, "--training-steps", "8", "--warmup-steps", "2", "--lr", "1e-3", "--augreg", "light2", "--reg", "0.1",
+          "--random-crop", "rrc", "--hflip", "0.5", "--eval-interval", "100", "--workers", "1"]
+
+
+def test_resume_after_stop_equals_uninterrupted_run(tmp_path):
+    """RandAugment, mixup, dropout and drop path on: data, augmentation and masks must all continue exactly. One loader
+    worker, so that the loader's per-sample seeding cannot stand in for the train step's own RNG."""
+    assert train(*RESUME, "--output-dir", tmp_path / "straight") == 0
+    assert train(*RESUME, "--stop-after", "3", "--output-dir", tmp_path / "stopped") == 0
+    assert tu.checkpoint_steps(tmp_path / "stopped" / "checkpoints") == [3]
+    assert train(*RESUME, "--resume", "--output-dir", tmp_path / "stopped") == 0
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
+    assert straight["step"] == resumed["step"] == 8
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), f"{key} differs after resuming"
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "stopped")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert all(a[s] == b[s] for s in a), "the resumed run's losses differ from the uninterrupted run's"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def send_sigterm_after_first_log():
+        deadline = time.time() + 60
+        while time.time() < deadline and not ((out / "log.jsonl").exists() and (out / "log.jsonl").read_text()):
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=send_sigterm_after_first_log)
+    thread.start()
+    code = train(*TINY, "--training-steps", "100000", "--eval-interval", "100000", "--output-dir", out)
+    thread.join()
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert "stopping at step" in capsys.readouterr().err
+    assert 1 <= final_state(out)["step"] < 100000
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_model(tmp_path, capsys):
+    assert_user_error(train("--model", "vit_nonexistent_x99", "--output-dir", tmp_path), capsys, "vit_nonexistent_x99")
+
+
+def test_missing_and_empty_data_folders(tmp_path, capsys):
+    assert_user_error(train(*TINY, "--data", tmp_path / "nowhere", "--output-dir", tmp_path / "a"), capsys, "nowhere")
+    (tmp_path / "data" / "train" / "empty_class").mkdir(parents=True)
+    assert_user_error(train(*TINY, "--data", tmp_path / "data", "--output-dir", tmp_path / "b"), capsys, "empty_class")
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train(*TINY, "--training-steps", "20", "--lr", "1e30", "--warmup-steps", "0", "--clip-grad", "0",
+                 "--eval-interval", "1", "--output-dir", out)
+    assert_user_error(code, capsys, "NaN")
+    steps = tu.checkpoint_steps(out / "checkpoints")
+    assert steps and steps[-1] < 20, "the last good checkpoint is kept"
+    state = final_state(out)
+    assert all(torch.isfinite(v).all() for v in state["model"].values()), "a non-finite checkpoint was written"
+
+
+def test_predict_refuses_missing_images(digits_run, tmp_path, capsys):
+    assert_user_error(recipe.main(["predict", str(digits_run), str(tmp_path / "none.jpg")]), capsys, "none.jpg")
+
+
+def test_benchmark_prints_throughput(tmp_path, capsys):
+    assert train(*TINY, "--benchmark", "--benchmark-steps", "2", "--data", "synthetic", "--num-classes", "10",
+                 "--output-dir", tmp_path) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["img_per_sec"] > 0 and result["step_ms"] > 0 and result["train_gflops_per_img"] > 0
+    assert set(result) >= {"peak_memory_gib", "mfu"}
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+PRESETS = REPO / "scripts" / "howtotrain"
+# The paper's ImageNet-1k grid points: 300 epochs at batch 4096, lr 1e-3, warmup 10k steps, sigmoid loss, no
+# dropout / stochastic depth; per model the level of big_vision's configs/vit_i1k.py.
+GRID = {"ti16": ("vit_tiny_patch16_224", "light1"), "s32": ("vit_small_patch32_224", "light2"),
+        "s16": ("vit_small_patch16_224", "medium2"), "b32": ("vit_base_patch32_224", "medium2"),
+        "b16": ("vit_base_patch16_224", "medium2"), "l16": ("vit_large_patch16_224", "medium2")}
+PAPER = dict(epochs=300, batch_size=4096, lr=1e-3, lr_ref_batch=4096, weight_decay=1e-4, clip_grad=1.0,
+             warmup_steps=10_000, decay="cosine", loss="sigmoid", label_smoothing=0.0, reg=0.0, img_size=224,
+             random_crop="rrc", hflip=0.5, test_crop_ratio=0.875, pre_logits=True, adam_b1=0.9, adam_b2=0.999)
+ROWS = {f"in1k_{short}_{level}_300ep": dict(PAPER, model=model, augreg=level) for short, (model, level) in GRID.items()}
+ROWS["imagenet_36ep"] = dict(PAPER, model="vit_small_patch16_224", augreg="medium2", epochs=36, batch_size=256)
+
+
+def preset_argv(path: Path) -> list[str]:
+    """The flags after `howtotrain_vit.py train` in a preset, with ${VAR:-default} substituted."""
+    text = path.read_text().replace("\\\n", " ")
+    defaults = dict(re.findall(r"^(\w+)=\$\{\w+:-([^}]*)\}", text, re.M))
+    command = next(line for line in text.splitlines() if "howtotrain_vit.py train" in line)
+    words = shlex.split(command, comments=True)
+    assert words[-1] == "$@", f"{path.name}: end the command with \"$@\" so that flags can be overridden"
+    words = words[words.index("train") + 1:-1]
+    return [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m[1]], word) for word in words]
+
+
+def test_one_preset_per_grid_point_and_a_digits_demo():
+    assert {p.stem for p in PRESETS.glob("*.sh")} == set(ROWS) | {"digits_demo"}
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_preset_matches_the_paper(name):
+    argv = preset_argv(PRESETS / f"{name}.sh")
+    args = recipe.parse_args(["train", *argv])
+    expected = ROWS[name]
+    got = {key: getattr(args, key) for key in expected}
+    assert got == expected, {k: (got[k], v) for k, v in expected.items() if got[k] != v}
+    assert args.output_dir == f"runs/howtotrain/{name}"
+    flags = [w for w in argv if w.startswith("--")]
+    assert len(flags) == len(set(flags)), f"{name}: a flag is given twice"
+
+
+def test_presets_are_executable_bash():
+    for path in PRESETS.glob("*.sh"):
+        assert os.access(path, os.X_OK) and path.read_text().startswith("#!/usr/bin/env bash\n"), path
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
+    args = recipe.parse_args(["train", *preset_argv(PRESETS / "digits_demo.sh")])
+    assert (args.data, args.output_dir, args.workers) == ("digits", "runs/howtotrain/digits_demo", 0)
