@@ -466,22 +466,14 @@ def setup(args: argparse.Namespace):
     """Mesh, model, lr schedule and initial state (replicated on every device) of a run."""
     dist.initialize()
     mesh = dist.data_mesh()
-    if args.batch_size % jax.device_count() or args.eval_batch_size % jax.process_count():
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of the {jax.device_count()} devices")
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise UserError("mixup/cutmix pair each image with the batch flipped: --batch-size must be even")
+    loop.check_batch_sizes(args.batch_size, args.eval_batch_size, mixing=args.mixup > 0 or args.cutmix > 0)
     spec = data.describe(args.data, num_classes=args.labels)
     config = model_config(args, spec.num_classes)
     model = VisionTransformer(config)
 
-    # Durations: epochs of the training set (DeiT's RASampler keeps one dataset-size per epoch).
-    steps_per_epoch = data.steps_per_epoch(spec.train_size, args.batch_size) if spec.train_size else 0
-    total_steps = args.training_steps or int(args.epochs * steps_per_epoch)
-    if args.benchmark:
-        total_steps = total_steps or 10_000  # only shapes the lr schedule of the timed steps
-    if total_steps <= 0:
-        raise UserError(f"{args.data} has no known size: give --training-steps")
-    warmup_steps = args.warmup_steps if args.warmup_steps >= 0 else int(args.warmup_epochs * steps_per_epoch)
+    steps_per_epoch, total_steps, warmup_steps = loop.run_length(
+        spec, args.batch_size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        training_steps=args.training_steps, warmup_steps=args.warmup_steps, benchmark=args.benchmark)
     peak_lr = schedules.scaled_lr(args.learning_rate, args.batch_size, args.lr_ref_batch)
     schedule = schedules.warmup_cosine(peak_lr, total_steps, warmup_steps, warmup_lr=args.warmup_lr,
                                        min_lr=args.min_lr)

@@ -71,6 +71,31 @@ def train_stream(data_source: str, transform: Callable, mesh: Mesh, *, global_ba
         yield dist.global_batch(host_batch, mesh), skipped
 
 
+def check_batch_sizes(global_batch: int, eval_batch: int, *, mixing: bool) -> None:
+    """The global batch splits evenly over all devices, the eval batch over the hosts; mixup/cutmix (timm's
+    batch mode pairs each image with the batch flipped) needs an even batch."""
+    if global_batch % jax.device_count() or eval_batch % jax.process_count():
+        raise UserError(f"--batch-size {global_batch} must be a multiple of the {jax.device_count()} devices and "
+                        f"--eval-batch-size {eval_batch} of the {jax.process_count()} hosts")
+    if mixing and global_batch % 2:
+        raise UserError("mixup/cutmix pair each image with the batch flipped: --batch-size must be even")
+
+
+def run_length(spec: data.DataSpec, global_batch: int, *, epochs: float, warmup_epochs: float, training_steps: int = 0,
+               warmup_steps: int = -1, benchmark: bool = False) -> tuple[int, int, int]:
+    """(steps per epoch, total steps, warmup steps). Durations are epochs of the training set unless given in
+    steps (`training_steps` > 0, `warmup_steps` >= 0); an epoch is one dataset-size of samples, also with
+    repeated augmentation (DeiT's RASampler)."""
+    steps_per_epoch = data.steps_per_epoch(spec.train_size, global_batch) if spec.train_size else 0
+    total_steps = training_steps or int(epochs * steps_per_epoch)
+    if benchmark:
+        total_steps = total_steps or 10_000  # only shapes the lr schedule of the timed steps
+    if total_steps <= 0:
+        raise UserError(f"the data ({spec.source}) has no known size: give --training-steps")
+    warmup = warmup_steps if warmup_steps >= 0 else int(warmup_epochs * steps_per_epoch)
+    return steps_per_epoch, total_steps, warmup
+
+
 # ----------------------------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------------------------

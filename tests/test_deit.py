@@ -249,6 +249,7 @@ def test_preempted_and_resumed_run_equals_uninterrupted_run(deit_run, tmp_path, 
     (["--distill", "hard"], "needs a teacher"),
     (["--distill", "hard", "--teacher-ckpt", "x", "--pooling", "gap"], "--pooling cls"),
     (["--data", "/nonexistent/imagenet"], "does not exist"),
+    (["--batch-size", "63", "--mixup", "0.8"], "must be even"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, capsys, tmp_path):
     assert deit_jax.main([*TINY, "--training-steps", "1", "--output-dir", str(tmp_path / "r"), *argv]) == 2
