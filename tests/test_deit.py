@@ -66,19 +66,39 @@ def random_params(config: deit_jax.ViTConfig, seed: int = 0):
     return model, jax.tree_util.tree_unflatten(tree, leaves)
 
 
-@pytest.mark.parametrize("timm_name,pooling,distilled", [
-    ("deit_tiny_distilled_patch16_224", "cls", True),
-    ("vit_tiny_patch16_224", "cls", False),
-    (None, "gap", False),  # the MAE recipe: global average pooling + fc_norm (timm global_pool="avg")
+def test_distilled_weights_give_the_logits_of_timm_deit_tiny_distilled():
+    """Full size, by name: timm's `deit_tiny_distilled_patch16_224` loads the converted weights strict and, in eval
+    mode (its two heads averaged), gives our `predict` logits."""
+    import timm
+
+    config = deit_jax.ViTConfig(num_classes=1000, distilled=True, dim=192, heads=3, layers=12)
+    model = deit_jax.VisionTransformer(config)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"]
+    run_config = dict(image_size=224, patch_size=16, dim=192, layers=12, heads=3, num_classes=1000, pooling="cls")
+    kwargs = convert.timm_kwargs(run_config, no_embed_class=False)
+    assert convert.timm_model_name(kwargs, distilled=True) == "deit_tiny_distilled_patch16_224"
+    reference = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_timm(params).items()},
+                              strict=True)
+    images = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
+    ours = np.asarray(jax.jit(lambda p, x: deit_jax.predict(model.apply({"params": p}, x)))(params, images))
+    with torch.no_grad():
+        theirs = reference.eval()(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+@pytest.mark.parametrize("timm_name,pooling", [
+    ("vit_tiny_patch16_224", "cls"),
+    (None, "gap"),  # the MAE recipe: global average pooling + fc_norm (timm global_pool="avg")
 ])
-def test_converted_weights_give_timm_logits(timm_name, pooling, distilled):
+def test_converted_weights_give_timm_logits(timm_name, pooling):
     """The full-size config maps to the timm model name; logits are compared at depth 2 and 64 px (same layout)."""
     run_config = dict(image_size=224, patch_size=16, dim=192, layers=12, heads=3, num_classes=1000, pooling=pooling)
-    assert convert.timm_model_name(convert.timm_kwargs(run_config, no_embed_class=False), distilled) == timm_name
+    assert convert.timm_model_name(convert.timm_kwargs(run_config, no_embed_class=False)) == timm_name
     run_config.update(layers=2, image_size=64)
     kwargs = convert.timm_kwargs(run_config, no_embed_class=False)
-    reference = convert.timm_model_class(distilled)(**kwargs)
-    config = deit_jax.ViTConfig(num_classes=1000, image_size=64, pooling=pooling, distilled=distilled, dim=192,
+    reference = convert.timm_model_class()(**kwargs)
+    config = deit_jax.ViTConfig(num_classes=1000, image_size=64, pooling=pooling, dim=192,
                                 heads=3, layers=2, head_init="zero" if pooling == "gap" else "trunc_normal")
     model, params = random_params(config)
     state = {k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_timm(params).items()}
@@ -86,7 +106,7 @@ def test_converted_weights_give_timm_logits(timm_name, pooling, distilled):
     images = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype(np.float32)
     ours = np.asarray(deit_jax.predict(model.apply({"params": params}, images)))
     with torch.no_grad():
-        theirs = reference.eval()(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()  # eval: heads averaged
+        theirs = reference.eval()(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
