@@ -510,7 +510,7 @@ def run(args: argparse.Namespace) -> dict:
         batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
                                     workers=args.workers, process_index=jax.process_index(),
                                     process_count=jax.process_count())
-        return loop.evaluate(eval_step, state["params"], batches, mesh)
+        return loop.evaluate(eval_step, {"val_": state["params"]}, batches, mesh)
 
     with checkpoint.Checkpointer(args.output_dir) as ckpt:  # waits for pending writes, also on errors
         if args.eval_only:

@@ -625,21 +625,20 @@ def run(args: argparse.Namespace) -> dict:
 
     def evaluate(state) -> dict:
         """val_* of the trained weights, ema_val_* of the EMA weights; `best_metric` picks the reported one."""
-        metrics = {}
-        for prefix, key in (("val_", "params"), ("ema_val_", "ema_params")):
-            if key in state:
-                batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
-                                            workers=args.workers, process_index=jax.process_index(),
-                                            process_count=jax.process_count())
-                metrics.update(loop.evaluate(eval_step, state[key], batches, mesh, prefix=prefix))
-        return metrics
+        weights = {"val_": state["params"]}
+        if "ema_params" in state:
+            weights["ema_val_"] = state["ema_params"]
+        batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
+                                    workers=args.workers, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+        return loop.evaluate(eval_step, weights, batches, mesh)
 
     best_metric = "ema_val_top1" if args.ema_eval and args.ema_decay > 0 else "val_top1"
     with checkpoint.Checkpointer(args.output_dir) as ckpt:  # waits for pending writes, also on errors
         if args.eval_only:
             state, _ = ckpt.restore(state)
             metrics = evaluate(state)
-            log = RunLog(args.output_dir, run_config)
+            log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
             log.write(int(state["step"]), **metrics)
             log.close()
             if dist.is_main_process():

@@ -25,7 +25,6 @@ import bisect
 import contextlib
 import json
 import math
-import signal
 import sys
 import time
 from collections import OrderedDict
@@ -42,7 +41,7 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from tqdm import tqdm
 
-from common import UserError, augment, data
+from common import UserError, augment, data, runtime
 from common import torch_utils as tu
 from common.runlog import RunLog, read_log
 
@@ -370,20 +369,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 # ----------------------------------------------------------------------------------------------
 
 
-class Preemption:
-    """SIGTERM (a preempted VM, a scheduler's stop, torchrun's shutdown) asks the loop to checkpoint and exit."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
-
-
 def train(args: argparse.Namespace) -> dict:
     env = tu.init_distributed()
     try:
@@ -499,7 +484,7 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
             return False
         return tu.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
 
-    preemption = Preemption()
+    preemption = runtime.Preemption()
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
                     disable=not env.is_main, dynamic_ncols=True, file=sys.stderr)
     try:
@@ -551,7 +536,7 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
                                "--resume", file=sys.stderr)
                 break
     finally:
-        preemption.restore()
+        preemption.close()
         progress.close()
     return dict(last, best_top1=best_top1)
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -21,20 +20,9 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from common import UserError, data, dist
+from common import UserError, data, dist, runtime
 from common.checkpoint import Checkpointer
 from common.runlog import RunLog
-
-# Dense bf16 matmul peak per chip, FLOP/s, for MFU (H100: measured on a large matmul, spec 989e12).
-PEAK_FLOPS = {"H100": 800e12, "H200": 800e12, "A100": 312e12, "TPU v3": 123e12, "TPU v4": 275e12,
-              "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
-
-
-def peak_flops(device: Any) -> float | None:
-    """The dense bf16 peak of a device from `PEAK_FLOPS`, or None for an unknown kind (e.g. CPU)."""
-    kind = getattr(device, "device_kind", "")
-    return next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
-
 
 # ----------------------------------------------------------------------------------------------
 # Batches
@@ -131,19 +119,24 @@ def classification_totals(logits: jax.Array, labels: jax.Array) -> dict[str, jax
             "top5": jnp.where(valid, (top5 == labels[:, None]).any(-1), False).sum()}
 
 
-def evaluate(eval_step: Callable, params: Any, batches: Iterable[dict], mesh: Mesh, prefix: str = "val_") -> dict:
-    """Run `eval_step(params, batch) -> classification_totals` over host batches and turn totals into metrics."""
-    totals = None
+def evaluate(eval_step: Callable, weights: Mapping[str, Any], batches: Iterable[dict], mesh: Mesh) -> dict:
+    """Run `eval_step(params, batch) -> classification_totals` for each entry of `weights` (metric prefix ->
+    params, e.g. {"val_": params, "ema_val_": ema_params}) over one pass of host batches, and turn the totals
+    into metrics: the eval data is loaded once however many weights are evaluated."""
+    totals: dict[str, Any] = {}
     for batch in tqdm(batches, desc="eval", leave=False, disable=_no_progress_bar()):
         batch.pop("skipped", None)
-        out = eval_step(params, dist.global_batch(batch, mesh))
-        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-    if totals is None:
-        return {}
-    totals = jax.tree_util.tree_map(lambda x: float(dist.host_value(x)), totals)
-    count = max(totals["count"], 1.0)
-    return {f"{prefix}loss": totals["loss"] / count, f"{prefix}top1": 100 * totals["top1"] / count,
-            f"{prefix}top5": 100 * totals["top5"] / count, f"{prefix}images": int(totals["count"])}
+        batch = dist.global_batch(batch, mesh)
+        for prefix, params in weights.items():
+            out = eval_step(params, batch)
+            totals[prefix] = jax.tree_util.tree_map(jnp.add, totals[prefix], out) if prefix in totals else out
+    metrics = {}
+    for prefix, total in totals.items():
+        total = jax.tree_util.tree_map(lambda x: float(dist.host_value(x)), total)
+        count = max(total["count"], 1.0)
+        metrics.update({f"{prefix}loss": total["loss"] / count, f"{prefix}top1": 100 * total["top1"] / count,
+                        f"{prefix}top5": 100 * total["top5"] / count, f"{prefix}images": int(total["count"])})
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,24 +149,12 @@ def _no_progress_bar() -> bool | None:
     return None if dist.is_main_process() else True
 
 
-class Preemption:
-    """SIGTERM (a preempted TPU VM or a scheduler's stop) asks the loop to checkpoint and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def __enter__(self) -> Preemption:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGTERM, self.previous)  # give SIGTERM back to the handler installed before
-
-    def _handle(self, signum, frame):
-        self.requested = True
+class Preemption(runtime.Preemption):
+    """SIGTERM as a stop request (`common.runtime.Preemption`); with several hosts, all of them must agree to stop
+    at the same step, so truth is the OR over hosts."""
 
     def __bool__(self) -> bool:
-        if jax.process_count() > 1:  # every host must agree to stop at the same step
+        if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
@@ -261,7 +242,7 @@ def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]],
 def benchmark(train_step: Callable, state: Any, batch: dict, *, steps: int, global_batch: int,
               train_flops_per_image: float, **report: Any) -> dict:
     """Time `steps` train steps after compiling and 3 warm-up steps; print and return img/s, step time, compile
-    time, peak device memory and MFU (model matmul FLOPs against `PEAK_FLOPS` of the device kind)."""
+    time, peak device memory and MFU (model matmul FLOPs against `runtime.PEAK_FLOPS` of the device kind)."""
     start = time.perf_counter()
     state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)
@@ -277,7 +258,7 @@ def benchmark(train_step: Callable, state: Any, batch: dict, *, steps: int, glob
     images_per_sec = global_batch / step_time
     device = jax.devices()[0]
     peak_memory = (device.memory_stats() or {}).get("peak_bytes_in_use", 0)
-    peak = peak_flops(device)
+    peak = runtime.peak_flops(device.device_kind)
     result = dict(report, batch_size=global_batch, devices=jax.device_count(), device_kind=device.device_kind,
                   img_per_sec=round(images_per_sec, 1), step_ms=round(1000 * step_time, 2),
                   compile_s=round(compile_seconds, 1), peak_memory_gib=round(peak_memory / 2**30, 2) or None,

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from common import UserError
+from common import UserError, runtime
 
 # ----------------------------------------------------------------------------------------------
 # Processes: torchrun / DDP over one or many nodes, or a single process
@@ -232,16 +232,9 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], w
 # Throughput: FLOPs, peak FLOP/s, mixed precision
 # ----------------------------------------------------------------------------------------------
 
-# Dense bf16 matmul peak per GPU, FLOP/s, for MFU (H100: measured on a large matmul; the spec sheet says 989e12).
-PEAK_FLOPS = {"H100": 800e12, "H200": 800e12, "A100": 312e12}
-
-
 def peak_flops(device: torch.device) -> float | None:
-    """bf16 peak FLOP/s of `device` from PEAK_FLOPS, or None when unknown (CPUs, unlisted GPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS.items() if key in name), None)
+    """bf16 peak FLOP/s of `device` from `common.runtime.PEAK_FLOPS`, or None when unknown (CPUs, unlisted GPUs)."""
+    return runtime.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def train_flops_per_sample(make_model: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> float:
