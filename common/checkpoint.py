@@ -112,12 +112,17 @@ def load_params_and_config(path: str | os.PathLike, which: str = "last", key: st
 
     key: the state entry to read, "params" or e.g. "ema_params" (the EMA weights of a run that keeps them).
     """
+    state, config = load_state_and_config(path, which)
+    if key not in state:
+        raise UserError(f"checkpoint {path} has no {key!r} (it holds {', '.join(sorted(state))})")
+    return state[key], config
+
+
+def load_state_and_config(path: str | os.PathLike, which: str = "last") -> tuple[dict, dict]:
+    """The whole saved state (nested dict of numpy arrays) and the run config of a checkpoint."""
     step_dir = find_step_dir(path, which)
     state = ocp.StandardCheckpointer().restore(step_dir.absolute() / "state")
-    if key not in state:
-        raise UserError(f"checkpoint {step_dir} has no {key!r} (it holds {', '.join(sorted(state))})")
-    params = jax.tree_util.tree_map(np.asarray, state[key])
-    return params, read_meta(step_dir).get("config", {})
+    return jax.tree_util.tree_map(np.asarray, dict(state)), read_meta(step_dir).get("config", {})
 
 
 def _key(path) -> str:

@@ -162,6 +162,26 @@ def timm_to_flax(state_dict: Mapping[str, Any]) -> dict:
     return params
 
 
+# MAE's pretraining decoder (models_mae.py): dropped when the encoder is exported or loaded for fine-tuning.
+MAE_DECODER_PARAMS = ("decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred",
+                      "mask_token")
+
+
+def is_encoder_param(name: str) -> bool:
+    """False for the MAE decoder's parameters in a timm-style name ('decoder_blocks.0.attn.qkv.weight')."""
+    return re.split(r"[./]", name)[0] not in MAE_DECODER_PARAMS
+
+
+def fold_batchnorm(head: Mapping[str, Any], mean: np.ndarray, var: np.ndarray, epsilon: float) -> dict:
+    """A dense head after a BatchNorm without affine (MAE's linear probe) as one dense layer:
+    W((x - mean) / sqrt(var + eps)) + b = (W / s) x + (b - W mean / s), s = sqrt(var + eps) per input."""
+    kernel, bias = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+    inv_std = 1.0 / np.sqrt(np.asarray(var, np.float64) + epsilon)
+    folded = kernel * inv_std[:, None]
+    return {"kernel": folded.astype(np.float32),
+            "bias": (bias - np.asarray(mean, np.float64) @ folded).astype(np.float32)}
+
+
 # ----------------------------------------------------------------------------------------------
 # Architecture
 # ----------------------------------------------------------------------------------------------
@@ -171,8 +191,9 @@ def timm_kwargs(config: Mapping[str, Any], *, no_embed_class: bool | None = None
     """Keyword arguments of `timm.models.vision_transformer.VisionTransformer` for a run's config.
 
     `config` is a run's saved config (its flags plus the resolved `num_classes`): image_size, patch_size,
-    layers, dim, heads, num_classes (or labels), pooling ('cls' or 'gap'), and optionally layerscale,
-    layerscale_init and mlp_ratio. Position embeddings are exported as timm's learnable `pos_embed`, a
+    layers, dim, heads, num_classes (or labels; 0: no head, as timm's `vit_*.mae` encoders), pooling ('cls'
+    or 'gap'), and optionally class_token (default: pooling == 'cls'), layerscale, layerscale_init and
+    mlp_ratio. Position embeddings are exported as timm's learnable `pos_embed`, a
     fixed sin-cos one included (its values go into the state dict).
 
     no_embed_class: whether timm's pos_embed covers the patches only (`deit3_*`: added before the cls token
@@ -182,7 +203,7 @@ def timm_kwargs(config: Mapping[str, Any], *, no_embed_class: bool | None = None
     num_classes = config.get("num_classes")
     if num_classes is None:
         num_classes = config.get("labels", -1)
-    if num_classes is None or num_classes <= 0:
+    if num_classes is None or num_classes < 0:
         raise ValueError("the config has no resolved num_classes (nor a positive labels)")
     pooling = config.get("pooling", "cls")
     if pooling not in ("cls", "gap"):
@@ -190,7 +211,8 @@ def timm_kwargs(config: Mapping[str, Any], *, no_embed_class: bool | None = None
     layerscale_init = config.get("layerscale_init") if config.get("layerscale", False) else None
     if no_embed_class is None:
         no_embed_class = bool(config.get("no_embed_class", True))
-    class_token = pooling == "cls"
+    # A gap model may still carry a cls token that the pooling skips (MAE fine-tuning, timm global_pool='avg').
+    class_token = bool(config.get("class_token", pooling == "cls"))
     return dict(
         img_size=int(config["image_size"]),
         patch_size=int(config["patch_size"]),
@@ -200,8 +222,8 @@ def timm_kwargs(config: Mapping[str, Any], *, no_embed_class: bool | None = None
         mlp_ratio=float(config.get("mlp_ratio", 4)),
         num_classes=int(num_classes),
         class_token=class_token,
-        global_pool="token" if class_token else "avg",
-        fc_norm=not class_token,  # gap: mean of patch tokens, then LayerNorm (`fc_norm`), no final `norm`
+        global_pool="avg" if pooling == "gap" else "token",
+        fc_norm=pooling == "gap",  # gap: mean of patch tokens, then LayerNorm (`fc_norm`), no final `norm`
         no_embed_class=no_embed_class and class_token,  # without prefix tokens both layouts are the same
         init_values=layerscale_init or None,  # timm (like the Flax model) has no LayerScale for 0 / None
         qkv_bias=True,
@@ -224,9 +246,10 @@ def timm_model_name(kwargs: Mapping[str, Any], distilled: bool = False) -> str |
     """Name of the timm model (e.g. 'deit3_small_patch16_224', 'deit_tiny_distilled_patch16_224') with the
     architecture of `kwargs` (and DeiT's distillation token if `distilled`), else None.
 
-    The number of classes is not compared (create the model with `num_classes=`). The candidate is built
-    on the meta device (no memory, no weights) and must match in every parameter shape, the number of
-    heads, the pooling and the position-embedding layout.
+    The number of classes and the pooling are not part of the name: create the model with `num_classes=`
+    and, for average pooling, `global_pool='avg'` (timm then adds `fc_norm`, as MAE's fine-tuned models).
+    The candidate is built on the meta device (no memory, no weights) and must match in every parameter
+    shape, the number of heads, the pooling and the position-embedding layout.
     """
     import timm
     import torch
@@ -241,7 +264,8 @@ def timm_model_name(kwargs: Mapping[str, Any], distilled: bool = False) -> str |
     model_class = timm_model_class(distilled)
     with torch.device("meta"):
         ours = model_class(**kwargs)
-        preset = timm.create_model(name, pretrained=False, num_classes=kwargs["num_classes"])
+        preset = timm.create_model(name, pretrained=False, num_classes=kwargs["num_classes"],
+                                   global_pool=kwargs.get("global_pool", "token"))
     if type(preset) is not model_class:
         return None
 

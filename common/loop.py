@@ -120,9 +120,10 @@ def classification_totals(logits: jax.Array, labels: jax.Array) -> dict[str, jax
 
 
 def evaluate(eval_step: Callable, weights: Mapping[str, Any], batches: Iterable[dict], mesh: Mesh) -> dict:
-    """Run `eval_step(params, batch) -> classification_totals` for each entry of `weights` (metric prefix ->
-    params, e.g. {"val_": params, "ema_val_": ema_params}) over one pass of host batches, and turn the totals
-    into metrics: the eval data is loaded once however many weights are evaluated."""
+    """Run `eval_step(params, batch) -> totals` for each entry of `weights` (metric prefix -> params, e.g.
+    {"val_": params, "ema_val_": ema_params}) over one pass of host batches, and turn the totals into metrics:
+    the eval data is loaded once however many weights are evaluated. `totals` holds a `count` of valid images
+    and sums over them (e.g. `classification_totals`: loss, top1, top5), reported as means."""
     totals: dict[str, Any] = {}
     for batch in tqdm(batches, desc="eval", leave=False, disable=_no_progress_bar()):
         batch.pop("skipped", None)
@@ -133,9 +134,10 @@ def evaluate(eval_step: Callable, weights: Mapping[str, Any], batches: Iterable[
     metrics = {}
     for prefix, total in totals.items():
         total = jax.tree_util.tree_map(lambda x: float(dist.host_value(x)), total)
-        count = max(total["count"], 1.0)
-        metrics.update({f"{prefix}loss": total["loss"] / count, f"{prefix}top1": 100 * total["top1"] / count,
-                        f"{prefix}top5": 100 * total["top5"] / count, f"{prefix}images": int(total["count"])})
+        images = total.pop("count")
+        for name, value in total.items():  # means over the images; top-k hits in percent
+            metrics[f"{prefix}{name}"] = value / max(images, 1.0) * (100 if name in ("top1", "top5") else 1)
+        metrics[f"{prefix}images"] = int(images)
     return metrics
 
 

@@ -21,7 +21,7 @@ def decay_mask(params: Any) -> Any:
 
 def make_optimizer(name: str, learning_rate: optax.Schedule | float, params: Any, *, weight_decay: float,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, clip_norm: float = 0.0,
-                   layer_decay: float = 1.0, depth: int = 0) -> optax.GradientTransformation:
+                   layer_decay: float = 1.0, depth: int = 0, decay: Any = None) -> optax.GradientTransformation:
     """AdamW or LAMB as in PyTorch/timm, with decoupled weight decay on `decay_mask(params)` only.
 
     - adamw: torch.optim.AdamW (decay multiplied by the lr). Note: optax.adamw defaults to weight decay 1e-4.
@@ -29,8 +29,9 @@ def make_optimizer(name: str, learning_rate: optax.Schedule | float, params: Any
       decayed parameters; optax.lamb instead puts the trust ratio on every leaf.
     clip_norm > 0 clips the gradients to that global norm first (timm's LAMB clips to 1.0 internally).
     layer_decay < 1 multiplies each parameter's update by layer_decay ** (depth + 1 - layer_id) (BEiT/MAE).
+    decay: a pytree of booleans to use instead of `decay_mask(params)`.
     """
-    mask = decay_mask(params)
+    mask = decay_mask(params) if decay is None else decay
     chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
     chain += [optax.scale_by_adam(b1, b2, eps), optax.add_decayed_weights(weight_decay, mask)]
     if name == "lamb":
@@ -41,3 +42,20 @@ def make_optimizer(name: str, learning_rate: optax.Schedule | float, params: Any
         chain.append(schedules.scale_by_tree(schedules.layer_decay_scales(params, depth, layer_decay)))
     chain.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*chain)
+
+
+def lars(learning_rate: optax.Schedule | float, *, weight_decay: float = 0.0, momentum: float = 0.9,
+         trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+    """LARS as MAE's linear probe (util/lars.py, from MoCo v3) and timm's `Lars`.
+
+    For parameters with more than one dimension: g += wd * w, then g *= trust_coefficient * ||w|| / ||g||
+    (1 where either norm is 0); 1-D parameters (biases, norms) get neither. Then heavy-ball momentum
+    mu = momentum * mu + g and w -= lr * mu. (optax.lars applies the lr before the momentum, which differs
+    while the lr changes.)
+    """
+    def matrices(params):
+        return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
+
+    return optax.chain(optax.add_decayed_weights(weight_decay, matrices),
+                       optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), matrices),
+                       optax.trace(decay=momentum), optax.scale_by_learning_rate(learning_rate))

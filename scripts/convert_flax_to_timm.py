@@ -67,16 +67,43 @@ def convert(params: dict, config: dict, arch: str | None) -> tuple[dict, dict]:
     return state, kwargs
 
 
+def config_of(ckpt: Path, which: str) -> dict:
+    from common.checkpoint import find_step_dir, read_meta
+
+    return read_meta(find_step_dir(ckpt, which)).get("config", {})
+
+
+def mae_params(state: dict, config: dict) -> dict:
+    """The timm-layout params of a `mae_jax.py` checkpoint: the pretraining encoder without the decoder (timm
+    `vit_*.mae`, no head), the fine-tuned GAP model as is, or the probed encoder with its BatchNorm folded into
+    the linear head (timm has no BatchNorm head; the fold is exact up to float rounding)."""
+    from common.convert import fold_batchnorm
+
+    stage = config.get("stage")
+    if stage == "pretrain":
+        return state["params"]["encoder"]
+    if stage == "linprobe":
+        stats = state["batch_stats"]["bn"]
+        head = fold_batchnorm(state["params"]["head"], stats["mean"], stats["var"], epsilon=1e-6)
+        return {**state["encoder"], "head": head}
+    return state["params"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         ckpt = Path(args.ckpt)
         if not ckpt.exists():
             raise UserError(f"checkpoint {ckpt} does not exist")
-        from common.checkpoint import load_params_and_config
+        from common.checkpoint import load_params_and_config, load_state_and_config
 
-        params, config = load_params_and_config(ckpt, which=args.which, key="ema_params" if args.ema else "params")
-        state, kwargs = convert(params, config, args.arch)
+        if config_of(ckpt, args.which).get("script") == "mae_jax.py":
+            saved, config = load_state_and_config(ckpt, which=args.which)
+            params, arch = mae_params(saved, config), args.arch or "vit"  # MAE's pos_embed has the cls row
+        else:
+            key = "ema_params" if args.ema else "params"
+            (params, config), arch = load_params_and_config(ckpt, which=args.which, key=key), args.arch
+        state, kwargs = convert(params, config, arch)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -100,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     name = timm_model_name(kwargs, distilled)
     print(f"wrote {out} and {out.with_suffix('.safetensors')} ({len(tensors)} tensors)")
     if name:
-        print(f"timm model: {name} (timm.create_model({name!r}, num_classes={kwargs['num_classes']}))")
+        pool = ", global_pool='avg'" if kwargs["global_pool"] == "avg" else ""
+        print(f"timm model: {name} (timm.create_model({name!r}, num_classes={kwargs['num_classes']}{pool}))")
     else:
         print(f"timm model: {type(model).__name__}(**kwargs) with kwargs = {json.dumps(kwargs)}")
     return 0
