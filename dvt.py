@@ -1,0 +1,1383 @@
+"""Dynamic Vision Transformer (DVT): "Not All Images are Worth 16x16 Words: Dynamic Transformers for Efficient Image
+Recognition" (Wang et al., NeurIPS 2021), in PyTorch.
+
+    python dvt.py train --model dvt_t2t_vit_14 --data /path/to/imagenet        # defaults: the paper's T2T-ViT-14 run
+    torchrun --nproc_per_node=8 dvt.py train ... --resume                      # DDP; continue --output-dir exactly
+    python dvt.py budget runs/dvt/in1k_dvt_t2t_vit_14 --target-gmacs 3.0       # exit thresholds for a compute budget
+    python dvt.py eval runs/dvt/in1k_dvt_t2t_vit_14 --curve                    # real early exit + accuracy/GFLOPs curve
+
+The recipe in one paragraph (paper §3, the official code): three complete vision transformers read the same 224 image
+as 7x7, 10x10 and 14x14 tokens. Each has its own tokens-to-token module (T2T-ViT) or patch embedding (DeiT-S), blocks,
+final norm and classifier, so each exit is a full backbone. Exit 2 reuses exit 1 and exit 3 reuses exit 2 in two ways:
+feature reuse (the upstream last-block tokens, transformed by a small MLP and upsampled to the new grid, concatenated
+to each block's MLP input) and relationship reuse (all upstream attention logits, mixed by two 1x1 convolutions and
+upsampled, added to each block's attention logits). Training minimises the sum of the three exits' cross-entropies.
+At test time an image stops at the first exit whose softmax confidence reaches that exit's threshold; the thresholds
+are set on training images so that the exits take shares proportional to q, q^2, q^3 (q picks the budget).
+`budget` finds them for a target average GFLOPs, `eval` runs the real early exit (each exit only on the images still
+running) and `eval --curve` sweeps the paper's budgets. The paper's runs are full command lines in `scripts/dvt/`.
+
+File order: flags and presets, model, data, loss and train step, loop, evaluation, adaptive inference (thresholds,
+FLOPs, early exit), budget and eval commands, benchmark, main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import functools
+import json
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import str_to_interp_mode
+from timm.layers import DropPath, Mlp
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms
+from tqdm import tqdm
+
+from common import UserError, augment, data, runtime
+from common import torch_utils as tu
+from common.runlog import RunLog
+
+# ----------------------------------------------------------------------------------------------
+# Flags and presets.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """One exit's transformer; the three exits of a DVT share it and differ in their token grid."""
+
+    embed: str  # 't2t': tokens-to-token module with token performers (T2T-ViT); 'patch': a strided conv (DeiT)
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    qkv_bias: bool
+    learned_pos_embed: bool  # DeiT: learned; T2T-ViT: fixed 1-D sinusoid
+    norm_eps: float
+    token_dim: int = 64  # T2T module width (T2T-ViT: 64)
+
+
+# Paper §4 and the official models/t2t_vit.py, models_deit.py.
+MODELS = {
+    "dvt_t2t_vit_12": Backbone("t2t", embed_dim=256, depth=12, num_heads=4, mlp_ratio=2.0, qkv_bias=False,
+                               learned_pos_embed=False, norm_eps=1e-5),
+    "dvt_t2t_vit_14": Backbone("t2t", embed_dim=384, depth=14, num_heads=6, mlp_ratio=3.0, qkv_bias=False,
+                               learned_pos_embed=False, norm_eps=1e-5),
+    "dvt_deit_s": Backbone("patch", embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, qkv_bias=True,
+                           learned_pos_embed=True, norm_eps=1e-6),
+}
+PAPER_GRIDS = (7, 10, 14)  # tokens per side of the three exits
+# The first T2T soft split (kernel, stride, padding) per (image size, grid), then two 3/2/1 splits (official code:
+# performer_less_less_token, performer_less_token, performer): 224 -> 28 -> 14 -> 7, 38 -> 19 -> 10, 56 -> 28 -> 14.
+T2T_SOFT_SPLITS = {(224, 7): (14, 8, 3), (224, 10): (11, 6, 5), (224, 14): (7, 4, 2)}
+FEATURE_REUSE_DIM = 48  # official transformer_block.py: upstream tokens -> LN -> MLP D -> 128 -> 48
+FEATURE_REUSE_HIDDEN = 128
+T2T_DROPOUT = 0.1  # official token_performer.py: dropout 0.1 after the performer's projection and MLP
+MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+PAPER_BUDGET_QS = tuple(p / 20 for p in range(1, 60))  # official inference.py: q = p / 20, p = 1..59
+CALIB_CACHE = "calibration.pt"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Dynamic Vision Transformer (Wang et al. 2021), in PyTorch",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_train_flags(commands.add_parser("train", help="train a DVT", description="train a DVT (all exits jointly)",
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    p = commands.add_parser("budget", help="exit thresholds that meet a compute budget (paper §3.3)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_inference_flags(p)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-gflops", type=float, help="average GFLOPs per image (2 FLOPs per multiply-add)")
+    target.add_argument("--target-gmacs", type=float, help="average GMACs per image: the unit of the paper's 'GFLOPs'")
+    target.add_argument("--q", type=float, help="exit shares proportional to q, q^2, q^3 (paper: q = p/20, p=1..59)")
+    p.add_argument("--output", help="default: RUN_DIR/budget.json")
+    p = commands.add_parser("eval", help="early-exit evaluation on the val split; --curve: accuracy vs GFLOPs",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_inference_flags(p)
+    p.add_argument("--thresholds", help="comma-separated confidence thresholds of all exits but the last (default: "
+                                        "RUN_DIR/budget.json, written by `budget`)")
+    p.add_argument("--budget", help="a budget.json (default: RUN_DIR/budget.json)")
+    p.add_argument("--curve", action="store_true",
+                   help="sweep the paper's 59 budgets: RUN_DIR/curve.csv and curve.png (accuracy vs GFLOPs)")
+    return parser
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    # Defaults: the paper's DVT T2T-ViT-14 ImageNet run (official README: 8 GPUs x 64, lr 5e-4, wd 0.05, AMP) with
+    # the T2T-ViT training recipe of its main.py. scripts/dvt/ holds T2T-ViT-12, DeiT-S and the CIFAR transfers.
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default="digits",
+                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
+    g.add_argument("--output-dir", default="runs/dvt", help="config.json, log.jsonl and checkpoints go here")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="save and exit after this many steps of this invocation (0: run to the end)")
+    g.add_argument("--benchmark", action="store_true",
+                   help="time train steps and adaptive inference on synthetic batches, print JSON and exit")
+    g.add_argument("--benchmark-steps", type=int, default=20)
+    g.add_argument("--benchmark-q", default="0.05,1.0,2.95",
+                   help="budgets (q) timed by --benchmark; 0.05 is the paper's lowest")
+    g.add_argument("--workers", type=int, default=tu.default_workers(), help="data loader processes per process")
+    g.add_argument("--log-interval", type=int, default=50)
+    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
+    g.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16",
+                   help="autocast dtype on GPUs (fp16 adds loss scaling: GPUs without bf16); CPUs compute in float32")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, drop path, mixup")
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="dvt_t2t_vit_14", help="one of: " + ", ".join(MODELS))
+    g.add_argument("--img-size", "--image-size", type=int, default=224)
+    g.add_argument("--grids", default=",".join(map(str, PAPER_GRIDS)),
+                   help="tokens per side of each exit, increasing (paper: 7,10,14 at 224 px)")
+    g.add_argument("--embed-dim", type=int, help="override the backbone's width")
+    g.add_argument("--depth", type=int, help="override the backbone's number of blocks")
+    g.add_argument("--num-heads", type=int, help="override the backbone's number of heads")
+    g.add_argument("--mlp-ratio", type=float, help="override the backbone's MLP ratio")
+    g.add_argument("--token-dim", type=int, help="override the T2T module's width (64)")
+    g.add_argument("--feature-reuse", action=argparse.BooleanOptionalAction, default=True, help="paper §3.2")
+    g.add_argument("--relation-reuse", action=argparse.BooleanOptionalAction, default=True, help="paper §3.2")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth, linear from 0 over the blocks")
+    g.add_argument("--num-classes", type=int, default=-1, help="-1: from the data")
+    g.add_argument("--init-from", help="transfer learning: start from this run's (or .pt file's) weights, heads "
+                                       "re-initialised when the number of classes differs")
+
+    g = p.add_argument_group("augmentation (T2T-ViT / DeiT main.py)")
+    g.add_argument("--random-crop", choices=["rrc", "pad", "none"], default="rrc",
+                   help="rrc: RandomResizedCrop; pad: resize + random crop with size/8 zero padding (T2T-ViT's CIFAR "
+                        "transfer; at 32 px the usual CIFAR crop); none: resize + center crop")
+    g.add_argument("--hflip", type=float, default=0.5)
+    g.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1", help="timm policy string, or 'none'")
+    g.add_argument("--interpolation", default="bicubic", help="resize interpolation (train and eval)")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--repeats", type=int, default=1, help="repeated augmentation (DeiT: 3)")
+    g.add_argument("--test-crop-ratio", type=float, default=0.875, help="eval: resize to size/ratio, center crop")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                   help="adamw (ImageNet; no weight decay on biases, norms, class tokens, position embeddings) or "
+                        "sgd with momentum (T2T-ViT's CIFAR transfer; weight decay on every parameter)")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak lr, absolute (T2T-ViT does not scale it with batch)")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--momentum", type=float, default=0.9, help="sgd only")
+    g.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                   help="lr multiplier of everything but the classifier heads (T2T-ViT's transfer ratio: 0.01)")
+    g.add_argument("--batch-size", type=int, default=512, help="global batch over all processes")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="global")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--clip-grad", type=float, default=0.0, help="global gradient-norm clip (0: off, as the paper)")
+    g.add_argument("--epochs", type=int, default=300, help="length of the cosine (timm t_initial)")
+    g.add_argument("--cooldown-epochs", type=int, default=10, help="epochs at --min-lr after the cosine")
+    g.add_argument("--warmup-epochs", type=int, default=20, help="linear warmup from --warmup-lr")
+    g.add_argument("--warmup-lr", type=float, default=1e-6)
+    g.add_argument("--min-lr", type=float, default=1e-5)
+    g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides the epochs (synthetic data)")
+    g.add_argument("--model-ema-decay", type=float, default=0.99996,
+                   help="EMA of the weights, evaluated, kept as best and used by budget/eval (0: off)")
+
+
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a training run's --output-dir (its best checkpoint, else its last) or a .pt file")
+    p.add_argument("--data", help="default: the run's --data")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=tu.default_workers())
+    p.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16")
+    p.add_argument("--calib-images", type=int, default=50_000,
+                   help="training images the thresholds are set on (paper: 50,000 random ones, training crop)")
+    p.add_argument("--calib-seed", type=int, default=1, help="which training images and crops")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        resolve_train_args(args)
+    elif args.batch_size <= 0 or args.calib_images <= 0:
+        raise UserError("--batch-size and --calib-images must be positive")
+    return args
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def resolve_train_args(args: argparse.Namespace) -> None:
+    if args.model not in MODELS:
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+    args.grids = [int(g) for g in parse_floats(args.grids, "--grids")]
+    if len(args.grids) < 2 or any(b <= a for a, b in zip(args.grids, args.grids[1:])) or args.grids[0] < 1:
+        raise UserError(f"--grids needs two or more increasing token grids, got {args.grids}")
+    args.benchmark_q = parse_floats(args.benchmark_q, "--benchmark-q")
+    if not args.benchmark_q or min(args.benchmark_q) <= 0:
+        raise UserError(f"--benchmark-q takes positive budgets q, got {args.benchmark_q}")
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "log_interval", "benchmark_steps", "repeats"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.auto_augment.lower() == "none":
+        args.auto_augment = None
+    if args.random_crop == "pad" and args.auto_augment:
+        raise UserError("--random-crop pad is T2T-ViT's transfer crop, which has no RandAugment: add "
+                        "--auto-augment none")
+    if (args.mixup > 0 or args.cutmix > 0) and (args.batch_size // args.grad_accum) % 2:
+        raise UserError("mixup/cutmix pair each image with its mirror in the batch: use an even batch per process")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: three complete backbones on 7x7, 10x10 and 14x14 tokens, the later ones reusing the previous one's final
+# features and attention logits (paper §3.2; official models/t2t_vit.py, transformer_block.py, token_performer.py).
+# ----------------------------------------------------------------------------------------------
+
+
+def t2t_soft_split(img_size: int, grid: int) -> tuple[int, int, int]:
+    """(kernel, stride, padding) of the first T2T soft split so that the two 3/2/1 splits after it end on `grid`.
+    The paper's table at 224 px; elsewhere 4 * grid tokens per side at stride round(size / that), kernel 2 stride - 1
+    (or wider to cover the image) and the padding that completes the last window (T2T-ViT-14's 7/4/2 at 224 -> 14
+    follows this rule)."""
+    if (img_size, grid) in T2T_SOFT_SPLITS:
+        return T2T_SOFT_SPLITS[img_size, grid]
+    side = 4 * grid
+    stride = max(1, round(img_size / side))
+    kernel = max(2 * stride - 1, img_size - stride * (side - 1))
+    excess = stride * (side - 1) + kernel - img_size  # 2 * padding must cover this (within one pixel)
+    if stride == 1 and excess % 2:
+        kernel, excess = kernel + 1, excess + 1
+    return kernel, stride, -(-excess // 2)
+
+
+def deit_patch(img_size: int, grid: int) -> tuple[int, int]:
+    """(patch size, padding) of the DeiT patch embedding that gives `grid` tokens per side: 32/0 -> 7, 23/3 -> 10,
+    16/0 -> 14 at 224 px (official models_deit.py)."""
+    patch = -(-img_size // grid)
+    return patch, -(-(patch * grid - img_size) // 2)
+
+
+def unfold_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def sinusoid_pos_embed(length: int, dim: int) -> torch.Tensor:
+    """T2T-ViT's fixed 1-D sinusoid table (1, length, dim): sin on even, cos on odd channels (position 0 = cls)."""
+    position = np.arange(length)[:, None]
+    channel = np.arange(dim)[None]
+    angle = position / np.power(10000, 2 * (channel // 2) / dim)
+    return torch.tensor(np.where(channel % 2 == 0, np.sin(angle), np.cos(angle)), dtype=torch.float32)[None]
+
+
+def autocast_off(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", enabled=False) if x.is_cuda else contextlib.nullcontext()
+
+
+class TokenPerformer(nn.Module):
+    """T2T-ViT's token performer (dim_in -> token_dim): linear attention with positive random features
+    phi(x) = exp(w x - |x|^2 / 2) / sqrt(m), m = token_dim / 2 fixed orthogonal rows scaled by sqrt(m); the value is
+    the skip connection. The random-feature part runs in float32 (exp overflows float16)."""
+
+    def __init__(self, dim: int, token_dim: int, dropout: float = T2T_DROPOUT):
+        super().__init__()
+        self.token_dim = token_dim
+        self.norm1 = nn.LayerNorm(dim)
+        self.kqv = nn.Linear(dim, 3 * token_dim)
+        self.proj = nn.Linear(token_dim, token_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(token_dim)
+        self.mlp = nn.Sequential(nn.Linear(token_dim, token_dim), nn.GELU(), nn.Linear(token_dim, token_dim),
+                                 nn.Dropout(dropout))
+        features = token_dim // 2
+        self.register_buffer("random_features",
+                             nn.init.orthogonal_(torch.empty(features, token_dim)) * math.sqrt(features))
+
+    def phi(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.random_features
+        return torch.exp(x @ w.t() - x.square().sum(-1, keepdim=True) / 2) / math.sqrt(w.shape[0])
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        k, q, v = self.kqv(x).float().split(self.token_dim, dim=-1)
+        with autocast_off(x):
+            kp, qp = self.phi(k), self.phi(q)  # (B, T, m)
+            normaliser = qp @ kp.sum(1).unsqueeze(-1)  # (B, T, 1)
+            y = (qp @ (kp.transpose(1, 2) @ v)) / (normaliser + 1e-8)  # (B, T, token_dim)
+        return v + self.dropout(self.proj(y))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attend(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class T2TEmbed(nn.Module):
+    """Tokens-to-token module: soft split (unfold) -> performer -> re-structurise -> soft split 3/2/1 -> performer ->
+    soft split 3/2/1 -> Linear(token_dim * 9 -> D). The first split's kernel/stride/padding set the exit's grid."""
+
+    def __init__(self, img_size: int, grid: int, embed_dim: int, token_dim: int):
+        super().__init__()
+        kernel, stride, padding = t2t_soft_split(img_size, grid)
+        self.sides = [unfold_size(img_size, kernel, stride, padding)]
+        self.sides.append(unfold_size(self.sides[0], 3, 2, 1))
+        if unfold_size(self.sides[1], 3, 2, 1) != grid:
+            raise UserError(f"a T2T soft split {kernel}/{stride}/{padding} at {img_size} px does not give "
+                            f"{grid}x{grid} tokens: choose other --grids or --img-size")
+        self.soft_split0 = nn.Unfold(kernel, stride=stride, padding=padding)
+        self.soft_split1 = nn.Unfold(3, stride=2, padding=1)
+        self.soft_split2 = nn.Unfold(3, stride=2, padding=1)
+        self.attention1 = TokenPerformer(3 * kernel * kernel, token_dim)
+        self.attention2 = TokenPerformer(token_dim * 9, token_dim)
+        self.project = nn.Linear(token_dim * 9, embed_dim)
+
+    @staticmethod
+    def to_map(tokens: torch.Tensor, side: int) -> torch.Tensor:
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.attention1(self.soft_split0(images).transpose(1, 2))
+        x = self.attention2(self.soft_split1(self.to_map(x, self.sides[0])).transpose(1, 2))
+        return self.project(self.soft_split2(self.to_map(x, self.sides[1])).transpose(1, 2))
+
+
+class PatchEmbed(nn.Module):
+    """DeiT's patch embedding, with the padding that gives 10x10 tokens from patch 23 at 224 px."""
+
+    def __init__(self, img_size: int, grid: int, embed_dim: int):
+        super().__init__()
+        patch, padding = deit_patch(img_size, grid)
+        self.proj = nn.Conv2d(3, embed_dim, patch, stride=patch, padding=padding)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+def resize_grid(tokens: torch.Tensor, side_in: int, side_out: int) -> torch.Tensor:
+    """(..., side_in^2) -> (..., side_out^2) over the last axis, read as a square grid: the official "efficient
+    upsampling": nearest-upsample by the integer factor ceil(out / in), then adaptive average pooling (7 -> 14 -> 10,
+    10 -> 20 -> 14)."""
+    lead = tokens.shape[:-1]
+    factor = -(-side_out // side_in)
+    x = tokens.reshape(1, -1, side_in, side_in)
+    x = F.adaptive_avg_pool2d(F.interpolate(x, size=(side_in * factor,) * 2, mode="nearest"), side_out)
+    return x.reshape(*lead, side_out * side_out)
+
+
+def resize_relations(logits: torch.Tensor, side_in: int, side_out: int) -> torch.Tensor:
+    """Attention maps (B, C, 1+n, 1+n) -> (B, C, 1+N, 1+N): the patch part resized along keys, then queries; the cls
+    row and column resized along their patch axis, the cls-cls entry kept."""
+    for _ in range(2):  # keys (last axis), then queries (swapped to the last axis)
+        logits = torch.cat([logits[..., :1], resize_grid(logits[..., 1:], side_in, side_out)], dim=-1)
+        logits = logits.transpose(-1, -2)
+    return logits
+
+
+class Reuse(NamedTuple):
+    """What a stage hands to the next: its last block's output tokens before the final norm (B, 1+n, D), and the
+    pre-softmax attention logits of all its blocks (B, depth * heads, 1+n, 1+n), block-major. None: not needed."""
+
+    features: torch.Tensor | None
+    relations: torch.Tensor | None
+
+    def select(self, rows: torch.Tensor) -> Reuse:
+        """The reuse inputs of a subset of the batch (early exit: only the images that go on)."""
+        return Reuse(*(None if t is None else t[rows] for t in self))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention that adds reused logits before the softmax and can return its own logits.
+    Without logits to return it runs F.scaled_dot_product_attention (the reused logits as an additive mask)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, reused: torch.Tensor | None,
+                return_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        logits = None
+        if return_logits:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if reused is not None:
+                logits = logits + reused
+            out = logits.softmax(-1).to(v.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if reused is None else reused.to(q.dtype))
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim)), logits
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (timm's parameter names). With feature reuse (reuse_dim > 0) the MLP reads
+    [h; f]: the post-attention tokens h and the upstream tokens f through this block's own LN -> MLP(D -> 128 -> 48),
+    resized to this grid, a zero row for the cls token: x = h + MLP(LN([h; f])), the MLP (D + 48) -> hidden -> D."""
+
+    def __init__(self, arch: Backbone, drop_path: float, reuse_dim: int = 0):
+        super().__init__()
+        dim = arch.embed_dim
+        norm = functools.partial(nn.LayerNorm, eps=arch.norm_eps)
+        self.norm1 = norm(dim)
+        self.attn = Attention(dim, arch.num_heads, arch.qkv_bias)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm(dim + reuse_dim)
+        self.mlp = Mlp(dim + reuse_dim, int(dim * arch.mlp_ratio), dim)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.feature_reuse = nn.Sequential(norm(dim), Mlp(dim, FEATURE_REUSE_HIDDEN, reuse_dim)) if reuse_dim else None
+
+    def forward(self, x: torch.Tensor, upstream_features: torch.Tensor | None, reused_logits: torch.Tensor | None,
+                sides: tuple[int, int] | None, return_logits: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, logits = self.attn(self.norm1(x), reused_logits, return_logits)
+        x = x + self.drop_path1(h)
+        mlp_in = x
+        if self.feature_reuse is not None:
+            f = self.feature_reuse(upstream_features)[:, 1:]  # (B, n, 48): the upstream cls token is dropped
+            f = resize_grid(f.transpose(1, 2), *sides).transpose(1, 2)
+            mlp_in = torch.cat([x, F.pad(f, (0, 0, 1, 0)).to(x.dtype)], dim=-1)
+        return x + self.drop_path2(self.mlp(self.norm2(mlp_in))), logits
+
+
+class Stage(nn.Module):
+    """One exit: a complete T2T-ViT or DeiT (embedding, cls token, position embedding, blocks, final norm, head) on a
+    grid x grid token sequence, plus the modules that transform the upstream stage's outputs when it reuses them."""
+
+    def __init__(self, arch: Backbone, img_size: int, grid: int, num_classes: int, drop_path: float, *,
+                 upstream_grid: int | None = None, feature_reuse: bool = False, relation_reuse: bool = False,
+                 export_features: bool = False, export_relations: bool = False):
+        super().__init__()
+        self.grid, self.upstream_grid, self.depth = grid, upstream_grid, arch.depth
+        self.export_features, self.export_relations = export_features, export_relations
+        dim, tokens = arch.embed_dim, grid * grid + 1
+        if arch.embed == "t2t":
+            self.patch_embed = T2TEmbed(img_size, grid, dim, arch.token_dim)
+        else:
+            self.patch_embed = PatchEmbed(img_size, grid, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        if arch.learned_pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.register_buffer("pos_embed", sinusoid_pos_embed(tokens, dim))
+        reuse_features = feature_reuse and upstream_grid is not None
+        rates = np.linspace(0, drop_path, arch.depth).tolist()  # stochastic depth rising linearly over the blocks
+        self.blocks = nn.ModuleList(Block(arch, rate, FEATURE_REUSE_DIM if reuse_features else 0) for rate in rates)
+        self.norm = nn.LayerNorm(dim, eps=arch.norm_eps)
+        self.head = nn.Linear(dim, num_classes)
+        self.relation_reuse = None
+        if relation_reuse and upstream_grid is not None:  # all upstream maps -> 1x1 conv (x3) -> GELU -> 1x1 conv
+            maps = arch.depth * arch.num_heads
+            self.relation_reuse = nn.Sequential(nn.Conv2d(maps, 3 * maps, 1), nn.GELU(), nn.Conv2d(3 * maps, maps, 1))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for module in self.modules():  # official _init_weights: linears trunc-normal 0.02; convs keep PyTorch's
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, images: torch.Tensor, upstream: Reuse | None = None) -> tuple[torch.Tensor, Reuse | None]:
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embed
+        reused_logits = [None] * self.depth
+        if self.relation_reuse is not None:
+            relations = resize_relations(self.relation_reuse(upstream.relations), self.upstream_grid, self.grid)
+            reused_logits = relations.chunk(self.depth, dim=1)  # block l adds maps [l*heads, (l+1)*heads)
+        features = upstream.features if self.blocks[0].feature_reuse is not None else None
+        sides = (self.upstream_grid, self.grid)
+        logits = []
+        for block, reused in zip(self.blocks, reused_logits):
+            x, block_logits = block(x, features, reused, sides, self.export_relations)
+            logits.append(block_logits)
+        out = self.head(self.norm(x)[:, 0])
+        if not (self.export_features or self.export_relations):
+            return out, None
+        return out, Reuse(x if self.export_features else None,
+                          torch.cat(logits, dim=1) if self.export_relations else None)
+
+
+class DVT(nn.Module):
+    """The cascade. forward(images) runs every exit on every image (training, simulation) and returns their logits;
+    `early_exit` runs each exit only on the images still going."""
+
+    def __init__(self, arch: Backbone, img_size: int, grids: list[int], num_classes: int, drop_path: float,
+                 feature_reuse: bool, relation_reuse: bool):
+        super().__init__()
+        last = len(grids) - 1
+        self.stages = nn.ModuleList(
+            Stage(arch, img_size, grid, num_classes, drop_path, upstream_grid=grids[k - 1] if k else None,
+                  feature_reuse=feature_reuse, relation_reuse=relation_reuse,
+                  export_features=feature_reuse and k < last, export_relations=relation_reuse and k < last)
+            for k, grid in enumerate(grids))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        outputs, upstream = [], None
+        for stage in self.stages:
+            logits, upstream = stage(images, upstream)
+            outputs.append(logits)
+        return outputs
+
+    def no_weight_decay(self) -> set[str]:
+        """timm's convention for ViTs: no weight decay on class tokens and learned position embeddings."""
+        return {name for name, _ in self.named_parameters() if name.endswith(("cls_token", "pos_embed"))}
+
+
+def arch_of(config: dict[str, Any]) -> Backbone:
+    overrides = {key: config[key] for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "token_dim")
+                 if config.get(key) is not None}
+    return dataclasses.replace(MODELS[config["model"]], **overrides)
+
+
+def build_model(config: dict[str, Any]) -> DVT:
+    """The model of a run from its config (train, budget and eval all use this)."""
+    arch = arch_of(config)
+    if arch.embed_dim % arch.num_heads:
+        raise UserError(f"the width {arch.embed_dim} is not a multiple of the {arch.num_heads} heads")
+    return DVT(arch, config["img_size"], config["grids"], config["num_classes"], config["drop_path"],
+               config["feature_reuse"], config["relation_reuse"])
+
+
+def plain_backbone(config: dict[str, Any]) -> Stage:
+    """The last exit's backbone alone, without reuse (e.g. T2T-ViT-14 on 14x14 tokens): the baseline of the
+    throughput comparison."""
+    return Stage(arch_of(config), config["img_size"], config["grids"][-1], config["num_classes"], 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: uint8 batches from common.data (exact resume by step); normalisation, random erasing and mixup on the device.
+# ----------------------------------------------------------------------------------------------
+
+
+def crop_transform(config: dict[str, Any], auto_augment: str | None):
+    size, interpolation = config["img_size"], config["interpolation"]
+    if config["random_crop"] == "pad":  # T2T-ViT transfer_learning.py: Resize, RandomCrop(size, size // 8), flip
+        return transforms.Compose([transforms.Resize(size, interpolation=str_to_interp_mode(interpolation)),
+                                   transforms.CenterCrop(size), transforms.RandomCrop(size, padding=size // 8),
+                                   transforms.RandomHorizontalFlip(config["hflip"]), augment.ToUint8HWC()])
+    return augment.train_transform(size, random_crop=config["random_crop"], hflip=config["hflip"],
+                                   auto_augment=auto_augment, interpolation=interpolation)
+
+
+def train_transform(config: dict[str, Any]):
+    return crop_transform(config, config["auto_augment"])
+
+
+def calibration_transform(config: dict[str, Any]):
+    """The images the thresholds are set on: training crops and flips, no RandAugment (official inference.py:
+    RandomResizedCrop + flip)."""
+    return crop_transform(config, None)
+
+
+def eval_transform(config: dict[str, Any]):
+    return augment.eval_transform(config["img_size"], crop_ratio=config["test_crop_ratio"],
+                                  interpolation=config["interpolation"])
+
+
+def synthetic_batch(batch_size: int, img_size: int, num_classes: int, device: torch.device, seed: int) -> dict:
+    """Random normalised images and labels made on the device: --benchmark and --data synthetic."""
+    generator = torch.Generator(device).manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, img_size, img_size, 3), dtype=torch.uint8, device=device,
+                           generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device, generator=generator)
+    return {"image": tu.images_to_device(images, device, MEAN, STD), "label": labels, "skipped": 0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and train step.
+# ----------------------------------------------------------------------------------------------
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy against soft targets (timm SoftTargetCrossEntropy without the mean)."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Drop path, random erasing and mixup draws are a function of (seed, step, rank): a resumed run draws the same."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class Augmenter:
+    """Device-side batch augmentation as timm's loader does it: random erasing (per image, pixel mode, on
+    normalised images), then mixup / cutmix with label smoothing (timm Mixup, one draw per batch)."""
+
+    def __init__(self, config: dict[str, Any], device: torch.device):
+        self.num_classes, self.smoothing = config["num_classes"], config["smoothing"]
+        self.erasing = RandomErasing(config["reprob"], mode="pixel", device=device) if config["reprob"] > 0 else None
+        self.mixup = None
+        if config["mixup"] > 0 or config["cutmix"] > 0:
+            self.mixup = Mixup(mixup_alpha=config["mixup"], cutmix_alpha=config["cutmix"],
+                               label_smoothing=config["smoothing"], num_classes=config["num_classes"])
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        random.seed(seed)  # timm draws from python random (erasing) and numpy (mixup)
+        np.random.seed(seed % 2**32)
+        images = images.clone()
+        if self.erasing is not None:
+            images = self.erasing(images)
+        if self.mixup is not None:
+            return self.mixup(images, labels)
+        smooth = self.smoothing / self.num_classes
+        return images, F.one_hot(labels, self.num_classes).float() * (1 - self.smoothing) + smooth
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
+               step: int, args: argparse.Namespace, env: tu.DistEnv, augmenter: Augmenter,
+               ema: ModelEmaV3 | None) -> dict[str, torch.Tensor]:
+    """One optimizer step on this process's share of the global batch, in --grad-accum micro-batches. The loss is the
+    sum of the exits' cross-entropies (paper §3.3). Returns device tensors: per-exit summed loss and correct top-1
+    over the local samples, and the gradient norm."""
+    seed = step_seed(args.seed, step, env.rank)
+    torch.manual_seed(seed)
+    labels = batch["label"]
+    images, targets = augmenter(batch["image"], labels, seed)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sums, correct = None, None
+    chunks = list(zip(images.chunk(args.grad_accum), targets.chunk(args.grad_accum), labels.chunk(args.grad_accum)))
+    for index, (micro_images, micro_targets, micro_labels) in enumerate(chunks):
+        last = index == len(chunks) - 1
+        no_sync = getattr(model, "no_sync", None) if not last else None  # DDP: all-reduce on the last one only
+        with no_sync() if no_sync else contextlib.nullcontext(), tu.autocast(images.device, args.precision):
+            outputs = model(micro_images)
+            losses = torch.stack([soft_cross_entropy(logits, micro_targets) for logits in outputs])  # (exits, b)
+            scaler.scale(losses.sum() / len(labels)).backward()
+        hits = torch.stack([(logits.detach().argmax(-1) == micro_labels).sum() for logits in outputs]).float()
+        loss_sums = losses.detach().sum(1) + (0 if loss_sums is None else loss_sums)
+        correct = hits + (0 if correct is None else correct)
+    scaler.unscale_(optimizer)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad if args.clip_grad > 0 else math.inf)
+    scaler.step(optimizer)
+    scaler.update()
+    if ema is not None:
+        ema.update(tu.unwrap(model))
+    return {"loss_sums": loss_sums, "correct": correct, "grad_norm": grad_norm}
+
+
+def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
+    """Parameter groups with an `lr_scale` (heads 1, the rest --backbone-lr-scale) and their weight decay: AdamW
+    skips biases, norms, class tokens and position embeddings (timm's rule, as the official code); SGD (T2T-ViT's
+    transfer_learning.py) decays every parameter."""
+    skip = tu.unwrap(model).no_weight_decay() if args.optimizer == "adamw" else set()
+    groups: dict[tuple[float, float], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = 1.0 if re.search(r"(^|\.)head\.", name) else args.backbone_lr_scale
+        no_decay = args.optimizer == "adamw" and (param.ndim <= 1 or name in skip)
+        groups.setdefault((scale, 0.0 if no_decay else args.weight_decay), []).append(param)
+    return [{"params": params, "lr_scale": scale, "weight_decay": decay} for (scale, decay), params in groups.items()]
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, args)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=args.lr, eps=1e-8, fused=device.type == "cuda")
+
+
+def epoch_lr(epoch: int, base_lr: float, args: argparse.Namespace) -> float:
+    """timm's CosineLRScheduler as the T2T-ViT and DeiT code step it, once per epoch (warmup_prefix False, one
+    cycle): linear warmup from --warmup-lr over --warmup-epochs, then min + (base - min)(1 + cos(pi e / E)) / 2 on
+    the epoch count e (warmup included), --min-lr from epoch E on (the cooldown). Without warmup it is also
+    torch's CosineAnnealingLR (T2T-ViT's transfer). `base_lr` is a group's peak (lr x lr_scale)."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr + epoch * (base_lr - args.warmup_lr) / args.warmup_epochs
+    if epoch >= args.epochs:
+        return args.min_lr
+    return args.min_lr + 0.5 * (base_lr - args.min_lr) * (1 + math.cos(math.pi * epoch / args.epochs))
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = epoch_lr(epoch, args.lr * group["lr_scale"], args)
+    return epoch_lr(epoch, args.lr, args)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def train(args: argparse.Namespace) -> dict:
+    env = tu.init_distributed()
+    try:
+        return run(args, env)
+    finally:
+        tu.cleanup_distributed()
+
+
+def init_weights_from(model: DVT, path: str) -> None:
+    """Transfer learning (--init-from): the reported weights of another run; heads of another class count stay
+    freshly initialised, every other tensor must fit."""
+    state = load_weights(path)[0]
+    own = model.state_dict()
+    heads = {k for k in state if re.search(r"\.head\.", k) and k in own and state[k].shape != own[k].shape}
+    tu.check_state_dict(model, {k: (own[k] if k in heads else v) for k, v in state.items()}, path)
+    model.load_state_dict({k: v for k, v in state.items() if k not in heads}, strict=False)
+
+
+def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+    if args.batch_size % (env.world_size * args.grad_accum):
+        raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
+                        f"--grad-accum {args.grad_accum}")
+    spec = data.describe(args.data, num_classes=args.num_classes)
+    steps_per_epoch = data.steps_per_epoch(spec.train_size, args.batch_size) if spec.train_size else 0
+    total_epochs = args.epochs + args.cooldown_epochs
+    total_steps = args.training_steps or total_epochs * steps_per_epoch or (10_000 if args.benchmark else 0)
+    if total_steps <= 0:
+        raise UserError(f"{args.data} has no known size: give --training-steps")
+    config = dict(vars(args), num_classes=spec.num_classes, class_names=spec.class_names, total_steps=total_steps,
+                  steps_per_epoch=steps_per_epoch, world_size=env.world_size, device=str(env.device), mean=MEAN,
+                  std=STD)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = build_model(config)
+    if args.init_from and not args.resume:
+        init_weights_from(model, args.init_from)
+    model = model.to(env.device)
+    config["params"] = sum(p.numel() for p in model.parameters())
+    config["params_per_exit"] = [sum(p.numel() for p in stage.parameters()) for stage in model.stages]
+    config["arch"] = dataclasses.asdict(arch_of(config))
+    optimizer = make_optimizer(model, args, env.device)
+    scaler = tu.grad_scaler(env.device, args.precision)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema_decay > 0 else None
+
+    out = Path(args.output_dir)
+    start_step, best_top1 = 0, -1.0
+    last_steps = tu.checkpoint_steps(out / "checkpoints")
+    if last_steps and not args.benchmark:
+        if not args.resume:
+            raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
+                            "--output-dir")
+        path = out / "checkpoints" / f"{last_steps[-1]}.pt"
+        state = tu.load_checkpoint(path)
+        tu.check_state_dict(model, state["model"], str(path))
+        if (state.get("ema") is None) != (ema is None):
+            raise UserError(f"checkpoint {path} was written with{'out' if ema else ''} --model-ema-decay; resume "
+                            "with the run's own setting")
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, best_top1 = state["step"], state["best_top1"]
+
+    if env.distributed:
+        device_ids = [env.device] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if args.compile:
+        model = torch.compile(model)
+    if args.benchmark:
+        return benchmark(args, env, model, optimizer, scaler, config)
+    log = None
+    if env.is_main:  # rank 0 writes config.json and log.jsonl
+        log = RunLog(out, config, wandb_project=args.wandb, tensorboard=args.tensorboard, main=True)
+    try:
+        return loop(args, env, model, ema, optimizer, scaler, config, spec, start_step, best_top1, log)
+    finally:
+        if log:
+            log.close()
+
+
+def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
+         best_top1: float, log: RunLog | None) -> dict:
+    total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
+    total_epochs = args.epochs + args.cooldown_epochs
+    eval_interval = args.eval_interval or steps_per_epoch or total_steps
+    exits = len(args.grids)
+    out = Path(args.output_dir)
+    if env.is_main:
+        print(f"{config['params'] / 1e6:.1f}M params ({', '.join(f'{p / 1e6:.2f}M' for p in config['params_per_exit'])}"
+              f" per exit), {total_steps} steps ({steps_per_epoch}/epoch), {env.world_size} process(es) on "
+              f"{env.device.type}, starting at step {start_step}", file=sys.stderr)
+    if spec.source == "synthetic":
+        fixed = synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
+                                args.seed + env.rank)
+        batches = iter(lambda: fixed, None)
+    else:
+        host_batches = data.train_batches(args.data, train_transform(config), global_batch=args.batch_size,
+                                          seed=args.seed, repeats=args.repeats, start_step=start_step,
+                                          workers=args.workers, process_index=env.rank, process_count=env.world_size)
+        batches = tu.batches_to_device(host_batches, env.device, MEAN, STD)
+    augmenter = Augmenter(config, env.device)
+
+    window = torch.zeros(2, exits, device=env.device)  # summed loss, correct top-1 per exit
+    nonfinite = torch.zeros((), device=env.device)
+    window_start, window_steps, skipped, last = time.perf_counter(), 0, 0, {}
+
+    def check_finite(step: int) -> None:
+        if tu.all_reduce_sum(nonfinite.clone()).item() > 0:
+            raise UserError(f"the loss became NaN or infinite before step {step}; stopping without saving (the last "
+                            f"good checkpoint in {out / 'checkpoints'} is kept)")
+
+    def save(step: int, results: dict) -> None:
+        check_finite(step)
+        plain = tu.unwrap(model)
+        if not all(torch.isfinite(p).all() for p in plain.parameters()):
+            raise UserError(f"the weights are NaN or infinite at step {step}; stopping without saving (the last good "
+                            f"checkpoint in {out / 'checkpoints'} is kept)")
+        if env.is_main:
+            reported = ema.module if ema is not None else plain
+            tu.save_checkpoint(out / "checkpoints", step, {
+                "model": plain.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "best_top1": best_top1, "config": config})
+            top1 = results.get(report_key("val_top1", ema))
+            if top1 is not None and top1 >= best_top1:  # budget and eval load these weights
+                tu.save_checkpoint(out / "best", step, {"model": reported.state_dict(), "step": step,
+                                                        "val_top1": top1, "config": config})
+        tu.barrier()
+
+    def stop_requested(done: int) -> bool:
+        if args.stop_after and done - start_step >= args.stop_after:
+            return True
+        if not env.distributed:
+            return preemption.requested
+        if done % args.log_interval:
+            return False
+        return tu.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
+
+    def epoch_of(step: int) -> int:
+        if steps_per_epoch:
+            return step // steps_per_epoch
+        return step * total_epochs // total_steps
+
+    preemption = runtime.Preemption()
+    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
+                    disable=not env.is_main, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for step in progress:
+            batch = next(batches)
+            skipped += batch["skipped"]
+            lr = set_epoch_lr(optimizer, epoch_of(step), args)
+            metrics = train_step(model, optimizer, scaler, batch, step, args, env, augmenter, ema)
+            nonfinite += ~torch.isfinite(metrics["loss_sums"]).all()
+            window += torch.stack([metrics["loss_sums"], metrics["correct"]])
+            window_steps += 1
+            done = step + 1
+            if done % args.log_interval == 0 or done == total_steps:
+                check_finite(done)
+                totals = tu.all_reduce_sum(window.clone()) / (window_steps * args.batch_size)
+                last = {"loss": totals[0].sum().item(), "lr": lr, "grad_norm": metrics["grad_norm"].item(),
+                        "img_per_sec": window_steps * args.batch_size / (time.perf_counter() - window_start),
+                        "epoch": done / steps_per_epoch if steps_per_epoch else 0.0}
+                for k in range(exits):
+                    last[f"loss_exit{k + 1}"] = totals[0, k].item()
+                    last[f"train_top1_exit{k + 1}"] = 100 * totals[1, k].item()
+                if skipped:
+                    last["skipped_images"] = skipped
+                if log:
+                    log.write(done, **last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_sec']:.0f}")
+                window.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+            stop = stop_requested(done)
+            if done % eval_interval == 0 or done == total_steps:
+                eval_start = time.perf_counter()
+                results = evaluate(tu.unwrap(model), config, env, "val")
+                if ema is not None and results:
+                    results |= evaluate(ema.module, config, env, "ema_val")
+                best_top1 = max(best_top1, results.get(report_key("val_top1", ema), -1.0))
+                if results and log:
+                    log.write(done, **results, best_top1=best_top1,
+                              epoch=done / steps_per_epoch if steps_per_epoch else 0.0)
+                if results and env.is_main:
+                    tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()),
+                               file=sys.stderr)
+                save(done, results)
+                window_start += time.perf_counter() - eval_start  # img/s counts training time only
+            elif stop:
+                save(done, {})
+            if stop and done < total_steps:
+                if env.is_main:
+                    tqdm.write(f"stopping at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with "
+                               "--resume", file=sys.stderr)
+                break
+    finally:
+        preemption.close()
+        progress.close()
+    return dict(last, best_top1=best_top1)
+
+
+def report_key(key: str, ema: ModelEmaV3 | None) -> str:
+    """The metric the run reports and keeps as best: the EMA weights' when EMA is on (official main.py)."""
+    return f"ema_{key}" if ema is not None else key
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation during training: every exit on every val image.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model: DVT, config: dict, env: tu.DistEnv, prefix: str) -> dict:
+    """Summed cross-entropy of the exits and each exit's top-1 over the val split (all processes); `prefix`_top1 is
+    the last exit's."""
+    was_training = model.training
+    model.eval()
+    exits = len(config["grids"])
+    sums = torch.zeros(2 + exits, device=env.device)  # images, loss, correct per exit
+    host_batches = data.eval_batches(config["data"], eval_transform(config), global_batch=config["eval_batch_size"],
+                                     workers=config["workers"], process_index=env.rank, process_count=env.world_size)
+    for batch in tqdm(tu.batches_to_device(host_batches, env.device, MEAN, STD), desc="eval", leave=False,
+                      disable=not env.is_main, file=sys.stderr):
+        labels = batch["label"]
+        valid = labels >= 0  # padding slots and unreadable images carry -1
+        with tu.autocast(env.device, config["precision"]):
+            outputs = [logits.float() for logits in model(batch["image"])]
+        loss = sum(F.cross_entropy(logits, labels.clamp(min=0), reduction="none") for logits in outputs)
+        hits = [((logits.argmax(-1) == labels) & valid).sum() for logits in outputs]
+        sums += torch.stack([valid.sum(), (loss * valid).sum(), *hits]).float()
+    model.train(was_training)
+    count, loss, *correct = tu.all_reduce_sum(sums).tolist()
+    if count == 0:
+        return {}
+    results = {f"{prefix}_loss": loss / count, f"{prefix}_top1": 100 * correct[-1] / count,
+               f"{prefix}_images": int(count)}
+    results.update({f"{prefix}_top1_exit{k + 1}": 100 * c / count for k, c in enumerate(correct)})
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Adaptive inference (paper §3.3): confidence thresholds for a budget, FLOPs per exit, real early exit.
+# ----------------------------------------------------------------------------------------------
+
+
+def budget_thresholds(confidences: torch.Tensor, q: float) -> list[float]:
+    """The paper's thresholds (official inference.py, dynamic_find_threshold). confidences: (exits, n) max softmax
+    of every exit on n training images. Target exit shares pi_k proportional to q^k; going down the exits, T_k is the
+    floor(n pi_k)-th highest confidence among the images that have not exited yet, so that exactly that many exit
+    at k. An exit with no share gets 2.0 (above any probability); the last exit takes everything left."""
+    exits, n = confidences.shape
+    shares = torch.tensor([q ** (k + 1) for k in range(exits)], dtype=torch.float64)
+    shares /= shares.sum()
+    remaining = torch.ones(n, dtype=torch.bool)
+    thresholds = []
+    for k in range(exits - 1):
+        count = math.floor(n * shares[k].item())
+        candidates = confidences[k][remaining].sort(descending=True).values
+        threshold = candidates[count - 1].item() if 0 < count <= len(candidates) else 2.0
+        thresholds.append(threshold)
+        remaining &= confidences[k] < threshold
+    return thresholds
+
+
+def simulate_exits(confidences: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Exit index of each image when every exit's confidence is known: the first k with confidence >= T_k."""
+    exits, n = confidences.shape
+    exit_index = torch.full((n,), exits - 1, dtype=torch.long)
+    for k in reversed(range(exits - 1)):
+        exit_index[confidences[k] >= thresholds[k]] = k
+    return exit_index
+
+
+def average_flops(exit_index: torch.Tensor, cumulative: list[float]) -> float:
+    """Mean FLOPs per image: an image leaving at exit k ran exits 1..k (their reuse modules included)."""
+    return torch.tensor(cumulative, dtype=torch.float64)[exit_index].mean().item()
+
+
+def exit_shares(exit_index: torch.Tensor, exits: int) -> list[float]:
+    return (torch.bincount(exit_index, minlength=exits).double() / max(1, len(exit_index))).tolist()
+
+
+def search_budget(confidences: torch.Tensor, cumulative: list[float], target: float) -> tuple[float, list[float]]:
+    """q (and its thresholds) whose average FLOPs on the calibration images is nearest `target`: bisection on log q,
+    the average cost rising with q (later exits get larger shares)."""
+    def cost(log_q: float) -> float:
+        return average_flops(simulate_exits(confidences, budget_thresholds(confidences, math.exp(log_q))), cumulative)
+
+    low, high = math.log(1e-4), math.log(1e4)
+    lowest, highest = cost(low), cost(high)
+    if not lowest * 0.98 <= target <= highest * 1.02:
+        raise UserError(f"a budget of {target / 1e9:.4g} GFLOPs is outside what the exits can meet on these images: "
+                        f"{lowest / 1e9:.4g} (all leave at exit 1) to {highest / 1e9:.4g} (all reach the last exit)")
+    best = min((low, high), key=lambda v: abs(cost(v) - target))
+    for _ in range(60):
+        middle = (low + high) / 2
+        value = cost(middle)
+        if abs(value - target) < abs(cost(best) - target):
+            best = middle
+        low, high = (middle, high) if value < target else (low, middle)
+    return math.exp(best), budget_thresholds(confidences, math.exp(best))
+
+
+def exit_flops(config: dict[str, Any]) -> list[float]:
+    """FLOPs of one image through each exit (torch.utils.flop_counter: matmuls, convolutions, attention; 2 per
+    multiply-add), each exit counted with the modules that transform the previous exit's outputs. The model is built
+    on the meta device: no memory, no compute."""
+    with torch.device("meta"):
+        model = build_model(config).eval()
+        images = torch.zeros(1, 3, config["img_size"], config["img_size"])
+    flops, upstream = [], None
+    for stage in model.stages:
+        with FlopCounterMode(display=False) as counter:
+            _, upstream = stage(images, upstream)
+        flops.append(float(counter.get_total_flops()))
+    return flops
+
+
+def cumulative_flops(config: dict[str, Any]) -> list[float]:
+    return np.cumsum(exit_flops(config)).tolist()
+
+
+@torch.no_grad()
+def early_exit(model: DVT, images: torch.Tensor, thresholds: list[float],
+               precision: str = "bf16") -> tuple[torch.Tensor, torch.Tensor]:
+    """Real adaptive inference on a batch: exit k runs on the images still going only, the batch compacted after
+    each exit together with the reuse tensors of just those rows. Returns the logits of each image's exit and the
+    exit index (0-based)."""
+    outputs, exit_index = None, torch.empty(len(images), dtype=torch.long, device=images.device)
+    active = torch.arange(len(images), device=images.device)
+    upstream, last = None, len(model.stages) - 1
+    for k, stage in enumerate(model.stages):
+        with tu.autocast(images.device, precision):
+            logits, reuse = stage(images if k == 0 else images[active], upstream)
+        logits = logits.float()
+        if outputs is None:
+            outputs = torch.empty(len(images), logits.shape[-1], device=images.device)
+        leaving = torch.ones(len(active), dtype=torch.bool, device=images.device) if k == last else \
+            logits.softmax(-1).amax(-1) >= thresholds[k]
+        outputs[active[leaving]] = logits[leaving]
+        exit_index[active[leaving]] = k
+        going = ~leaving
+        if not going.any():
+            break
+        active, upstream = active[going], None if reuse is None else reuse.select(going)
+    return outputs, exit_index
+
+
+# ----------------------------------------------------------------------------------------------
+# budget and eval commands.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path, int]:
+    """The reported weights of a run (its best checkpoint, else the EMA or raw weights of its last), with its
+    config, the file and its step."""
+    file = tu.find_checkpoint(path, subdirs=("best", "checkpoints"))
+    state = tu.load_checkpoint(file)
+    if "config" not in state or "model" not in state:
+        raise UserError(f"{file} is not a checkpoint of dvt.py")
+    weights = state["ema"] if state.get("ema") is not None else state["model"]
+    return weights, state["config"], file, state.get("step", 0)
+
+
+def load_run(args: argparse.Namespace) -> tuple[DVT, dict, dict, torch.device]:
+    weights, config, file, step = load_weights(args.run_dir)
+    if "grids" not in config or config.get("model") not in MODELS:
+        raise UserError(f"{file} is not a checkpoint of dvt.py")
+    config = dict(config, data=args.data or config["data"])
+    model = build_model(config)
+    tu.check_state_dict(model, weights, str(file))
+    model.load_state_dict(weights)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    meta = {"checkpoint": str(file), "step": step, "data": config["data"], "calib_images": args.calib_images,
+            "calib_seed": args.calib_seed, "precision": args.precision if device.type == "cuda" else "fp32"}
+    return model, config, meta, device
+
+
+def run_folder(args: argparse.Namespace) -> Path:
+    path = Path(args.run_dir)
+    return path if path.is_dir() else path.parent
+
+
+@torch.no_grad()
+def all_exit_confidences(model: DVT, batches, device: torch.device, precision: str,
+                         limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every exit on every image: max softmax (exits, n) and correctness (exits, n), padding slots dropped."""
+    confidences, correct, seen = [], [], 0
+    for batch in tqdm(tu.batches_to_device(batches, device, MEAN, STD), desc="all exits", leave=False,
+                      file=sys.stderr):
+        with tu.autocast(device, precision):
+            probs = torch.stack([logits.float().softmax(-1) for logits in model(batch["image"])])
+        confidence, prediction = probs.max(-1)
+        valid = batch["label"] >= 0  # eval padding slots and unreadable images carry -1
+        confidences.append(confidence[:, valid].cpu())
+        correct.append((prediction == batch["label"])[:, valid].cpu())
+        seen += int(valid.sum())
+        if limit and seen >= limit:
+            break
+    if not confidences:
+        raise UserError("no images to run on")
+    return torch.cat(confidences, 1)[:, :limit], torch.cat(correct, 1)[:, :limit]
+
+
+def calibration_confidences(model: DVT, config: dict, meta: dict, args: argparse.Namespace,
+                            device: torch.device) -> torch.Tensor:
+    """Max softmax of every exit on --calib-images random training images (cached in RUN_DIR/calibration.pt)."""
+    cache = run_folder(args) / CALIB_CACHE
+    if cache.exists():
+        stored = torch.load(cache, weights_only=False)
+        if stored.get("meta") == meta:
+            return stored["confidences"]
+    spec = data.describe(config["data"])
+    if not spec.train_size:
+        raise UserError(f"{config['data']} has no training images of known number to set the thresholds on")
+    count = min(args.calib_images, spec.train_size)
+    batches = data.train_batches(config["data"], calibration_transform(config), global_batch=min(args.batch_size,
+                                 count), seed=args.calib_seed, workers=args.workers)
+    confidences = all_exit_confidences(model, batches, device, args.precision, limit=count)[0]
+    torch.save({"meta": meta, "confidences": confidences}, cache)
+    return confidences
+
+
+def budget(args: argparse.Namespace) -> dict:
+    model, config, meta, device = load_run(args)
+    confidences = calibration_confidences(model, config, meta, args, device)
+    cumulative = cumulative_flops(config)
+    if args.q is not None:
+        if args.q <= 0:
+            raise UserError(f"--q must be positive, got {args.q}")
+        q, thresholds = args.q, budget_thresholds(confidences, args.q)
+    else:
+        target = args.target_gflops * 1e9 if args.target_gflops is not None else args.target_gmacs * 2e9
+        q, thresholds = search_budget(confidences, cumulative, target)
+    exits = simulate_exits(confidences, thresholds)
+    result = {"q": q, "thresholds": thresholds, "calib_gflops": average_flops(exits, cumulative) / 1e9,
+              "calib_exit_share": exit_shares(exits, len(cumulative)), "target_gflops": args.target_gflops,
+              "target_gmacs": args.target_gmacs, "cumulative_gflops": [c / 1e9 for c in cumulative], **meta,
+              "calib_images": confidences.shape[1]}
+    output = Path(args.output) if args.output else run_folder(args) / "budget.json"
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+def eval_thresholds(args: argparse.Namespace, exits: int) -> list[float] | None:
+    if args.thresholds:
+        thresholds = parse_floats(args.thresholds, "--thresholds")
+    else:
+        path = Path(args.budget) if args.budget else run_folder(args) / "budget.json"
+        if not path.exists():
+            if args.budget or not args.curve:
+                raise UserError(f"no thresholds: {path} does not exist. Run `dvt.py budget {args.run_dir} "
+                                "--target-gflops X` first, or give --thresholds (or --curve)")
+            return None
+        thresholds = json.loads(path.read_text())["thresholds"]
+    if len(thresholds) != exits - 1:
+        raise UserError(f"the model has {exits} exits: give {exits - 1} thresholds (the last exit takes the rest), "
+                        f"got {len(thresholds)}")
+    return thresholds
+
+
+@torch.no_grad()
+def early_exit_eval(model: DVT, config: dict, thresholds: list[float], args: argparse.Namespace,
+                    device: torch.device) -> dict:
+    """Top-1, average FLOPs and exit shares of the real early exit over the val split."""
+    exits = len(config["grids"])
+    cumulative = cumulative_flops(config)
+    batches = data.eval_batches(config["data"], eval_transform(config), global_batch=args.batch_size,
+                                workers=args.workers)
+    correct, counts, seconds = 0, torch.zeros(exits, dtype=torch.long), 0.0
+    for batch in tqdm(tu.batches_to_device(batches, device, MEAN, STD), desc="early exit", leave=False,
+                      file=sys.stderr):
+        valid = batch["label"] >= 0
+        start = time.perf_counter()
+        logits, exit_index = early_exit(model, batch["image"][valid], thresholds, args.precision)
+        correct += (logits.argmax(-1) == batch["label"][valid]).sum().item()  # waits for the device
+        seconds += time.perf_counter() - start
+        counts += torch.bincount(exit_index.cpu(), minlength=exits)
+    images = int(counts.sum())
+    if images == 0:
+        raise UserError(f"{config['data']} has no val images")
+    gflops = float((counts.double() * torch.tensor(cumulative, dtype=torch.float64)).sum()) / images / 1e9
+    return {"top1": 100 * correct / images, "gflops": gflops, "gmacs": gflops / 2,
+            "exit_share": (counts.double() / images).tolist(), "thresholds": thresholds, "images": images,
+            "img_per_sec": images / seconds, "cumulative_gflops": [c / 1e9 for c in cumulative]}
+
+
+def budget_curve(model: DVT, config: dict, meta: dict, args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """The paper's budgeted-classification curve: thresholds for q = p/20, p = 1..59 on the calibration images,
+    applied to all-exit confidences of the val images (the official evaluation; `early_exit` gives the same
+    predictions, see the tests). Writes RUN_DIR/curve.csv and curve.png."""
+    calib = calibration_confidences(model, config, meta, args, device)
+    batches = data.eval_batches(config["data"], eval_transform(config), global_batch=args.batch_size,
+                                workers=args.workers)
+    confidences, correct = all_exit_confidences(model, batches, device, args.precision)
+    exits, cumulative = confidences.shape[0], cumulative_flops(config)
+    rows = []
+    for q in PAPER_BUDGET_QS:
+        thresholds = budget_thresholds(calib, q)
+        exit_index = simulate_exits(confidences, thresholds)
+        hits = correct.gather(0, exit_index[None])[0]
+        row = {"q": q, **{f"threshold_exit{k + 1}": t for k, t in enumerate(thresholds)},
+               "calib_gflops": average_flops(simulate_exits(calib, thresholds), cumulative) / 1e9,
+               "gflops": average_flops(exit_index, cumulative) / 1e9, "top1": 100 * hits.double().mean().item()}
+        row["gmacs"] = row["gflops"] / 2
+        row.update({f"share_exit{k + 1}": s for k, s in enumerate(exit_shares(exit_index, exits))})
+        rows.append(row)
+    folder = run_folder(args)
+    with open(folder / "curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    anytime = [(c / 1e9, 100 * correct[k].double().mean().item()) for k, c in enumerate(cumulative)]
+    plot_curve(rows, anytime, config, folder / "curve.png")
+    return rows
+
+
+def plot_curve(rows: list[dict], anytime: list[tuple[float, float]], config: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot([r["gflops"] for r in rows], [r["top1"] for r in rows], "-", label="DVT, early exit (q = 0.05 .. 2.95)")
+    for (gflops, top1), grid in zip(anytime, config["grids"]):
+        ax.plot(gflops, top1, "o", label=f"every image to exit {grid}x{grid}")
+    ax.set_xlabel("average GFLOPs per image (GMACs x 2)")
+    ax.set_ylabel("val top-1 (%)")
+    ax.set_title(f"{config['model']} on {Path(str(config['data'])).name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def evaluate_command(args: argparse.Namespace) -> dict:
+    model, config, meta, device = load_run(args)
+    thresholds = eval_thresholds(args, len(config["grids"]))
+    result = {}
+    if thresholds is not None:
+        result = early_exit_eval(model, config, thresholds, args, device)
+    if args.curve:
+        rows = budget_curve(model, config, meta, args, device)
+        result["curve"] = {"csv": str(run_folder(args) / "curve.csv"), "png": str(run_folder(args) / "curve.png"),
+                           "points": len(rows)}
+    print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: train steps and adaptive inference on device-made batches (no data loading).
+# ----------------------------------------------------------------------------------------------
+
+
+def train_flops_per_sample(config: dict[str, Any]) -> float:
+    """Forward + backward FLOPs of one training image through all exits, counted on the meta device."""
+    with torch.device("meta"):
+        model = build_model(config)
+        images = torch.zeros(1, 3, config["img_size"], config["img_size"])
+    with FlopCounterMode(display=False) as counter:
+        sum(logits.float().sum() for logits in model(images)).backward()
+    return float(counter.get_total_flops())
+
+
+def timed(fn, steps: int, device: torch.device) -> float:
+    """Seconds per call of fn() (it returns a tensor to wait for), after two warm-up calls."""
+    for _ in range(2):
+        fn().sum().item()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        result = fn()
+    result.sum().item()
+    return (time.perf_counter() - start) / steps
+
+
+def benchmark_inference(model: DVT, config: dict, args, env: tu.DistEnv) -> list[dict]:
+    """img/s of the real early exit at --benchmark-q budgets (thresholds set by the paper's procedure on the same
+    synthetic batch, so the exits take the budget's shares), of the cascade with no exit, and of the last exit's
+    backbone alone on every image (e.g. T2T-ViT-14 at 14x14)."""
+    model.eval()
+    batch = synthetic_batch(args.eval_batch_size, args.img_size, config["num_classes"], env.device, args.seed + 1)
+    images = batch["image"]
+    cumulative = cumulative_flops(config)
+    with torch.no_grad(), tu.autocast(env.device, args.precision):
+        confidences = torch.stack([o.float().softmax(-1).amax(-1) for o in model(images)]).cpu()
+    torch.manual_seed(args.seed)
+    baseline = plain_backbone(config).to(env.device).eval()
+
+    def run_baseline() -> torch.Tensor:
+        with torch.no_grad(), tu.autocast(env.device, args.precision):
+            return baseline(images)[0]
+
+    base_seconds = timed(run_baseline, args.benchmark_steps, env.device)
+    results = [{"name": f"exit {config['grids'][-1]}x{config['grids'][-1]} backbone alone",
+                "gflops": exit_flops(dict(config, grids=config["grids"][-1:]))[0] / 1e9,
+                "img_per_sec": round(len(images) / base_seconds, 1)}]
+    budgets = [("no early exit (all exits)", None, [2.0] * (len(cumulative) - 1))]
+    budgets += [(f"q={q}", q, budget_thresholds(confidences, q)) for q in args.benchmark_q]
+    for name, q, thresholds in budgets:
+        seconds = timed(lambda t=thresholds: early_exit(model, images, t, args.precision)[0], args.benchmark_steps,
+                        env.device)
+        exit_index = early_exit(model, images, thresholds, args.precision)[1].cpu()
+        results.append({"name": name, "q": q, "thresholds": [round(t, 4) for t in thresholds],
+                        "exit_share": [round(s, 4) for s in exit_shares(exit_index, len(cumulative))],
+                        "gflops": round(average_flops(exit_index, cumulative) / 1e9, 4),
+                        "img_per_sec": round(len(images) / seconds, 1),
+                        "speedup_vs_backbone_alone": round(base_seconds / seconds, 2)})
+    return results
+
+
+def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> dict:
+    batch = synthetic_batch(args.batch_size // env.world_size, args.img_size, config["num_classes"], env.device,
+                            env.rank)
+    augmenter = Augmenter(config, env.device)
+    set_epoch_lr(optimizer, args.warmup_epochs, args)
+
+    def step() -> torch.Tensor:
+        return train_step(model, optimizer, scaler, batch, 0, args, env, augmenter, None)["loss_sums"]
+
+    start = time.perf_counter()
+    step().sum().item()
+    first_step = time.perf_counter() - start
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+    step_time = timed(step, args.benchmark_steps, env.device)
+    images_per_sec = args.batch_size / step_time
+    flops = train_flops_per_sample(config)
+    peak = tu.peak_flops(env.device)
+    on_gpu = env.device.type == "cuda"
+    result = {"model": args.model, "img_size": args.img_size, "grids": args.grids, "batch_size": args.batch_size,
+              "precision": args.precision if on_gpu else "fp32", "compile": args.compile, "processes": env.world_size,
+              "device": torch.cuda.get_device_name(env.device) if on_gpu else "cpu",
+              "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
+              "first_step_s": round(first_step, 1),
+              "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2) if on_gpu else None,
+              "train_gflops_per_img": float(f"{flops / 1e9:.4g}"),
+              "mfu": round(flops * images_per_sec / (peak * env.world_size), 3) if peak else None}
+    if env.is_main:
+        result["inference"] = benchmark_inference(tu.unwrap(model), config, args, env)
+        print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        {"train": train, "budget": budget, "eval": evaluate_command}[args.command](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
