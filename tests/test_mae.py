@@ -31,7 +31,8 @@ PROBE = ["linprobe", *MODEL, "--batch-size", "128", "--random-crop", "none", "--
          "--lr-ref-batch", "0", "--epochs", "4", "--warmup-epochs", "1", "--eval-interval", "1000", "--pooling", "gap"]
 FINETUNE = ["finetune", *MODEL, "--batch-size", "64", "--random-crop", "none", "--auto-augment", "none",
             "--random-erasing", "0", "--mixup", "0", "--cutmix", "0", "--label-smoothing", "0",
-            "--learning-rate", "2e-3", "--epochs", "2", "--warmup-epochs", "0.5", "--eval-interval", "1000"]
+            "--droppath", "0", "--learning-rate", "2e-3", "--epochs", "2", "--warmup-epochs", "0.5",
+            "--eval-interval", "1000"]
 
 
 def evals(run_dir, key: str) -> list[float]:

@@ -1,0 +1,1450 @@
+"""LocalMIM (Wang et al., CVPR 2023, "Masked Image Modeling with Local Multi-Scale Reconstruction") with FreezeOut
+(Brock et al. 2017, "FreezeOut: Accelerate Training by Progressively Freezing Layers"), plus MAE's fine-tuning and
+linear probing and DINO's kNN evaluation, in PyTorch on timm's VisionTransformer.
+
+    python localmim_freezeout.py pretrain --data /path/to/imagenet --output-dir runs/localmim/b16_100ep
+    torchrun --nproc_per_node=8 localmim_freezeout.py pretrain ... --how-scale cubic --t0 0.8   # with FreezeOut
+    python localmim_freezeout.py finetune --pretrained runs/localmim/b16_100ep --data ... --output-dir ...
+    python localmim_freezeout.py linprobe --pretrained runs/localmim/b16_100ep --data ... --output-dir ...
+    python localmim_freezeout.py knn --pretrained runs/localmim/b16_100ep --data ... --output-dir ...
+    python localmim_freezeout.py export runs/localmim/b16_100ep       # -> timm_model.pth / .safetensors
+    python localmim_freezeout.py pretrain --data synthetic --benchmark --benchmark-frozen 0 0.25 0.5 0.75
+
+The recipe in one paragraph (paper §3-4 and the official models_mim.py): MAE's encoder (sin-cos position embedding,
+75% of the patches masked, cls token) with a LayerNorm on the outputs of blocks 2, 4, 10 and 12 (ViT-B), each
+followed by its own light decoder (one 256-d transformer block) that reconstructs the masked regions at its own
+scale: HOG histograms of 4, 8, 16 and 32 px cells (56², 28², 14², 7² targets). The four losses are summed with equal
+weights. MAE's optimiser: AdamW (0.9, 0.95), wd 0.05 except biases and norms, lr = blr · batch / 256, linear warmup
+then half-cosine per iteration, mixed precision, no gradient clipping.
+
+FreezeOut (paper §2; the study notes in shared/reference/pytorch_recipes.md): layer i (patch embedding 0, block b at
+b + 1) trains with its own cosine over the first t_i of the post-warmup iterations, t_i = scale(t0 + (1 - t0) i / L),
+then leaves the optimizer. The frozen prefix of the encoder runs under `torch.no_grad()` (the cls token freezes with
+the patch embedding, so no gradient has to flow back through it), and a stage whose tapped block is frozen is dropped
+with its decoder and target: the backward pass and the optimizer step really shrink.
+
+`--batch-size` is per process as in MAE's code: the effective batch is batch x processes x `--accum-iter`, so the
+study's command lines (underscore flags accepted) run unchanged. File order: flags and presets, model, FreezeOut,
+data, loss and train steps, loops, evaluation (kNN), benchmark, export, main.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.random_erasing import RandomErasing
+from timm.layers import LayerNorm2d, trunc_normal_
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models.vision_transformer import Block, VisionTransformer
+from timm.optim import Lars, param_groups_layer_decay
+from torch import nn
+from tqdm import tqdm
+
+from common import UserError, augment, convert, data, runtime
+from common import torch_utils as tu
+from common.runlog import RunLog
+
+# ----------------------------------------------------------------------------------------------
+# Flags and presets.
+# ----------------------------------------------------------------------------------------------
+
+# MAE / LocalMIM model names (models_mim.py, models_vit.py): width, depth, heads, patch size. MLP ratio 4.
+MODELS = {
+    "vit_tiny_patch16": dict(dim=192, layers=12, heads=3, patch_size=16),
+    "vit_small_patch16": dict(dim=384, layers=12, heads=6, patch_size=16),
+    "vit_base_patch16": dict(dim=768, layers=12, heads=12, patch_size=16),
+    "vit_large_patch16": dict(dim=1024, layers=24, heads=16, patch_size=16),
+    "vit_huge_patch14": dict(dim=1280, layers=32, heads=16, patch_size=14),
+}
+# LocalMIM models_mim.py: blocks [1, 3, depth - 3, depth - 1] (0-based) reconstruct at scales 4, 2, 1, 0.5 of the
+# patch grid (ViT-B/16 at 224: 56², 28², 14², 7² targets, HOG cells of 4, 8, 16, 32 px).
+STAGE_SCALES = (4.0, 2.0, 1.0, 0.5)
+FREEZEOUT_SCALINGS = {"linear": lambda x: x, "squared": lambda x: x**2, "cubic": lambda x: x**3}
+MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # the targets are computed on the normalised image, as upstream
+# Flags that switch FreezeOut on when given (the study's command lines have no separate switch).
+FREEZEOUT_FLAGS = ("how_scale", "t0", "not_scale_lr", "non_layerwise_lr", "dont_freeze_pe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="LocalMIM with FreezeOut, fine-tuning, linear probe and kNN",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    helps = {"pretrain": "LocalMIM pretraining (optionally with FreezeOut)",
+             "finetune": "MAE fine-tuning of a pretrained encoder (layer decay, mixup/cutmix, RandAugment)",
+             "linprobe": "MAE linear probing of a frozen encoder (BatchNorm + linear head, LARS)",
+             "knn": "DINO's weighted kNN on L2-normalised CLS features"}
+    for name, text in helps.items():
+        p = commands.add_parser(name, help=text, description=text,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_run_flags(p, name)
+        add_model_flags(p, name)
+        {"pretrain": add_pretrain_flags, "finetune": add_finetune_flags, "linprobe": add_linprobe_flags,
+         "knn": add_knn_flags}[name](p)
+    p = commands.add_parser("export", help="write a run's encoder (or classifier) as a timm state dict")
+    p.add_argument("run_dir", help="a run's --output-dir or one checkpoint file")
+    p.add_argument("--out", help="output .pth path (default RUN_DIR/timm_model.pth); .safetensors is written beside it")
+    return parser
+
+
+def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--data", "--data_path", "--data-path", default="digits",
+                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
+    g.add_argument("--output-dir", "--output_dir", default=f"runs/localmim/{command}",
+                   help="config.json, log.jsonl, command.txt and checkpoints go here")
+    g.add_argument("--workers", "--num_workers", type=int, default=tu.default_workers(),
+                   help="data loader processes per process")
+    g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, masks")
+    g.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16",
+                   help="autocast dtype on GPUs; fp16 (the papers' V100 setting) adds the loss scaler; CPUs compute "
+                        "in float32")
+    g.add_argument("--batch-size", "--batch_size", type=int, default=64,
+                   help="per process, as MAE's code: effective batch = batch x processes x --accum-iter")
+    g.add_argument("--crop-pct", type=float, default=224 / 256, help="eval: resize to size / crop-pct, center crop")
+    if command == "knn":
+        return
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="save and exit after this many optimizer steps of this invocation (0: run to the end)")
+    g.add_argument("--save-every", type=int, default=50 if command == "pretrain" else 20,
+                   help="also keep the weights every this many epochs in epochs/<epoch>.pt (MAE: 50 pretraining, "
+                        "20 fine-tuning); checkpoints/ always holds the last epoch, for --resume")
+    g.add_argument("--log-interval", type=int, default=50, help="optimizer steps between log lines")
+    g.add_argument("--random-crop", choices=["rrc", "none"], default="rrc",
+                   help=f"rrc: RandomResizedCrop, area {20 if command == 'pretrain' else 8}-100%% (MAE); none: resize "
+                        "+ center crop (tiny images such as digits)")
+    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+
+    g = p.add_argument_group("optimizer and schedule")
+    defaults = {"pretrain": (1.5e-4, 0.05, 400, 40, 1e-6), "finetune": (1e-3, 0.05, 100, 5, 1e-6),
+                "linprobe": (0.1, 0.0, 90, 10, 0.0)}[command]  # MAE main_pretrain / main_finetune / main_linprobe
+    g.add_argument("--accum-iter", "--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--epochs", type=int, default=defaults[2])
+    g.add_argument("--warmup-epochs", "--warmup_epochs", type=float, default=defaults[3],
+                   help="linear warmup from 0, per iteration")
+    g.add_argument("--blr", type=float, default=defaults[0], help="base lr: lr = blr x effective batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--min-lr", "--min_lr", type=float, default=defaults[4], help="end of the half-cosine")
+    g.add_argument("--weight-decay", "--weight_decay", type=float, default=defaults[1],
+                   help="not on biases and norm parameters")
+
+
+def add_model_flags(p: argparse.ArgumentParser, command: str) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16",
+                   help=f"{', '.join(MODELS)} (LocalMIM's MIM_ prefix is accepted)")
+    g.add_argument("--input-size", "--input_size", type=int, default=224)
+    g.add_argument("--patch-size", type=int, help="override the model's patch size")
+    g.add_argument("--depth", type=int, help="override the model's number of blocks")
+    g.add_argument("--embed-dim", type=int, help="override the model's width")
+    g.add_argument("--num-heads", type=int, help="override the model's number of heads")
+    if command != "pretrain":
+        g.add_argument("--pretrained", "--finetune", default=None,
+                       help="encoder weights: a pretrain run dir or checkpoint of this script, a timm state dict "
+                            "(.pth / .safetensors, e.g. from `export`), an official MAE/LocalMIM checkpoint, or "
+                            "'random' (MAE's initialisation: the random-features baseline)")
+
+
+def add_pretrain_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LocalMIM")
+    g.add_argument("--mask-ratio", "--mask_ratio", type=float, default=0.75)
+    g.add_argument("--target", choices=["hog", "pixels"], default="hog",
+                   help="hog: per-cell histograms of oriented gradients (the paper's); pixels: the cell's pixels, "
+                        "normalised per cell (MAE's norm_pix_loss)")
+    g.add_argument("--hog-nbins", "--hog_nbins", type=int, default=9, help="orientation bins per colour channel")
+    g.add_argument("--decoder-dim", type=int, default=256, help="paper: 256")
+    g.add_argument("--decoder-heads", type=int, default=8, help="paper: 8")
+    g.add_argument("--all-stages", "--all_stages", action="store_true",
+                   help="the study's variant: a decoder on every block, scales [8,4,4,2,2,2,2,2,2,1,1,0.5] for 12 "
+                        "blocks (each block takes the scale of the last paper tap at or before it)")
+
+    g = p.add_argument_group("FreezeOut (on when --freezeout or any of these flags is given)")
+    g.add_argument("--freezeout", action="store_true", help="progressively freeze the encoder")
+    g.add_argument("--how-scale", "--how_scale", choices=list(FREEZEOUT_SCALINGS), default=None,
+                   help="t_i = scale(t0 + (1 - t0) i / L) (default cubic)")
+    g.add_argument("--t0", "--t_0", type=float, default=None,
+                   help="given 'pre-scaled': cubic 0.8 freezes the first layer at 0.512 of training (default 0.8, "
+                        "0.5 for linear)")
+    g.add_argument("--scale-lr", "--scale_lr", dest="not_scale_lr", action="store_const", const=False, default=None,
+                   help="layer i starts at lr / t_i: equal integrated lr (FreezeOut's default)")
+    g.add_argument("--not-scale-lr", "--not_scale_lr", dest="not_scale_lr", action="store_const", const=True,
+                   help="every layer starts at the base lr")
+    g.add_argument("--non-layerwise-lr", "--non_layerwise_lr", action="store_const", const=True, default=None,
+                   help="one cosine for all layers; layers still freeze at their t_i")
+    g.add_argument("--dont-freeze-pe", "--dont_freeze_pe", action="store_const", const=True, default=None,
+                   help="the patch embedding and cls token never freeze and blocks count from 0; gradients must then "
+                        "flow back through frozen blocks, so only their weight gradients and optimizer work are saved")
+
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--benchmark", action="store_true", help="time pretraining steps on device-made batches and exit")
+    g.add_argument("--benchmark-steps", type=int, default=20)
+    g.add_argument("--benchmark-frozen", type=float, nargs="+", default=[0.0],
+                   help="fractions of the blocks to freeze (with the patch embedding), one timing each")
+
+
+def add_finetune_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("fine-tuning (MAE main_finetune.py)")
+    g.add_argument("--layer-decay", "--layer_decay", type=float, default=0.75)
+    g.add_argument("--drop-path", "--drop_path", type=float, default=0.1)
+    g.add_argument("--clip-grad", "--clip_grad", type=float, default=None, help="global norm clip (default off)")
+    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
+    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none': off)")
+    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (pixel mode)")
+    g.add_argument("--dist-eval", "--dist_eval", action="store_true",
+                   help="each process evaluates its shard of the val set (default: every process evaluates all)")
+
+
+def add_linprobe_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("linear probe (MAE main_linprobe.py)")
+    g.add_argument("--dist-eval", "--dist_eval", action="store_true",
+                   help="each process evaluates its shard of the val set (default: every process evaluates all)")
+
+
+def add_knn_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kNN (DINO eval_knn.py)")
+    g.add_argument("--nb-knn", "--nb_knn", type=int, nargs="+", default=[20], help="k values (DINO: 10 20 100 200)")
+    g.add_argument("--temperature", type=float, default=0.07)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.command != "export":
+        resolve_args(args)
+    return args
+
+
+def resolve_args(args: argparse.Namespace) -> None:
+    """Model name -> architecture, FreezeOut defaults, sanity checks."""
+    name = args.model.removeprefix("MIM_")
+    if name not in MODELS:
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+    args.model = name
+    arch = dict(MODELS[name])
+    for flag, key in (("patch_size", "patch_size"), ("depth", "layers"), ("embed_dim", "dim"), ("num_heads", "heads")):
+        if getattr(args, flag) is not None:
+            arch[key] = getattr(args, flag)
+    args.arch = arch
+    for name in ("batch_size", "input_size", "workers", "seed", "accum_iter", "epochs", "log_interval", "save_every",
+                 "benchmark_steps", "decoder_dim", "hog_nbins"):
+        value = getattr(args, name, 1)
+        if value < (0 if name in ("workers", "seed") else 1):
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.input_size % arch["patch_size"]:
+        raise UserError(f"--input-size {args.input_size} is not a multiple of the patch size {arch['patch_size']}")
+    if args.command == "pretrain":
+        resolve_pretrain_args(args)
+    if args.command in ("finetune", "linprobe", "knn") and not args.pretrained:
+        raise UserError(f"{args.command} needs --pretrained (a run dir, a checkpoint, or 'random')")
+
+
+def resolve_pretrain_args(args: argparse.Namespace) -> None:
+    args.freezeout = args.freezeout or any(getattr(args, name) is not None for name in FREEZEOUT_FLAGS)
+    for name in ("not_scale_lr", "non_layerwise_lr", "dont_freeze_pe"):
+        setattr(args, name, bool(getattr(args, name)))
+    args.how_scale = args.how_scale or "cubic"
+    if args.t0 is None:
+        args.t0 = 0.5 if args.how_scale == "linear" else 0.8  # the study's defaults
+    if not 0 < args.t0 <= 1:
+        raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
+    if not 0 <= args.mask_ratio < 1:
+        raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if any(not 0 <= round(f * args.arch["layers"]) < args.arch["layers"] for f in args.benchmark_frozen):
+        raise UserError("--benchmark-frozen takes fractions in [0, 1) that leave at least the last block trainable")
+    stage_layout(args.arch["layers"], args.all_stages)  # raises on a depth without a layout
+    grid = args.input_size // args.arch["patch_size"]
+    for scale in stage_layout(args.arch["layers"], args.all_stages)[1]:
+        cell = args.arch["patch_size"] / scale
+        if cell != int(cell) or grid * scale != int(grid * scale):
+            raise UserError(f"stage scale {scale} needs a patch size divisible by {1 / scale:g} and a patch grid "
+                            f"divisible by {1 / scale:g} (patch {args.arch['patch_size']}, grid {grid})")
+
+
+def stage_layout(depth: int, all_stages: bool) -> tuple[list[int], list[float]]:
+    """(tapped blocks, scales): the paper's four stages, or the study's decoder on every block (--all-stages)."""
+    if depth < 4:
+        raise UserError(f"LocalMIM taps blocks 1, 3, depth-3 and depth-1: it needs at least 4 blocks, got {depth}")
+    taps = [1, 3, depth - 3, depth - 1]
+    if not all_stages:
+        return taps, list(STAGE_SCALES)
+    scales = []
+    for block in range(depth):
+        earlier = [s for t, s in zip(taps, STAGE_SCALES) if t <= block]
+        scales.append(earlier[-1] if earlier else 2 * STAGE_SCALES[0])
+    return list(range(depth)), scales
+
+
+def effective_batch(args: argparse.Namespace, world_size: int) -> int:
+    return args.batch_size * world_size * args.accum_iter
+
+
+def peak_lr(args: argparse.Namespace, world_size: int) -> float:
+    """MAE: an absolute --lr, else blr x effective batch / 256."""
+    return args.lr if args.lr is not None else args.blr * effective_batch(args, world_size) / 256
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: timm's VisionTransformer as the encoder (its parameter names are the export format), MAE's initialisation,
+# LocalMIM's per-stage norms and decoders, HOG and pixel targets.
+# ----------------------------------------------------------------------------------------------
+
+
+def vit_kwargs(config: dict[str, Any], num_classes: int, pooling: str = "cls") -> dict[str, Any]:
+    """timm VisionTransformer kwargs from `common.convert.timm_kwargs`: qkv bias, LayerNorm eps 1e-6, a position
+    embedding over the cls token too (MAE's layout, timm's vit_*). pooling 'avg' keeps the cls token and averages the
+    patch tokens into fc_norm (MAE's global_pool fine-tuning)."""
+    kwargs = convert.timm_kwargs(dict(config, num_classes=max(num_classes, 1), pooling="cls"), no_embed_class=False)
+    kwargs["num_classes"] = num_classes
+    if pooling == "avg":
+        kwargs.update(global_pool="avg", fc_norm=True)
+    return kwargs
+
+
+def arch_config(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(model=args.model, image_size=args.input_size, mlp_ratio=4.0, **args.arch)
+
+
+def mae_init_(vit: VisionTransformer) -> None:
+    """MAE's encoder init (models_mae.py initialize_weights): fixed sin-cos position embedding (zero cls row), xavier
+    on the patch projection as a linear map and on every Linear, cls token N(0, 0.02), LayerNorm (1, 0)."""
+    grid = vit.patch_embed.grid_size[0]
+    with torch.no_grad():
+        vit.pos_embed.copy_(torch.tensor(convert.sincos_2d_pos_embed(grid, vit.embed_dim, cls_rows=1)))
+    weight = vit.patch_embed.proj.weight
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    nn.init.normal_(vit.cls_token, std=0.02)
+    vit.apply(_xavier_linear_init)
+
+
+def _xavier_linear_init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def prediction_head(dim: int, out_dim: int, scale: float) -> nn.Sequential:
+    """models_mim.py MAE_Decoder.pred: x4 = ConvT, channels-first LayerNorm, GELU, ConvT; x2 = ConvT; x1 = nothing;
+    x0.5 = average pooling; then a 1x1 conv to the target channels. Convs keep PyTorch's default init."""
+    if scale == 4:
+        layers, hidden = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2, eps=1e-6), nn.GELU(),
+                          nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)], dim // 4
+    elif scale == 2:
+        layers, hidden = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2
+    elif scale == 1:
+        layers, hidden = [], dim
+    elif scale < 1:
+        layers, hidden = [nn.AvgPool2d(round(1 / scale))], dim
+    else:  # the study's x8 stage: one more upsampling step than x4
+        layers, hidden = [nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2, eps=1e-6), nn.GELU(),
+                          nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2), LayerNorm2d(dim // 4, eps=1e-6),
+                          nn.GELU(), nn.ConvTranspose2d(dim // 4, dim // 8, 2, stride=2)], dim // 8
+    return nn.Sequential(*layers, nn.Conv2d(hidden, out_dim, 1))
+
+
+class StageDecoder(nn.Module):
+    """One LocalMIM decoder (models_mim.py MAE_Decoder, depth 1): Linear(D -> d), mask tokens, fixed sin-cos position
+    embedding, one transformer block, LayerNorm, then the scale's prediction head over the patch grid."""
+
+    def __init__(self, in_dim: int, dim: int, heads: int, out_dim: int, scale: float, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", torch.tensor(convert.sincos_2d_pos_embed(grid, dim, cls_rows=1)),
+                             persistent=False)
+        self.block = Block(dim, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = prediction_head(dim, out_dim, scale)
+        nn.init.normal_(self.mask_token, std=0.02)
+        self.apply(_xavier_linear_init)
+
+    def forward(self, tokens: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        batch, patches = ids_restore.shape
+        masked = self.mask_token.expand(batch, patches + 1 - x.shape[1], -1)
+        x_patches = torch.cat([x[:, 1:], masked], dim=1)
+        x_patches = x_patches.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[2]))  # unshuffle
+        x = torch.cat([x[:, :1], x_patches], dim=1) + self.pos_embed
+        x = self.norm(self.block(x))
+        x = x[:, 1:].transpose(1, 2).reshape(batch, -1, self.grid, self.grid)
+        return self.pred(x).flatten(2).transpose(1, 2)  # (B, cells, out_dim), cells in row-major order
+
+
+SOBEL = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
+
+
+def hog_histograms(images: torch.Tensor, nbins: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, nbins, H, W): each pixel's gradient magnitude in its orientation bin, per channel.
+
+    models_mim.py HOGLayer: 3x3 Sobel filters with reflect padding (gx = [[1,0,-1],[2,0,-2],[1,0,-1]] as a
+    cross-correlation, gy its transpose), magnitude ||(gx, gy)||, phase atan2(gx, gy), hard unsigned binning
+    floor(phase / pi * nbins) mod nbins."""
+    batch, channels, height, width = images.shape
+    x = F.pad(images.reshape(batch * channels, 1, height, width).float(), (1, 1, 1, 1), mode="reflect")
+    kernel = torch.tensor(SOBEL, device=images.device)
+    gxy = F.conv2d(x, torch.stack([kernel, kernel.t()])[:, None])  # (BC, 2, H, W)
+    gx, gy = gxy[:, 0], gxy[:, 1]
+    magnitude = (gx * gx + gy * gy).sqrt()[:, None]
+    phase = torch.atan2(gx, gy)
+    bins = torch.floor(phase / math.pi * nbins).long().remainder(nbins)[:, None]
+    hist = torch.zeros(batch * channels, nbins, height, width, device=images.device).scatter_(1, bins, magnitude)
+    return hist.view(batch, channels, nbins, height, width)
+
+
+def hog_target(hist: torch.Tensor, cell: int) -> torch.Tensor:
+    """Per-pixel histograms -> (B, cells, C * nbins): mean over each cell x cell block (kernel = stride = cell),
+    L2-normalised over the bins of each colour channel, channels concatenated (R bins, G bins, B bins)."""
+    batch, channels, nbins, height, width = hist.shape
+    pooled = F.avg_pool2d(hist.view(batch, channels * nbins, height, width), cell)
+    pooled = F.normalize(pooled.view(batch, channels, nbins, *pooled.shape[-2:]), dim=2)
+    return pooled.flatten(1, 2).flatten(2).transpose(1, 2)
+
+
+def pixel_target(images: torch.Tensor, cell: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, cells, cell * cell * C), each cell's pixels normalised to zero mean and unit variance
+    (MAE patchify + norm_pix_loss)."""
+    batch, channels, height, width = images.shape
+    x = images.float().reshape(batch, channels, height // cell, cell, width // cell, cell)
+    x = x.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // cell) * (width // cell), cell * cell * channels)
+    return (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def random_masking(x: torch.Tensor, noise: torch.Tensor, keep: int) -> tuple[torch.Tensor, ...]:
+    """MAE's per-sample shuffle: keep the `keep` patches of lowest noise. Returns kept tokens, the mask (1 = removed)
+    in patch order, and the indices that undo the shuffle."""
+    ids_shuffle = noise.argsort(dim=1)
+    ids_restore = ids_shuffle.argsort(dim=1)
+    kept = x.gather(1, ids_shuffle[:, :keep, None].expand(-1, -1, x.shape[-1]))
+    mask = torch.ones_like(noise)
+    mask[:, :keep] = 0
+    return kept, mask.gather(1, ids_restore), ids_restore
+
+
+def stage_mask(mask: torch.Tensor, grid: int, scale: float) -> torch.Tensor:
+    """The patch mask at a stage's resolution (models_mim.py recal_mask): nearest upsampling for scale >= 1, the mean
+    over scale^-1 x scale^-1 patches below (fractional weights)."""
+    m = mask.view(-1, grid, grid)
+    if scale >= 1:
+        s = int(scale)
+        return m.repeat_interleave(s, 1).repeat_interleave(s, 2).flatten(1)
+    s = round(1 / scale)
+    return m.view(-1, grid // s, s, grid // s, s).mean((2, 4)).flatten(1)
+
+
+class LocalMIM(nn.Module):
+    """Encoder (`encoder`: timm's VisionTransformer, no head, its `norm` being the last stage's), the other stages'
+    LayerNorms (`stage_norms`) and one decoder per stage (`decoders`)."""
+
+    def __init__(self, config: dict[str, Any]):
+        super().__init__()
+        self.encoder = VisionTransformer(**vit_kwargs(config, num_classes=0))
+        mae_init_(self.encoder)
+        self.encoder.pos_embed.requires_grad_(False)  # fixed sin-cos
+        self.taps, self.scales = stage_layout(config["layers"], config["all_stages"])
+        self.grid = config["image_size"] // config["patch_size"]
+        self.keep = int(self.grid**2 * (1 - config["mask_ratio"]))
+        self.target, self.nbins, self.patch_size = config["target"], config["hog_nbins"], config["patch_size"]
+        dim = config["dim"]
+        self.stage_norms = nn.ModuleList([nn.LayerNorm(dim, eps=1e-6) for _ in self.taps[:-1]])
+        self.decoders = nn.ModuleList([
+            StageDecoder(dim, config["decoder_dim"], config["decoder_heads"], self.target_dim(scale), scale,
+                         self.grid) for scale in self.scales])
+
+    def cell(self, scale: float) -> int:
+        return round(self.patch_size / scale)
+
+    def target_dim(self, scale: float) -> int:
+        return 3 * self.nbins if self.target == "hog" else 3 * self.cell(scale) ** 2
+
+    def norm_of(self, stage: int) -> nn.Module:
+        return self.encoder.norm if stage == len(self.taps) - 1 else self.stage_norms[stage]
+
+    def forward_encoder(self, images: torch.Tensor, noise: torch.Tensor, active: list[bool],
+                        no_grad_units: int) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Masked encoder. Units: 0 = patch embedding + cls token, b + 1 = block b; the first `no_grad_units` run
+        without autograd (the frozen prefix). Returns {stage: normalised tokens} of the active stages, the mask and
+        the unshuffle indices."""
+        encoder, grad = self.encoder, torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and no_grad_units < 1):
+            x = encoder.patch_embed(images) + encoder.pos_embed[:, 1:]
+            x, mask, ids_restore = random_masking(x, noise, self.keep)
+            cls = (encoder.cls_token + encoder.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+            x = torch.cat([cls, x], dim=1)
+        latents = {}
+        for index, block in enumerate(encoder.blocks):
+            with torch.set_grad_enabled(grad and no_grad_units < index + 2):
+                x = block(x)
+            for stage, tap in enumerate(self.taps):
+                if tap == index and active[stage]:
+                    latents[stage] = self.norm_of(stage)(x)
+        return latents, mask, ids_restore
+
+    def targets(self, images: torch.Tensor, stages: list[int]) -> dict[int, torch.Tensor]:
+        """Targets of the given stages, in float32 outside autocast, without gradient."""
+        no_autocast = torch.autocast("cuda", enabled=False) if images.is_cuda else contextlib.nullcontext()
+        with torch.no_grad(), no_autocast:
+            if self.target == "pixels":
+                return {k: pixel_target(images, self.cell(self.scales[k])) for k in stages}
+            hist = hog_histograms(images, self.nbins)
+            return {k: hog_target(hist, self.cell(self.scales[k])) for k in stages}
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor, active: list[bool] | None = None,
+                no_grad_units: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Total loss (the active stages' losses summed, equal weights as upstream) and the per-stage losses (0 for
+        dropped stages). Stage loss = sum_i mean_d (pred - target)^2_i M_i / sum_i M_i over the stage's cells."""
+        active = [True] * len(self.taps) if active is None else active
+        latents, mask, ids_restore = self.forward_encoder(images, noise, active, no_grad_units)
+        targets = self.targets(images, list(latents))
+        losses = [torch.zeros((), device=images.device) for _ in self.taps]
+        for stage, tokens in latents.items():
+            pred = self.decoders[stage](tokens, ids_restore).float()
+            weights = stage_mask(mask, self.grid, self.scales[stage])
+            per_cell = (pred - targets[stage]).pow(2).mean(-1)
+            losses[stage] = (per_cell * weights).sum() / weights.sum()
+        losses = torch.stack(losses)
+        return losses.sum(), losses
+
+
+def build_pretrain_model(config: dict[str, Any]) -> LocalMIM:
+    return LocalMIM(config)
+
+
+def build_classifier(config: dict[str, Any]) -> VisionTransformer:
+    """Fine-tuning: GAP + fc_norm, drop path (MAE models_vit.py). Linear probe: the CLS token after the pretrained
+    final norm, then BatchNorm without affine and a linear layer (MAE main_linprobe.py)."""
+    if config["command"] == "finetune":
+        model = VisionTransformer(**vit_kwargs(config, config["num_classes"], "avg"),
+                                  drop_path_rate=config["drop_path"])
+        trunc_normal_(model.head.weight, std=2e-5)  # MAE main_finetune.py
+    else:
+        model = VisionTransformer(**vit_kwargs(config, config["num_classes"], "cls"))
+        trunc_normal_(model.head.weight, std=0.01)  # MAE main_linprobe.py
+        model.head = nn.Sequential(nn.BatchNorm1d(config["dim"], affine=False, eps=1e-6), model.head)
+    nn.init.zeros_(model.head[-1].bias if isinstance(model.head, nn.Sequential) else model.head.bias)
+    return model
+
+
+def read_encoder_state(source: str) -> dict[str, torch.Tensor]:
+    """Encoder weights in timm's layout from a pretrain run/checkpoint of this script, a timm state dict (.pth or
+    .safetensors) or an official MAE / LocalMIM checkpoint ({'model': ...}; LocalMIM's norm.{k} -> the last one)."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"--pretrained {source} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = tu.load_checkpoint(tu.find_checkpoint(path, subdirs=("checkpoints",)) if path.is_dir() else path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if any(k.startswith("encoder.") for k in state):  # this script's pretraining checkpoint
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+    stage_norms = sorted({int(m[1]) for k in state if (m := re.match(r"norm\.(\d+)\.", k))})
+    if stage_norms and "norm.weight" not in state:  # official models_mim.py: one norm per stage
+        last = stage_norms[-1]
+        state = dict(state, **{f"norm.{p}": state[f"norm.{last}.{p}"] for p in ("weight", "bias")})
+    keep = re.compile(r"^(patch_embed\.|cls_token$|pos_embed$|blocks\.|norm\.(weight|bias)$)")
+    state = {k: v for k, v in state.items() if keep.match(k)}
+    if not any(k.startswith("blocks.") for k in state):
+        raise UserError(f"{source} holds no ViT encoder weights (no blocks.*)")
+    return state
+
+
+def initial_encoder_state(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """The encoder a pretraining run with this seed starts from (LocalMIM builds its encoder first, right after
+    seeding): the random-init baseline of kNN and the linear probe is paired with the pretrained weights."""
+    torch.manual_seed(seed)
+    encoder = VisionTransformer(**vit_kwargs(config, num_classes=0))
+    mae_init_(encoder)
+    return encoder.state_dict()
+
+
+def load_encoder(model: VisionTransformer, source: str, config: dict[str, Any]) -> str:
+    """Initialise `model`'s encoder from `source` (see read_encoder_state), or with the initial encoder of a
+    pretraining run of the same --seed ('random', MAE's init). The position embedding is resized bicubically to the
+    model's grid. Returns a line describing what was loaded."""
+    if source == "random":
+        state = initial_encoder_state(config, config["seed"])
+    else:
+        state = read_encoder_state(source)
+    if "norm.weight" in state and isinstance(model.norm, nn.Identity):
+        state = {k: v for k, v in state.items() if not k.startswith("norm.")}  # GAP models use a fresh fc_norm
+    own = model.state_dict()
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        resized = convert.resize_pos_embed(state["pos_embed"].float().numpy(), model.patch_embed.grid_size[0], 1)
+        state["pos_embed"] = torch.from_numpy(resized)
+    for key, value in state.items():
+        if key not in own or own[key].shape != value.shape:
+            raise UserError(f"--pretrained {source} does not match --model: {key} is {tuple(value.shape)} there and "
+                            f"{tuple(own[key].shape) if key in own else 'missing'} here")
+    missing = set(own) - set(state)
+    unexpected_missing = sorted(k for k in missing if not k.startswith(("head.", "fc_norm.", "norm.")))
+    if unexpected_missing:
+        raise UserError(f"--pretrained {source} lacks {unexpected_missing[0]}")
+    model.load_state_dict(state, strict=False)
+    what = "random initialisation (MAE's, seed {})".format(config["seed"]) if source == "random" else source
+    return f"encoder from {what} ({len(state)} tensors; fresh: {', '.join(sorted(missing)) or 'none'})"
+
+
+# ----------------------------------------------------------------------------------------------
+# FreezeOut: per-layer fractions t_i, learning rates and freeze steps; moving layers out of the optimizer.
+# ----------------------------------------------------------------------------------------------
+
+
+def layer_fractions(num_layers: int, t0: float, how_scale: str) -> list[float]:
+    """FreezeOut §2: t_i = scale(t0 + (1 - t0) i / L) for layers i = 0..L (the last layer trains to the end)."""
+    last = num_layers - 1
+    return [FREEZEOUT_SCALINGS[how_scale](t0 + (1 - t0) * i / last) for i in range(num_layers)]
+
+
+def freeze_step(t: float, total_steps: int, warmup_steps: int) -> int:
+    """The first optimizer step a layer no longer takes part in: warmup + ceil(t (total - warmup)) (rounded to 1e-6
+    first, so that float noise in t cannot add a step). The study counts the annealing after the warmup; t = 1 gives
+    total_steps (never frozen)."""
+    return warmup_steps + math.ceil(round(t * (total_steps - warmup_steps), 6))
+
+
+def layer_lr(step: int, *, t: float, peak_lr: float, min_lr: float, total_steps: int, warmup_steps: int,
+             scale_lr: bool = True, layerwise: bool = True) -> float:
+    """lr of a layer with fraction t at optimizer step `step` (0 for the first update).
+
+    Warmup: peak * step / warmup for every layer (the study's: the unscaled lr; at the end of the warmup a layer
+    jumps to peak / t_i with scale_lr). After it, FreezeOut's own cosine over the layer's J_i = t (total - warmup)
+    steps: min_lr + (a_i - min_lr) (1 + cos(pi (step - warmup) / J_i)) / 2, a_i = peak / t with scale_lr, else peak.
+    layerwise=False: every layer follows the full-length cosine from peak (it still freezes at its t). With t = 1 this
+    is MAE's schedule (util/lr_sched.py) per iteration."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    span = (total_steps - warmup_steps) * (t if layerwise else 1.0)
+    start = peak_lr / t if scale_lr and layerwise else peak_lr
+    progress = min((step - warmup_steps) / span, 1.0) if span > 0 else 1.0
+    return min_lr + (start - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezePlan:
+    """Which layer index each part of the model belongs to, and when each layer index freezes."""
+
+    fractions: tuple[float, ...]  # t_i per layer index
+    freeze_steps: tuple[int, ...]  # first step without layer i (total_steps: never)
+    freeze_pe: bool  # layer 0 is the patch embedding + cls token; else blocks start at 0 and the PE never freezes
+    taps: tuple[int, ...]
+
+    @property
+    def offset(self) -> int:
+        return 1 if self.freeze_pe else 0
+
+    def layer_of(self, name: str) -> int:
+        """Layer index of a LocalMIM parameter: PE 0, block b at b + offset, a stage (norm + decoder) at its block."""
+        last = len(self.fractions) - 1
+        if name.startswith(("encoder.patch_embed.", "encoder.cls_token")):
+            return 0 if self.freeze_pe else last
+        if match := re.match(r"encoder\.blocks\.(\d+)\.", name):
+            return int(match[1]) + self.offset
+        if match := re.match(r"(stage_norms|decoders)\.(\d+)\.", name):
+            return self.taps[int(match[2])] + self.offset
+        if name.startswith("encoder.norm."):
+            return last
+        raise ValueError(f"no FreezeOut layer for parameter {name}")
+
+    def frozen(self, layer: int, step: int) -> bool:
+        return self.freeze_steps[layer] <= step
+
+    def frozen_layers(self, step: int) -> int:
+        return sum(self.frozen(i, step) for i in range(len(self.fractions)))
+
+    def active_stages(self, step: int) -> list[bool]:
+        """A stage is dropped with its decoder and target once its tapped block is frozen (the study's rule)."""
+        return [not self.frozen(tap + self.offset, step) for tap in self.taps]
+
+    def no_grad_units(self, step: int) -> int:
+        """Leading encoder units (0 = PE, b + 1 = block b) that are frozen and have no trainable unit before them:
+        they run without autograd. With a trainable PE nothing can, since its gradient passes through every block."""
+        if not self.freeze_pe or not self.frozen(0, step):
+            return 0
+        units = 1
+        while units < len(self.fractions) and self.frozen(units, step):
+            units += 1
+        return units
+
+
+def make_plan(config: dict[str, Any], total_steps: int, warmup_steps: int) -> FreezePlan:
+    """FreezeOut's plan for a run; without FreezeOut every layer has t = 1 and never freezes."""
+    taps = tuple(stage_layout(config["layers"], config["all_stages"])[0])
+    freeze_pe = not config["dont_freeze_pe"]
+    num_layers = config["layers"] + int(freeze_pe)
+    fractions = (layer_fractions(num_layers, config["t0"], config["how_scale"]) if config["freezeout"]
+                 else [1.0] * num_layers)
+    steps = tuple(freeze_step(t, total_steps, warmup_steps) for t in fractions)
+    return FreezePlan(tuple(fractions), steps, freeze_pe, taps)
+
+
+def forced_plan(config: dict[str, Any], frozen_fraction: float) -> FreezePlan:
+    """--benchmark-frozen: the first round(fraction x depth) blocks (and the PE, unless --dont-freeze-pe) frozen from
+    step 0, the rest never."""
+    plan = make_plan(dict(config, freezeout=False), 1, 0)
+    blocks = round(frozen_fraction * config["layers"])
+    frozen = blocks + plan.offset if blocks else 0
+    return dataclasses.replace(plan, freeze_steps=tuple(0 if i < frozen else 1 for i in range(len(plan.fractions))))
+
+
+def freezeout_param_groups(model: LocalMIM, plan: FreezePlan, weight_decay: float) -> list[dict[str, Any]]:
+    """One group per (layer, decay): MAE's weight decay (not on biases or 1-D parameters), and the layer's t and
+    freeze step, which the loop reads to set its lr and to take it out of the optimizer."""
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = plan.layer_of(name)
+        decay = not (param.ndim <= 1 or name.endswith(".bias"))
+        group = groups.setdefault((layer, decay), {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                                                   "layer": layer, "t": plan.fractions[layer],
+                                                   "freeze_step": plan.freeze_steps[layer]})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
+def apply_freezeout(optimizer: torch.optim.Optimizer, step: int) -> list[int]:
+    """Take the groups whose freeze step has come out of the optimizer (state freed), stop their parameters'
+    gradients for good. Returns the layers frozen now (empty: nothing changed)."""
+    frozen = []
+    for group in list(optimizer.param_groups):
+        if group["freeze_step"] <= step:
+            optimizer.param_groups.remove(group)
+            for param in group["params"]:
+                optimizer.state.pop(param, None)
+                param.requires_grad_(False)
+                param.grad = None
+            frozen.append(group["layer"])
+    return sorted(set(frozen))
+
+
+def set_freezeout_lrs(optimizer: torch.optim.Optimizer, step: int, config: dict[str, Any]) -> float:
+    """Each group's lr for this step; returns the base lr (t = 1)."""
+    kwargs = dict(peak_lr=config["peak_lr"], min_lr=config["min_lr"], total_steps=config["total_steps"],
+                  warmup_steps=config["warmup_steps"], scale_lr=not config["not_scale_lr"],
+                  layerwise=not config["non_layerwise_lr"])
+    for group in optimizer.param_groups:
+        group["lr"] = layer_lr(step, t=group["t"], **kwargs)
+    return layer_lr(step, t=1.0, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: uint8 batches from common.data (a step's batch depends on the seed and the step only); normalisation,
+# random erasing and mixup on the device.
+# ----------------------------------------------------------------------------------------------
+
+
+def train_transform(args: argparse.Namespace):
+    """MAE's: pretraining RandomResizedCrop(20-100%) + flip; fine-tuning RRC(8-100%) + flip + RandAugment (random
+    erasing runs on the device); linear probe RRC(8-100%) + flip. Bicubic."""
+    policy = args.aa if args.command == "finetune" and args.aa != "none" else None
+    return augment.train_transform(args.input_size, random_crop=args.random_crop, hflip=args.hflip,
+                                   scale=(0.2, 1.0) if args.command == "pretrain" else (0.08, 1.0), auto_augment=policy)
+
+
+def eval_transform(args: argparse.Namespace):
+    return augment.eval_transform(args.input_size, crop_ratio=args.crop_pct)
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def mask_noise(seed: int, step: int, rows: int, patches: int, device: torch.device, rank: int,
+               local_rows: int) -> torch.Tensor:
+    """This process's rows of the step's masking noise, drawn for the whole effective batch from (seed, step): the
+    masks do not depend on how the batch is split over processes and micro-batches (or on resuming)."""
+    generator = torch.Generator().manual_seed(step_seed(seed, step))
+    noise = torch.rand(rows, patches, generator=generator)
+    return noise[rank * local_rows:(rank + 1) * local_rows].to(device)
+
+
+def device_batches(args: argparse.Namespace, env: tu.DistEnv, start_step: int, global_batch: int) -> Iterator[dict]:
+    host = data.train_batches(args.data, train_transform(args), global_batch=global_batch, seed=args.seed,
+                              start_step=start_step, workers=args.workers, process_index=env.rank,
+                              process_count=env.world_size)
+    return tu.batches_to_device(host, env.device, MEAN, STD)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and train steps.
+# ----------------------------------------------------------------------------------------------
+
+
+def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP all-reduces on the last micro-batch only."""
+    return model.no_sync() if not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  images: torch.Tensor, noise: torch.Tensor, active: list[bool], no_grad_units: int,
+                  args: argparse.Namespace) -> torch.Tensor:
+    """One optimizer step over --accum-iter micro-batches; no gradient clipping (MAE/LocalMIM pretraining). Returns
+    the per-stage losses summed over the micro-batches (a device tensor, no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    stage_sums = torch.zeros(len(active), device=images.device)
+    chunks = list(zip(images.chunk(args.accum_iter), noise.chunk(args.accum_iter)))
+    for index, (micro_images, micro_noise) in enumerate(chunks):
+        with no_sync(model, index == len(chunks) - 1), tu.autocast(images.device, args.precision):
+            loss, stage_losses = model(micro_images, micro_noise, active, no_grad_units)
+            scaler.scale(loss / args.accum_iter).backward()
+        stage_sums += stage_losses.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    return stage_sums
+
+
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
+                    step: int, args: argparse.Namespace, env: tu.DistEnv, regularisers: dict) -> torch.Tensor:
+    """Fine-tuning / linear-probe step: random erasing and mixup/cutmix (per micro-batch, as MAE's loader batches) on
+    the device, loss scaled by 1/accum, optional clipping. Returns the summed loss over the local samples."""
+    seed = step_seed(args.seed, step, env.rank)  # erasing, mixup and drop path draw from these: exact resume
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=env.device)
+    chunks = list(zip(batch["image"].chunk(args.accum_iter), batch["label"].chunk(args.accum_iter)))
+    for index, (images, labels) in enumerate(chunks):
+        if regularisers.get("erase"):
+            images = regularisers["erase"](images)
+        targets = labels
+        if regularisers.get("mixup"):
+            images, targets = regularisers["mixup"](images, labels)
+        with no_sync(model, index == len(chunks) - 1), tu.autocast(env.device, args.precision):
+            loss = regularisers["criterion"](model(images).float(), targets)
+            scaler.scale(loss / args.accum_iter).backward()
+        loss_sum += loss.detach() * len(labels)
+    if getattr(args, "clip_grad", None):
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_sum
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: output folder, command line, checkpoints, stopping.
+# ----------------------------------------------------------------------------------------------
+
+
+def record_command(out: Path, argv: list[str], env: tu.DistEnv) -> None:
+    """Append this invocation to command.txt (what the study's record.sh wrote by hand): time, host, processes,
+    working directory, git commit and the exact command."""
+    if not env.is_main:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', 1)}" if env.distributed else "python"
+    with open(out / "command.txt", "a") as f:
+        f.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} host {os.uname().nodename}, {env.world_size} process(es) on "
+                f"{env.device.type}, git {commit}\ncd {shlex.quote(os.getcwd())}\n"
+                f"{launcher} {shlex.join([Path(__file__).name, *argv])}\n\n")
+
+
+def start_state(out: Path, args: argparse.Namespace) -> dict | None:
+    """The last checkpoint's state when resuming; refuses a folder that holds a run without --resume."""
+    steps = tu.checkpoint_steps(out / "checkpoints")
+    if not steps:
+        return None
+    if not args.resume:
+        raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
+                        "--output-dir")
+    return tu.load_checkpoint(out / "checkpoints" / f"{steps[-1]}.pt")
+
+
+def check_finite(value: torch.Tensor, step: int, out: Path) -> None:
+    if not torch.isfinite(tu.all_reduce_sum(value.clone())).all():
+        raise UserError(f"the loss became NaN or infinite before step {step}; stopping without saving (the last "
+                        f"good checkpoint in {out / 'checkpoints'} is kept)")
+
+
+def save_run(out: Path, env: tu.DistEnv, model: nn.Module, state: dict, epoch_done: bool, epoch: int,
+             args: argparse.Namespace) -> None:
+    """checkpoints/<step>.pt (the last: model, optimizer, scaler, step, config) and, every --save-every epochs and at
+    the end, epochs/<epoch>.pt (weights and config). Refuses non-finite weights."""
+    plain = tu.unwrap(model)
+    if not all(torch.isfinite(p).all() for p in plain.parameters()):
+        raise UserError(f"the weights are NaN or infinite at step {state['step']}; stopping without saving")
+    if env.is_main:
+        tu.save_checkpoint(out / "checkpoints", state["step"], dict(state, model=plain.state_dict()))
+        if epoch_done and (epoch % args.save_every == 0 or epoch == args.epochs):
+            tu.save_checkpoint(out / "epochs", epoch, {"model": plain.state_dict(), "config": state["config"],
+                                                       "step": state["step"]}, keep=10**9)
+    tu.barrier()
+
+
+def stop_requested(args: argparse.Namespace, env: tu.DistEnv, preemption: runtime.Preemption, done: int,
+                   start_step: int) -> bool:
+    """--stop-after, or SIGTERM: checked every step in one process; over many, where the processes must agree (a
+    collective), every --log-interval steps."""
+    if args.stop_after and done - start_step >= args.stop_after:
+        return True
+    if not env.distributed:
+        return preemption.requested
+    if done % args.log_interval:
+        return False
+    return tu.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
+
+
+def wrap_ddp(model: nn.Module, env: tu.DistEnv) -> nn.Module:
+    """DDP over the parameters that currently require gradients (rebuilt when FreezeOut freezes a layer)."""
+    if not env.distributed:
+        return model
+    device_ids = [env.device] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def pretrain_config(args: argparse.Namespace, env: tu.DistEnv, spec: data.DataSpec | None) -> dict[str, Any]:
+    batch = effective_batch(args, env.world_size)
+    steps_per_epoch = data.steps_per_epoch(spec.train_size, batch) if spec and spec.train_size else 0
+    taps, scales = stage_layout(args.arch["layers"], args.all_stages)
+    return dict(vars(args), **arch_config(args), effective_batch=batch, peak_lr=peak_lr(args, env.world_size),
+                steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
+                warmup_steps=round(args.warmup_epochs * steps_per_epoch), taps=taps, scales=scales,
+                world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
+
+
+def pretrain(args: argparse.Namespace, argv: list[str]) -> dict:
+    env = tu.init_distributed()
+    try:
+        if args.benchmark:
+            return benchmark(args, env)
+        return run_pretrain(args, argv, env)
+    finally:
+        tu.cleanup_distributed()
+
+
+def run_pretrain(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -> dict:
+    spec = data.describe(args.data)
+    if spec.source == "synthetic" or not spec.train_size:
+        raise UserError(f"pretraining needs data of known size (synthetic batches are for --benchmark): {args.data}")
+    config = pretrain_config(args, env, spec)
+    out = Path(args.output_dir)
+    state = start_state(out, args)
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    model = build_pretrain_model(config).to(env.device)
+    config["params"] = sum(p.numel() for p in model.parameters())
+    config["encoder_params"] = sum(p.numel() for p in model.encoder.parameters())
+    plan = make_plan(config, config["total_steps"], config["warmup_steps"])
+    config["freezeout_fractions"], config["freeze_steps"] = list(plan.fractions), list(plan.freeze_steps)
+    optimizer = torch.optim.AdamW(freezeout_param_groups(model, plan, args.weight_decay), lr=config["peak_lr"],
+                                  betas=(0.9, 0.95), fused=env.device.type == "cuda")
+    scaler = tu.grad_scaler(env.device, args.precision)
+    start_step = 0
+    if state:
+        tu.check_state_dict(model, state["model"], str(out / "checkpoints"))
+        model.load_state_dict(state["model"])
+        apply_freezeout(optimizer, state["step"])  # the same groups as when it was saved, then their state
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_step = state["step"]
+    record_command(out, argv, env)
+    log = RunLog(out, config, wandb_project=args.wandb, tensorboard=args.tensorboard, main=env.is_main)
+    try:
+        return pretrain_loop(args, env, model, optimizer, scaler, config, plan, start_step, log)
+    finally:
+        log.close()
+
+
+def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, config: dict, plan: FreezePlan,
+                  start_step: int, log: RunLog) -> dict:
+    total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
+    if env.is_main:
+        print(f"{config['params'] / 1e6:.1f}M params ({config['encoder_params'] / 1e6:.1f}M encoder), {total} steps "
+              f"({per_epoch}/epoch), effective batch {config['effective_batch']}, lr {config['peak_lr']:.3g}, "
+              f"FreezeOut {'on: t_i ' + ' '.join(f'{t:.3f}' for t in plan.fractions) if args.freezeout else 'off'}, "
+              f"{env.world_size} process(es) on {env.device.type}, starting at step {start_step}", file=sys.stderr)
+    batches = device_batches(args, env, start_step, config["effective_batch"])
+    local_rows = args.batch_size * args.accum_iter
+    ddp = wrap_ddp(model, env)
+    window = epoch_sums = torch.zeros(len(plan.taps) + 1, device=env.device)  # stage losses, steps
+    window_start = epoch_start = time.perf_counter()
+    last: dict[str, Any] = {}
+    preemption = runtime.Preemption()
+    progress = tqdm(range(start_step, total), initial=start_step, total=total, desc="pretrain",
+                    disable=not env.is_main or None, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for step in progress:
+            if apply_freezeout(optimizer, step):
+                ddp = wrap_ddp(model, env)  # DDP only knows the parameters that required gradients when built
+            lr = set_freezeout_lrs(optimizer, step, config)
+            images = next(batches)["image"]
+            noise = mask_noise(args.seed, step, config["effective_batch"], model.grid**2, env.device, env.rank,
+                               local_rows)
+            stage_sums = pretrain_step(ddp, optimizer, scaler, images, noise, plan.active_stages(step),
+                                       plan.no_grad_units(step), args)
+            increment = torch.cat([stage_sums / args.accum_iter, torch.ones(1, device=env.device)])
+            window, epoch_sums = window + increment, epoch_sums + increment
+            done = step + 1
+            if done % args.log_interval == 0 or done == total:
+                check_finite(window, done, out)
+                sums = tu.all_reduce_sum(window.clone()) / env.world_size
+                stage_losses = (sums[:-1] / sums[-1]).tolist()
+                seconds = time.perf_counter() - window_start
+                last = {"loss": sum(stage_losses), "lr": lr, "epoch": done / per_epoch,
+                        "img_per_sec": sums[-1].item() * config["effective_batch"] / seconds,
+                        **{f"loss_stage{k}": v for k, v in enumerate(stage_losses)}}
+                log.write(done, **last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+                window, window_start = torch.zeros_like(window), time.perf_counter()
+            epoch_done = done % per_epoch == 0
+            stop = stop_requested(args, env, preemption, done, start_step)
+            if epoch_done:
+                check_finite(epoch_sums, done, out)
+                seconds = time.perf_counter() - epoch_start
+                sums = tu.all_reduce_sum(epoch_sums.clone()) / env.world_size
+                record = {"epoch": done // per_epoch, "train_loss": (sums[:-1] / sums[-1]).sum().item(),
+                          "frozen_layers": plan.frozen_layers(step), "layers": len(plan.fractions),
+                          "active_stages": sum(plan.active_stages(step)), "step_ms": 1000 * seconds / sums[-1].item(),
+                          "lr": lr}
+                log.write(done, **record)
+                if env.is_main:
+                    tqdm.write(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, {record['frozen_layers']}/"
+                               f"{record['layers']} layers frozen, {record['active_stages']} stages, "
+                               f"{record['step_ms']:.1f} ms/step", file=sys.stderr)
+                epoch_sums = torch.zeros_like(epoch_sums)
+            if epoch_done or stop:
+                save_run(out, env, model, {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                           "step": done, "config": config}, epoch_done, done // per_epoch, args)
+                epoch_start = time.perf_counter()  # step_ms counts training steps only
+            if stop and done < total:
+                if env.is_main:
+                    tqdm.write(f"stopping at step {done}: continue with --resume", file=sys.stderr)
+                break
+    finally:
+        preemption.close()
+        progress.close()
+    return last
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning and linear-probe loop.
+# ----------------------------------------------------------------------------------------------
+
+
+def supervised(args: argparse.Namespace, argv: list[str]) -> dict:
+    env = tu.init_distributed()
+    try:
+        return run_supervised(args, argv, env)
+    finally:
+        tu.cleanup_distributed()
+
+
+def make_supervised_optimizer(model: VisionTransformer, args: argparse.Namespace, lr: float, device: torch.device):
+    if args.command == "finetune":  # MAE: AdamW, layer-wise lr decay, no decay on 1-D params, pos_embed, cls_token
+        groups = param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                          layer_decay=args.layer_decay)
+        return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+    # MAE linprobe: LARS on the head only, wd 0; the trust ratio on the weight matrix, not on the bias (MAE util/lars)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("head."))
+    weight, bias = model.head[-1].weight, model.head[-1].bias
+    return Lars([{"params": [weight], "always_adapt": True}, {"params": [bias], "always_adapt": False}], lr=lr,
+                momentum=0.9, weight_decay=args.weight_decay)
+
+
+def regularisers(args: argparse.Namespace, num_classes: int, device: torch.device) -> dict:
+    if args.command != "finetune":
+        return {"criterion": nn.CrossEntropyLoss()}
+    mixing = args.mixup > 0 or args.cutmix > 0
+    return {"criterion": SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(args.smoothing),
+            "mixup": Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+                           num_classes=num_classes) if mixing else None,
+            "erase": RandomErasing(args.reprob, mode="pixel", device=str(device)) if args.reprob > 0 else None}
+
+
+def run_supervised(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -> dict:
+    spec = data.describe(args.data)
+    if not spec.train_size:
+        raise UserError(f"{args.command} needs data of known size: {args.data}")
+    batch = effective_batch(args, env.world_size)
+    if args.command == "finetune" and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise UserError(f"mixup/cutmix need an even --batch-size (per process and micro-batch), got {args.batch_size}")
+    steps_per_epoch = data.steps_per_epoch(spec.train_size, batch)
+    config = dict(vars(args), **arch_config(args), num_classes=spec.num_classes, class_names=spec.class_names,
+                  effective_batch=batch, peak_lr=peak_lr(args, env.world_size), steps_per_epoch=steps_per_epoch,
+                  total_steps=args.epochs * steps_per_epoch, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+                  world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
+    out = Path(args.output_dir)
+    state = start_state(out, args)
+    torch.manual_seed(args.seed)
+    model = build_classifier(config)
+    config["loaded"] = load_encoder(model, args.pretrained, config) if not state else state["config"]["loaded"]
+    model.to(env.device)
+    optimizer = make_supervised_optimizer(model, args, config["peak_lr"], env.device)
+    scaler = tu.grad_scaler(env.device, args.precision)
+    start_step, best = 0, 0.0
+    if state:
+        tu.check_state_dict(model, state["model"], str(out / "checkpoints"))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, best = state["step"], state["max_accuracy"]
+    record_command(out, argv, env)
+    log = RunLog(out, config, wandb_project=args.wandb, tensorboard=args.tensorboard, main=env.is_main)
+    if env.is_main:
+        print(f"{args.command}: {config['loaded']}; {config['total_steps']} steps ({steps_per_epoch}/epoch), "
+              f"effective batch {batch}, lr {config['peak_lr']:.3g}", file=sys.stderr)
+    try:
+        return supervised_loop(args, env, model, optimizer, scaler, config, start_step, best, log)
+    finally:
+        log.close()
+
+
+def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, start_step: int, best: float,
+                    log: RunLog) -> dict:
+    total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
+    batches = device_batches(args, env, start_step, config["effective_batch"])
+    regs = regularisers(args, config["num_classes"], env.device)
+    ddp = wrap_ddp(model, env)
+    model.train()
+    window = torch.zeros(2, device=env.device)  # loss sum, samples
+    last: dict[str, Any] = {}
+    preemption = runtime.Preemption()
+    progress = tqdm(range(start_step, total), initial=start_step, total=total, desc=args.command,
+                    disable=not env.is_main or None, dynamic_ncols=True, file=sys.stderr)
+    try:
+        for step in progress:
+            lr = layer_lr(step, t=1.0, peak_lr=config["peak_lr"], min_lr=args.min_lr, total_steps=total,
+                          warmup_steps=config["warmup_steps"])
+            tu.set_lr(optimizer, lr)  # times each group's lr_scale (layer decay)
+            loss_sum = supervised_step(ddp, optimizer, scaler, next(batches), step, args, env, regs)
+            window += torch.stack([loss_sum, torch.tensor(float(args.batch_size * args.accum_iter))])
+            done = step + 1
+            epoch_done = done % per_epoch == 0
+            if done % args.log_interval == 0 or epoch_done:
+                check_finite(window, done, out)
+                sums = tu.all_reduce_sum(window.clone())
+                last = {"loss": (sums[0] / sums[1]).item(), "lr": lr, "epoch": done / per_epoch}
+                log.write(done, **last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+                window = torch.zeros_like(window)
+            stop = stop_requested(args, env, preemption, done, start_step)
+            if epoch_done:
+                results = evaluate(model, args, env)
+                best = max(best, results.get("val_top1", 0.0))
+                log.write(done, **results, max_accuracy=best, epoch=done // per_epoch)
+                last.update(results, max_accuracy=best)
+                if env.is_main and results:
+                    tqdm.write(f"epoch {done // per_epoch}: val top-1 {results['val_top1']:.2f}% (max {best:.2f}%)",
+                               file=sys.stderr)
+            if epoch_done or stop:
+                save_run(out, env, model, {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                                           "step": done, "max_accuracy": best, "config": config},
+                         epoch_done, done // per_epoch, args)
+            if stop and done < total:
+                if env.is_main:
+                    tqdm.write(f"stopping at step {done}: continue with --resume", file=sys.stderr)
+                break
+    finally:
+        preemption.close()
+        progress.close()
+    return last
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv) -> dict:
+    """Cross-entropy, top-1 and top-5 on the val split. --dist-eval: each process takes its shard and the sums are
+    all-reduced; otherwise every process evaluates the whole split (MAE's default)."""
+    model.eval()
+    shard = args.dist_eval and env.distributed
+    processes, index = (env.world_size, env.rank) if shard else (1, 0)
+    sums = torch.zeros(4, device=env.device)  # images, loss, top-1, top-5
+    host = data.eval_batches(args.data, eval_transform(args), global_batch=args.batch_size * processes,
+                             workers=args.workers, process_index=index, process_count=processes)
+    for batch in tu.batches_to_device(host, env.device, MEAN, STD):
+        labels = batch["label"]
+        valid = labels >= 0  # padding and unreadable images carry -1
+        with tu.autocast(env.device, args.precision):
+            logits = model(batch["image"]).float()
+        losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+        sums += torch.stack([valid.sum(), (losses * valid).sum(), (hits[:, 0] & valid).sum(),
+                             (hits.any(-1) & valid).sum()]).float()
+    model.train()
+    count, loss, top1, top5 = (tu.all_reduce_sum(sums) if shard else sums).tolist()
+    if count == 0:
+        return {}
+    return {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
+            "val_images": int(count)}
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN (DINO eval_knn.py): frozen CLS features, L2-normalised; weighted vote of the k nearest train images.
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, batches: Iterator[dict], env: tu.DistEnv,
+                     args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised CLS features and labels, gathered over all processes. Labels travel with their images (the
+    study's kNN paired shuffled features with file-order labels and logged chance accuracy)."""
+    features, labels = [], []
+    for batch in tu.batches_to_device(batches, env.device, MEAN, STD):
+        with tu.autocast(env.device, args.precision):
+            features.append(F.normalize(encoder(batch["image"]).float(), dim=-1))
+        labels.append(batch["label"])
+    features = torch.cat(features) if features else torch.zeros(0, encoder.embed_dim, device=env.device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64, device=env.device)
+    if env.distributed:
+        gathered = [torch.zeros_like(features) for _ in range(env.world_size)]
+        torch_dist.all_gather(gathered, features)
+        label_lists = [torch.zeros_like(labels) for _ in range(env.world_size)]
+        torch_dist.all_gather(label_lists, labels)
+        features, labels = torch.cat(gathered), torch.cat(label_lists)
+    keep = labels >= 0
+    return features[keep], labels[keep]
+
+
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, k: int, temperature: float, num_classes: int,
+                 chunk: int = 1024) -> tuple[float, float]:
+    """Top-1 and top-5 (%) of DINO's weighted kNN: votes sum_{j in top-k} exp(sim_j / T) onehot(label_j)."""
+    k = min(k, len(train_labels))
+    top1 = top5 = 0
+    for start in range(0, len(test_labels), chunk):
+        sims, indices = (test_features[start:start + chunk] @ train_features.T).topk(k, dim=1)
+        votes = torch.zeros(len(sims), num_classes, device=sims.device)
+        votes.scatter_add_(1, train_labels[indices], (sims / temperature).exp())
+        ranked = votes.argsort(dim=1, descending=True)
+        truth = test_labels[start:start + chunk, None]
+        top1 += (ranked[:, :1] == truth).sum().item()
+        top5 += (ranked[:, :min(5, num_classes)] == truth).any(1).sum().item()
+    return 100 * top1 / len(test_labels), 100 * top5 / len(test_labels)
+
+
+def knn(args: argparse.Namespace, argv: list[str]) -> dict:
+    env = tu.init_distributed()
+    try:
+        spec = data.describe(args.data)
+        if not spec.train_size or not spec.val_size:
+            raise UserError(f"kNN needs a train and a val split of known size: {args.data}")
+        config = dict(vars(args), **arch_config(args), num_classes=spec.num_classes, world_size=env.world_size)
+        torch.manual_seed(args.seed)
+        encoder = VisionTransformer(**vit_kwargs(config, num_classes=0))
+        config["loaded"] = load_encoder(encoder, args.pretrained, config)
+        encoder.to(env.device).eval()
+        # The train split once, in eval transform (one epoch of the loader: the last partial batch is left out).
+        global_batch = args.batch_size * env.world_size
+        train_host = data.train_batches(args.data, eval_transform(args), global_batch=global_batch, seed=args.seed,
+                                        workers=args.workers, process_index=env.rank, process_count=env.world_size)
+        steps = data.steps_per_epoch(spec.train_size, global_batch)
+        bank, bank_labels = extract_features(encoder, (next(train_host) for _ in range(steps)), env, args)
+        val_host = data.eval_batches(args.data, eval_transform(args), global_batch=global_batch,
+                                     workers=args.workers, process_index=env.rank, process_count=env.world_size)
+        test, test_labels = extract_features(encoder, val_host, env, args)
+        result = {"bank_images": len(bank_labels), "val_images": len(test_labels)}
+        for k in args.nb_knn:
+            top1, top5 = knn_classify(bank, bank_labels, test, test_labels, k, args.temperature, spec.num_classes)
+            result.update({f"knn_top1_k{k}": top1, f"knn_top5_k{k}": top5})
+        if env.is_main:
+            out = Path(args.output_dir)
+            record_command(out, argv, env)
+            log = RunLog(out, config, main=True)
+            log.write(0, **result)
+            log.close()
+            print(json.dumps(result))
+        return result
+    finally:
+        tu.cleanup_distributed()
+
+
+# ----------------------------------------------------------------------------------------------
+# Benchmark: pretraining steps on device-made batches with a forced fraction of the blocks frozen.
+# ----------------------------------------------------------------------------------------------
+
+
+def step_flops(config: dict[str, Any], plan: FreezePlan, batch: int) -> float:
+    """Forward + backward FLOPs of a pretraining step with `plan`'s step-0 freezing, counted by FlopCounterMode on
+    the meta device (matmuls, convolutions, attention; AdamW's elementwise work is not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build_pretrain_model(config)
+        for name, param in model.named_parameters():
+            if param.requires_grad and plan.frozen(plan.layer_of(name), 0):
+                param.requires_grad_(False)
+        images = torch.zeros(batch, 3, config["image_size"], config["image_size"])
+        noise = torch.rand(batch, model.grid**2)
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = model(images, noise, plan.active_stages(0), plan.no_grad_units(0))
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def timed_steps(model: nn.Module, optimizer, scaler, images: torch.Tensor, noise: torch.Tensor, plan: FreezePlan,
+                args: argparse.Namespace, steps: int) -> float:
+    """Seconds for `steps` pretraining steps with `plan`'s step-0 freezing, waiting for the device at the end."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        losses = pretrain_step(model, optimizer, scaler, images, noise, plan.active_stages(0), plan.no_grad_units(0),
+                               args)
+    losses.sum().item()
+    return time.perf_counter() - start
+
+
+def benchmark(args: argparse.Namespace, env: tu.DistEnv) -> list[dict]:
+    """One JSON line per --benchmark-frozen fraction: img/s, step time, peak memory, MFU (the step's counted FLOPs
+    against the device's bf16 peak), and FreezeOut's theoretical saving (1 - FLOPs frozen / FLOPs unfrozen) next to
+    the measured one (1 - step time / step time of the first fraction)."""
+    config = pretrain_config(args, env, None)
+    batch = args.batch_size * args.accum_iter
+    full_flops = step_flops(config, forced_plan(config, 0.0), batch)
+    peak = tu.peak_flops(env.device)
+    results: list[dict] = []
+    for fraction in args.benchmark_frozen:
+        torch.manual_seed(args.seed)
+        plan = forced_plan(config, fraction)
+        model = build_pretrain_model(config).to(env.device)
+        optimizer = torch.optim.AdamW(freezeout_param_groups(model, plan, args.weight_decay), lr=1e-4,
+                                      betas=(0.9, 0.95), fused=env.device.type == "cuda")
+        apply_freezeout(optimizer, 0)
+        scaler = tu.grad_scaler(env.device, args.precision)
+        ddp = wrap_ddp(model, env)
+        generator = torch.Generator(env.device).manual_seed(args.seed + env.rank)
+        images = torch.randn(batch, 3, args.input_size, args.input_size, device=env.device, generator=generator)
+        noise = torch.rand(batch, model.grid**2, device=env.device, generator=generator)
+        steps = partial(timed_steps, ddp, optimizer, scaler, images, noise, plan, args)
+        first = steps(1)
+        steps(3)
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(env.device)
+        step_time = steps(args.benchmark_steps) / args.benchmark_steps
+        flops = step_flops(config, plan, batch)
+        images_per_sec = batch * env.world_size / step_time
+        result = {"model": args.model, "img_size": args.input_size, "batch_per_process": batch,
+                  "processes": env.world_size, "precision": args.precision if env.device.type == "cuda" else "fp32",
+                  "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
+                  "frozen_fraction": fraction, "frozen_blocks": round(fraction * config["layers"]),
+                  "frozen_pe": plan.frozen(0, 0) and plan.freeze_pe, "active_stages": sum(plan.active_stages(0)),
+                  "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
+                  "first_step_s": round(first, 2),
+                  "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
+                  if env.device.type == "cuda" else None,
+                  "train_gflops_per_img": round(flops / batch / 1e9, 3),
+                  "mfu": round(flops / step_time / peak, 3) if peak else None,
+                  "theoretical_saving": round(1 - flops / full_flops, 4)}
+        if results:
+            measured = 1 - step_time / (results[0]["step_ms"] / 1000)
+            result["measured_saving_vs_first"] = round(measured, 4)
+            if results[0]["frozen_fraction"] == 0 and result["theoretical_saving"] > 0:
+                result["saving_achieved"] = round(measured / result["theoretical_saving"], 3)
+        results.append(result)
+        if env.is_main:
+            print(json.dumps(result), flush=True)
+        del model, optimizer, ddp
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: a run's encoder (pretraining, kNN features) or classifier (fine-tuning, linear probe) as a timm state dict.
+# ----------------------------------------------------------------------------------------------
+
+
+def export(args: argparse.Namespace) -> Path:
+    """Write timm_model.pth and .safetensors, check that they load strict into timm's VisionTransformer and print
+    how to create it. A linear probe's BatchNorm (no affine) is folded into its linear layer."""
+    from safetensors.torch import save_file
+
+    path = tu.find_checkpoint(args.run_dir, subdirs=("checkpoints",))
+    state = tu.load_checkpoint(path)
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise UserError(f"{path} is not a checkpoint of localmim_freezeout.py")
+    config, weights = state["config"], state["model"]
+    if config["command"] == "pretrain":
+        tensors = read_encoder_state(str(path))
+        kwargs, pooling = vit_kwargs(config, num_classes=0), "token"
+    elif config["command"] == "finetune":
+        tensors, kwargs = dict(weights), vit_kwargs(config, config["num_classes"], "avg")
+        pooling = "avg"
+    else:
+        tensors, kwargs, pooling = dict(weights), vit_kwargs(config, config["num_classes"]), "token"
+        scale = (tensors.pop("head.0.running_var") + 1e-6).rsqrt()
+        mean = tensors.pop("head.0.running_mean")
+        tensors.pop("head.0.num_batches_tracked")
+        weight, bias = tensors.pop("head.1.weight"), tensors.pop("head.1.bias")
+        tensors["head.weight"] = weight * scale
+        tensors["head.bias"] = bias - (weight * scale) @ mean
+    tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
+    model = VisionTransformer(**kwargs)
+    model.load_state_dict(tensors, strict=True)  # every key and shape, or a RuntimeError naming the mismatch
+    out = Path(args.out) if args.out else (Path(args.run_dir) if Path(args.run_dir).is_dir() else path.parent) / \
+        "timm_model.pth"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, out)
+    save_file(tensors, str(out.with_suffix(".safetensors")))
+    name = convert.timm_model_name(dict(kwargs, global_pool="token", fc_norm=False))
+    extra = ", global_pool='avg'" if pooling == "avg" else ""
+    print(f"wrote {out} and {out.with_suffix('.safetensors')} ({len(tensors)} tensors)")
+    if name:
+        print(f"timm model: timm.create_model({name!r}, num_classes={kwargs['num_classes']}{extra})")
+    else:
+        print(f"timm model: VisionTransformer(**{json.dumps(kwargs)})")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        if args.command == "export":
+            export(args)
+        elif args.command == "pretrain":
+            pretrain(args, argv)
+        elif args.command == "knn":
+            knn(args, argv)
+        else:
+            supervised(args, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# LocalMIM (Wang et al., CVPR 2023) ViT-B/16 fine-tuning on ImageNet-1k after the 1600-epoch pretraining
+# (pretrain_b16_1600ep.sh). Official README: batch 128 per GPU x 8 GPUs = 1024, 100 epochs, warmup 20, lr 2e-3
+# (absolute), layer decay 0.65, min lr 1e-5, weight decay 0.05, drop path 0.1, random erasing 0.25, mixup 0.8,
+# cutmix 1.0, --dist_eval; MAE's main_finetune.py for the rest: AdamW (0.9, 0.999), label smoothing 0.1, RandAugment
+# rand-m9-mstd0.5-inc1, global average pooling + fc_norm, head init std 2e-5, no gradient clipping, eval resize 256 /
+# center crop 224. Reported ImageNet top-1: 84.0.
+#
+# Usage: bash scripts/localmim/finetune_b16_1600ep.sh [FLAG ...]   (later flags override the preset's)
+#   DATA        ImageNet-1k (default /data/imagenet)
+#   PRETRAINED  the pretraining run or checkpoint (default runs/localmim/pretrain_b16_1600ep)
+#   OUT         run folder (default runs/localmim/finetune_b16_1600ep)
+#   GPUS        GPUs on this node (1, 2, 4 or 8; default 8): --accum-iter 8/GPUS keeps the effective batch at 1024
+set -euo pipefail
+cd "$(dirname "$0")/../.."  # paths below are relative to the repository root
+DATA=${DATA:-/data/imagenet}
+PRETRAINED=${PRETRAINED:-runs/localmim/pretrain_b16_1600ep}
+OUT=${OUT:-runs/localmim/finetune_b16_1600ep}
+GPUS=${GPUS:-8}
+if (( 8 % GPUS )); then echo "GPUS must divide 8" >&2; exit 2; fi
+LAUNCH=${LAUNCH:-torchrun --standalone --nproc_per_node=$GPUS}
+
+$LAUNCH localmim_freezeout.py finetune \
+    --data "$DATA" \
+    --pretrained "$PRETRAINED" \
+    --output-dir "$OUT" \
+    --model vit_base_patch16 \
+    --input-size 224 \
+    --batch-size 128 \
+    --accum-iter $((8 / GPUS)) \
+    --epochs 100 \
+    --warmup-epochs 20 \
+    --lr 2e-3 \
+    --min-lr 1e-5 \
+    --layer-decay 0.65 \
+    --weight-decay 0.05 \
+    --drop-path 0.1 \
+    --smoothing 0.1 \
+    --mixup 0.8 \
+    --cutmix 1.0 \
+    --aa rand-m9-mstd0.5-inc1 \
+    --reprob 0.25 \
+    --dist-eval \
+    --precision bf16 \
+    --seed 0 \
+    "$@"
