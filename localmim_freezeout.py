@@ -317,11 +317,8 @@ def vit_kwargs(config: dict[str, Any], num_classes: int, pooling: str = "cls") -
     """timm VisionTransformer kwargs from `common.convert.timm_kwargs`: qkv bias, LayerNorm eps 1e-6, a position
     embedding over the cls token too (MAE's layout, timm's vit_*). pooling 'avg' keeps the cls token and averages the
     patch tokens into fc_norm (MAE's global_pool fine-tuning)."""
-    kwargs = convert.timm_kwargs(dict(config, num_classes=max(num_classes, 1), pooling="cls"), no_embed_class=False)
-    kwargs["num_classes"] = num_classes
-    if pooling == "avg":
-        kwargs.update(global_pool="avg", fc_norm=True)
-    return kwargs
+    return convert.timm_kwargs(dict(config, num_classes=num_classes, pooling="gap" if pooling == "avg" else "cls",
+                                    class_token=True), no_embed_class=False)
 
 
 def arch_config(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,7 +11,10 @@ taken from a run dir). Then, in PyTorch:
 
 --arch deit3 keeps the position embedding on the patches only (timm `no_embed_class=True`, the `deit3_*`
 models); --arch vit prepends a zero row for the cls token (`vit_*` models; exact, since the row is zero).
-Without --arch the layout the model was trained with is kept.
+Without --arch the layout the model was trained with is kept. Checkpoints of mae_jax.py export by stage: the
+pretrained encoder without its decoder (timm `vit_*_patch16_224.mae`: no head, the fixed sin-cos embedding written
+as `pos_embed`), a fine-tuned model (`vit_*` with `global_pool='avg'`), a linear probe (BatchNorm folded into the
+head).
 """
 
 from __future__ import annotations
@@ -67,12 +70,6 @@ def convert(params: dict, config: dict, arch: str | None) -> tuple[dict, dict]:
     return state, kwargs
 
 
-def config_of(ckpt: Path, which: str) -> dict:
-    from common.checkpoint import find_step_dir, read_meta
-
-    return read_meta(find_step_dir(ckpt, which)).get("config", {})
-
-
 def mae_params(state: dict, config: dict) -> dict:
     """The timm-layout params of a `mae_jax.py` checkpoint: the pretraining encoder without the decoder (timm
     `vit_*.mae`, no head), the fine-tuned GAP model as is, or the probed encoder with its BatchNorm folded into
@@ -95,14 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(args.ckpt)
         if not ckpt.exists():
             raise UserError(f"checkpoint {ckpt} does not exist")
-        from common.checkpoint import load_params_and_config, load_state_and_config
+        from common.checkpoint import load_params_and_config
 
-        if config_of(ckpt, args.which).get("script") == "mae_jax.py":
+        params, config = load_params_and_config(ckpt, which=args.which, key="ema_params" if args.ema else "params")
+        arch = args.arch
+        if config.get("script") == "mae_jax.py":  # the encoder, or the probe's folded head: see mae_params
+            from common.checkpoint import load_state_and_config
+
             saved, config = load_state_and_config(ckpt, which=args.which)
             params, arch = mae_params(saved, config), args.arch or "vit"  # MAE's pos_embed has the cls row
-        else:
-            key = "ema_params" if args.ema else "params"
-            (params, config), arch = load_params_and_config(ckpt, which=args.which, key=key), args.arch
         state, kwargs = convert(params, config, arch)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
