@@ -35,3 +35,16 @@ def run_script(script: str, *args: str, devices: int = 1, timeout: float = 600, 
 @pytest.fixture
 def run():
     return run_script
+
+
+# The files with the longest runs go first, so that with `-n 2 --dist loadfile` (the README's command) neither
+# worker is left with a long file at the end.
+LONGEST_FIRST = ("test_deit3.py", "test_deit.py", "test_mae.py", "test_howtotrain.py", "test_dvt.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
