@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from common import UserError, augment, checkpoint, data, dist, loop, optim, schedules
+from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +416,7 @@ class TimmTeacher:
         if not timm.is_model(name):
             raise UserError(f"unknown timm teacher {name!r} (give --teacher flax for a checkpoint of this script)")
         model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-        state = _read_torch_weights(weights)
+        state = convert.read_torch_state_dict(weights, "--teacher-ckpt")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # missing / unexpected keys or shapes
@@ -444,22 +444,6 @@ class TimmTeacher:
             shards.append(jax.device_put(jax.dlpack.from_dlpack(logits), shard.device))
         return jax.make_array_from_single_device_arrays((images.shape[0], shards[0].shape[1]),
                                                         dist.batch_sharded(self.mesh), shards)
-
-
-def _read_torch_weights(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"--teacher-ckpt {path} is not a file")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        import torch
-
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise UserError(f"--teacher-ckpt {path} is not a PyTorch state dict: {e}") from None
-    return state.get("model", state) if isinstance(state, dict) else state  # DeiT's teacher file: {"model": ...}
 
 
 class FlaxTeacher:

@@ -591,15 +591,6 @@ def eval_transform(config: dict[str, Any]):
                                   interpolation=config["interpolation"])
 
 
-def synthetic_batch(batch_size: int, img_size: int, num_classes: int, device: torch.device, seed: int) -> dict:
-    """Random normalised images and labels made on the device: --benchmark and --data synthetic."""
-    generator = torch.Generator(device).manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size, img_size, img_size, 3), dtype=torch.uint8, device=device,
-                           generator=generator)
-    labels = torch.randint(0, num_classes, (batch_size,), device=device, generator=generator)
-    return {"image": tu.images_to_device(images, device, MEAN, STD), "label": labels, "skipped": 0}
-
-
 # ----------------------------------------------------------------------------------------------
 # Loss and train step.
 # ----------------------------------------------------------------------------------------------
@@ -608,11 +599,6 @@ def synthetic_batch(batch_size: int, img_size: int, num_classes: int, device: to
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy against soft targets (timm SoftTargetCrossEntropy without the mean)."""
     return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Drop path, random erasing and mixup draws are a function of (seed, step, rank): a resumed run draws the same."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
 class Augmenter:
@@ -645,7 +631,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     """One optimizer step on this process's share of the global batch, in --grad-accum micro-batches. The loss is the
     sum of the exits' cross-entropies (paper §3.3). Returns device tensors: per-exit summed loss and correct top-1
     over the local samples, and the gradient norm."""
-    seed = step_seed(args.seed, step, env.rank)
+    seed = tu.step_seed(args.seed, step, env.rank)
     torch.manual_seed(seed)
     labels = batch["label"]
     images, targets = augmenter(batch["image"], labels, seed)
@@ -808,8 +794,8 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
               f" per exit), {total_steps} steps ({steps_per_epoch}/epoch), {env.world_size} process(es) on "
               f"{env.device.type}, starting at step {start_step}", file=sys.stderr)
     if spec.source == "synthetic":
-        fixed = synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
-                                args.seed + env.rank)
+        fixed = tu.synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
+                                   args.seed + env.rank, MEAN, STD)
         batches = iter(lambda: fixed, None)
     else:
         host_batches = data.train_batches(args.data, train_transform(config), global_batch=args.batch_size,
@@ -1301,7 +1287,8 @@ def benchmark_inference(model: DVT, config: dict, args, env: tu.DistEnv) -> list
     synthetic batch, so the exits take the budget's shares), of the cascade with no exit, and of the last exit's
     backbone alone on every image (e.g. T2T-ViT-14 at 14x14)."""
     model.eval()
-    batch = synthetic_batch(args.eval_batch_size, args.img_size, config["num_classes"], env.device, args.seed + 1)
+    batch = tu.synthetic_batch(args.eval_batch_size, args.img_size, config["num_classes"], env.device, args.seed + 1,
+                               MEAN, STD)
     images = batch["image"]
     cumulative = cumulative_flops(config)
     with torch.no_grad(), tu.autocast(env.device, args.precision):
@@ -1332,8 +1319,8 @@ def benchmark_inference(model: DVT, config: dict, args, env: tu.DistEnv) -> list
 
 
 def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> dict:
-    batch = synthetic_batch(args.batch_size // env.world_size, args.img_size, config["num_classes"], env.device,
-                            env.rank)
+    batch = tu.synthetic_batch(args.batch_size // env.world_size, args.img_size, config["num_classes"], env.device,
+                               env.rank, MEAN, STD)
     augmenter = Augmenter(config, env.device)
     set_epoch_lr(optimizer, args.warmup_epochs, args)
 

@@ -308,15 +308,6 @@ def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.T
     return F.one_hot(labels, num_classes).float() * (1 - smoothing) + smoothing / num_classes
 
 
-def synthetic_batch(batch_size: int, img_size: int, num_classes: int, device: torch.device, seed: int) -> dict:
-    """Random normalised images and labels made on the device: --benchmark and --data synthetic."""
-    generator = torch.Generator(device).manual_seed(seed)
-    images = torch.randint(0, 256, (batch_size, img_size, img_size, 3), dtype=torch.uint8, device=device,
-                           generator=generator)
-    labels = torch.randint(0, num_classes, (batch_size,), device=device, generator=generator)
-    return {"image": tu.images_to_device(images, device, MEAN, STD), "label": labels, "skipped": 0}
-
-
 # ----------------------------------------------------------------------------------------------
 # Loss and train step.
 # ----------------------------------------------------------------------------------------------
@@ -328,11 +319,6 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> t
     return -(targets * F.log_softmax(logits, dim=-1)).sum(-1)
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Dropout and stochastic-depth masks are a function of (seed, step, rank): a resumed run draws the same."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-
-
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
                step: int, args: argparse.Namespace, env: tu.DistEnv, num_classes: int) -> dict[str, torch.Tensor]:
     """One optimizer step on this process's share of the global batch, split into --grad-accum micro-batches.
@@ -340,7 +326,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     DDP averages the gradients over processes, so the update equals one process's on the whole batch. Returns device
     tensors (no host sync): summed loss and correct top-1 over the local samples, and the pre-clip gradient norm.
     """
-    torch.manual_seed(step_seed(args.seed, step, env.rank))
+    torch.manual_seed(tu.step_seed(args.seed, step, env.rank))
     images, labels = batch["image"], batch["label"]
     targets = one_hot(labels, num_classes, args.label_smoothing)
     images, targets = mixup(images, targets, args.mixup, np.random.default_rng([args.seed, step]))
@@ -440,8 +426,8 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
               f"{config['peak_lr']:.3g}, AdamW weight decay {config['adamw_weight_decay']:.3g}, {env.world_size} "
               f"process(es) on {env.device.type}, starting at step {start_step}", file=sys.stderr)
     if spec.source == "synthetic":
-        fixed = synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
-                                args.seed + env.rank)
+        fixed = tu.synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
+                                   args.seed + env.rank, MEAN, STD)
         batches = iter(lambda: fixed, None)
     else:
         host_batches = data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
@@ -580,7 +566,8 @@ def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv, num_cl
 
 def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> dict:
     num_classes = config["num_classes"]
-    batch = synthetic_batch(args.batch_size // env.world_size, args.img_size, num_classes, env.device, env.rank)
+    batch = tu.synthetic_batch(args.batch_size // env.world_size, args.img_size, num_classes, env.device, env.rank,
+                               MEAN, STD)
     tu.set_lr(optimizer, config["peak_lr"])
 
     def timed(steps: int) -> float:

@@ -773,15 +773,11 @@ def eval_transform(args: argparse.Namespace):
     return augment.eval_transform(args.input_size, crop_ratio=args.crop_pct)
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-
-
 def mask_noise(seed: int, step: int, rows: int, patches: int, device: torch.device, rank: int,
                local_rows: int) -> torch.Tensor:
     """This process's rows of the step's masking noise, drawn for the whole effective batch from (seed, step): the
     masks do not depend on how the batch is split over processes and micro-batches (or on resuming)."""
-    generator = torch.Generator().manual_seed(step_seed(seed, step))
+    generator = torch.Generator().manual_seed(tu.step_seed(seed, step))
     noise = torch.rand(rows, patches, generator=generator)
     return noise[rank * local_rows:(rank + 1) * local_rows].to(device)
 
@@ -825,7 +821,7 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
                     step: int, args: argparse.Namespace, env: tu.DistEnv, regularisers: dict) -> torch.Tensor:
     """Fine-tuning / linear-probe step: random erasing and mixup/cutmix (per micro-batch, as MAE's loader batches) on
     the device, loss scaled by 1/accum, optional clipping. Returns the summed loss over the local samples."""
-    seed = step_seed(args.seed, step, env.rank)  # erasing, mixup and drop path draw from these: exact resume
+    seed = tu.step_seed(args.seed, step, env.rank)  # erasing, mixup and drop path draw from these: exact resume
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)

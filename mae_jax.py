@@ -641,27 +641,10 @@ def make_eval_step(args: argparse.Namespace, model, head: ProbeHead | None = Non
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_torch_weights(path: str) -> dict:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-
-            return load_file(path)
-        import torch
-
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise UserError(f"--init {path} is not a PyTorch state dict: {e}") from None
-    state = state.get("model", state) if isinstance(state, dict) else state  # MAE's files: {"model": ...}
-    if not isinstance(state, dict):
-        raise UserError(f"--init {path} is not a PyTorch state dict")
-    return state
-
-
 def read_encoder(path: str, config: ViTConfig) -> dict:
     """The pretrained encoder's params (Flax layout, timm names) with a position embedding of this model's grid."""
     if os.path.isfile(path):
-        state = _read_torch_weights(path)
+        state = convert.read_torch_state_dict(path, "--init")
         params = convert.timm_to_flax({name: value for name, value in state.items()
                                        if convert.is_encoder_param(name)})
     elif os.path.isdir(path):

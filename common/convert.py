@@ -14,11 +14,14 @@ the architecture comes from the run's config (`timm_kwargs`) and the arrays from
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from common import UserError
 
 _INDEXED = re.compile(r"^(.+)_(\d+)$")  # Flax `blocks_3` <-> timm `blocks.3`
 _CONV_TO_TIMM = (3, 2, 0, 1)  # HWIO -> OIHW
@@ -180,6 +183,27 @@ def fold_batchnorm(head: Mapping[str, Any], mean: np.ndarray, var: np.ndarray, e
     folded = kernel * inv_std[:, None]
     return {"kernel": folded.astype(np.float32),
             "bias": (bias - np.asarray(mean, np.float64) @ folded).astype(np.float32)}
+
+
+def read_torch_state_dict(path: str, flag: str) -> dict:
+    """The state dict in a PyTorch .pth / .safetensors file, unwrapped from the `{"model": ...}` of DeiT's and MAE's
+    checkpoints. Anything else is a UserError naming `flag` (the command-line option that gave the path)."""
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is not a file")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
+        raise UserError(f"{flag} {path} is not a PyTorch state dict: {e}") from None
+    state = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise UserError(f"{flag} {path} is not a PyTorch state dict")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------

@@ -126,6 +126,22 @@ def batches_to_device(batches: Iterator[dict], device: torch.device, mean: tuple
                "label": labels_to_device(batch["label"], device), "skipped": int(batch.get("skipped", 0))}
 
 
+def synthetic_batch(batch_size: int, img_size: int, num_classes: int, device: torch.device, seed: int,
+                    mean: tuple[float, ...], std: tuple[float, ...]) -> dict:
+    """Random normalised images and labels made on the device: --benchmark and --data synthetic."""
+    generator = torch.Generator(device).manual_seed(seed)
+    images = torch.randint(0, 256, (batch_size, img_size, img_size, 3), dtype=torch.uint8, device=device,
+                           generator=generator)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device, generator=generator)
+    return {"image": images_to_device(images, device, mean, std), "label": labels, "skipped": 0}
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A seed that is a function of (seed, step, rank) only: the random draws of a step (dropout, drop path,
+    masking, mixup) come out the same in a resumed run."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning rate
 # ----------------------------------------------------------------------------------------------
