@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ MODEL_PRESETS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--data", default="digits",
@@ -149,6 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
     if args.dim % args.heads:
         raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum)
     if args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.auto_augment in ("", "none"):
@@ -484,9 +486,10 @@ def setup(args: argparse.Namespace):
     optimizer = make_optimizer(args, schedule, params)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
     state = jax.device_put(state, dist.replicated(mesh))
-    run_config = dict(vars(args), num_classes=spec.num_classes, peak_lr=peak_lr, total_steps=total_steps,
-                      warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch, devices=jax.device_count(),
-                      processes=jax.process_count(), device_kind=jax.devices()[0].device_kind,
+    run_config = dict(vars(args), **run_record("deit3_jax.py", args), num_classes=spec.num_classes, peak_lr=peak_lr,
+                      total_steps=total_steps, warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch,
+                      devices=jax.device_count(), processes=jax.process_count(),
+                      device_kind=jax.devices()[0].device_kind,
                       params=sum(x.size for x in jax.tree_util.tree_leaves(params)))
     return mesh, model, config, optimizer, schedule, state, run_config
 
@@ -512,22 +515,24 @@ def run(args: argparse.Namespace) -> dict:
                                     process_count=jax.process_count())
         return loop.evaluate(eval_step, {"val_": state["params"]}, batches, mesh)
 
-    with checkpoint.Checkpointer(args.output_dir) as ckpt:  # waits for pending writes, also on errors
-        if args.eval_only:
+    if args.eval_only:  # an existing run's config.json and checkpoints stay as they are
+        with checkpoint.Checkpointer(args.output_dir) as ckpt:
             if args.pretrained_ckpt:
                 state["params"] = jax.device_put(load_pretrained(state["params"], args), dist.replicated(mesh))
             else:
                 state, _ = ckpt.restore(state)
-            log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+            log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard)
             metrics = evaluate(state)
             log.write(int(state["step"]), **metrics)
             log.close()
             if dist.is_main_process():
                 print(json.dumps(metrics))
             return metrics
-
-        state, meta = loop.restore_or_start(ckpt, state, resume=args.resume, output_dir=args.output_dir)
-        log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+    with loop.open_run(args.output_dir, resume=args.resume, recipe=run_config["trained_by"],
+                       settings=vars(args)) as ckpt:  # waits for pending writes, also on errors
+        state, meta = loop.restore_or_start(ckpt, state, resume=args.resume)
+        log = RunLog(args.output_dir, run_config, start_step=int(state["step"]), wandb_project=args.wandb,
+                     tensorboard=args.tensorboard)
         start_step, steps_per_epoch = int(state["step"]), run_config["steps_per_epoch"]
         if dist.is_main_process():
             print(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), "
@@ -541,7 +546,7 @@ def run(args: argparse.Namespace) -> dict:
                             total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=args.batch_size,
                             log_interval=args.log_interval, eval_interval=eval_interval,
                             save_interval=args.save_interval or eval_interval,
-                            best_top1=meta.get("best_top1", -1.0), output_dir=args.output_dir)
+                            meta=meta, output_dir=args.output_dir)
         log.close()
         return result
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ AUGMENTATION = dict(auto_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25, mi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--recipe", default="deit", help="hyperparameter set: " + " ".join(RECIPES))
@@ -205,6 +206,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
     if args.dim % args.heads:
         raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum)
     if args.batch_size % args.grad_accum:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.distill != "none" and args.pooling != "cls":
@@ -576,7 +578,8 @@ def setup(args: argparse.Namespace):
     if args.ema_decay > 0:
         state["ema_params"] = jax.tree_util.tree_map(jnp.copy, params)  # own buffers: the step donates both
     state = jax.device_put(state, dist.replicated(mesh))
-    run_config = dict(vars(args), script="deit_jax.py", num_classes=spec.num_classes, peak_lr=peak_lr,
+    run_config = dict(vars(args), **run_record("deit_jax.py", args), script="deit_jax.py", num_classes=spec.num_classes,
+                      peak_lr=peak_lr,
                       total_steps=total_steps, warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch,
                       distilled=config.distilled, no_embed_class=False, devices=jax.device_count(),
                       processes=jax.process_count(), device_kind=jax.devices()[0].device_kind,
@@ -618,18 +621,21 @@ def run(args: argparse.Namespace) -> dict:
         return loop.evaluate(eval_step, weights, batches, mesh)
 
     best_metric = "ema_val_top1" if args.ema_eval and args.ema_decay > 0 else "val_top1"
-    with checkpoint.Checkpointer(args.output_dir) as ckpt:  # waits for pending writes, also on errors
-        if args.eval_only:
+    if args.eval_only:  # an existing run's config.json and checkpoints stay as they are
+        with checkpoint.Checkpointer(args.output_dir) as ckpt:
             state, _ = ckpt.restore(state)
             metrics = evaluate(state)
-            log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+            log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard)
             log.write(int(state["step"]), **metrics)
             log.close()
             if dist.is_main_process():
                 print(json.dumps(metrics))
             return metrics
-        state, meta = loop.restore_or_start(ckpt, state, resume=args.resume, output_dir=args.output_dir)
-        log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+    with loop.open_run(args.output_dir, resume=args.resume, recipe=run_config["trained_by"],
+                       settings=vars(args)) as ckpt:  # waits for pending writes, also on errors
+        state, meta = loop.restore_or_start(ckpt, state, resume=args.resume)
+        log = RunLog(args.output_dir, run_config, start_step=int(state["step"]), wandb_project=args.wandb,
+                     tensorboard=args.tensorboard)
         start_step, steps_per_epoch = int(state["step"]), run_config["steps_per_epoch"]
         if dist.is_main_process():
             print(f"{args.recipe} recipe, {run_config['params'] / 1e6:.1f}M params, {total_steps} steps "
@@ -644,7 +650,7 @@ def run(args: argparse.Namespace) -> dict:
                             total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=args.batch_size,
                             log_interval=args.log_interval, eval_interval=eval_interval,
                             save_interval=args.save_interval or eval_interval, best_metric=best_metric,
-                            best_top1=meta.get("best_top1", -1.0), output_dir=args.output_dir)
+                            meta=meta, output_dir=args.output_dir)
         log.close()
         return result
 

@@ -53,6 +53,7 @@ from tqdm import tqdm
 
 from common import UserError, augment, data, runtime
 from common import torch_utils as tu
+from common.run import ArgumentParser, check_finite_loss, make_output_dir, run_record
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ CALIB_CACHE = "calibration.pt"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Dynamic Vision Transformer (Wang et al. 2021), in PyTorch",
+    parser = ArgumentParser(description="Dynamic Vision Transformer (Wang et al. 2021), in PyTorch",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_flags(commands.add_parser("train", help="train a DVT", description="train a DVT (all exits jointly)",
@@ -730,9 +731,9 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
     total_steps = args.training_steps or total_epochs * steps_per_epoch or (10_000 if args.benchmark else 0)
     if total_steps <= 0:
         raise UserError(f"{args.data} has no known size: give --training-steps")
-    config = dict(vars(args), num_classes=spec.num_classes, class_names=spec.class_names, total_steps=total_steps,
-                  steps_per_epoch=steps_per_epoch, world_size=env.world_size, device=str(env.device), mean=MEAN,
-                  std=STD)
+    config = dict(vars(args), **run_record("dvt.py train", args), num_classes=spec.num_classes,
+                  class_names=spec.class_names, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                  world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_model(config)
     if args.init_from and not args.resume:
@@ -746,24 +747,18 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema_decay > 0 else None
 
     out = Path(args.output_dir)
-    start_step, best_top1 = 0, -1.0
-    last_steps = tu.checkpoint_steps(out / "checkpoints")
-    if last_steps and not args.benchmark:
-        if not args.resume:
-            raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
-                            "--output-dir")
-        path = out / "checkpoints" / f"{last_steps[-1]}.pt"
-        state = tu.load_checkpoint(path)
+    start_step, best_top1, log_window = 0, -1.0, {}
+    state = None if args.benchmark else tu.start_run(out, resume=args.resume, recipe=config["trained_by"],
+                                                     settings=vars(args))
+    if state:
+        path = out / "checkpoints" / f"{state['step']}.pt"
         tu.check_state_dict(model, state["model"], str(path))
-        if (state.get("ema") is None) != (ema is None):
-            raise UserError(f"checkpoint {path} was written with{'out' if ema else ''} --model-ema-decay; resume "
-                            "with the run's own setting")
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_step, best_top1 = state["step"], state["best_top1"]
+        start_step, best_top1, log_window = state["step"], state["best_top1"], state["log_window"]
 
     if env.distributed:
         device_ids = [env.device] if env.device.type == "cuda" else None
@@ -774,16 +769,17 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
         return benchmark(args, env, model, optimizer, scaler, config)
     log = None
     if env.is_main:  # rank 0 writes config.json and log.jsonl
-        log = RunLog(out, config, wandb_project=args.wandb, tensorboard=args.tensorboard, main=True)
+        log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                     main=True)
     try:
-        return loop(args, env, model, ema, optimizer, scaler, config, spec, start_step, best_top1, log)
+        return loop(args, env, model, ema, optimizer, scaler, config, spec, start_step, best_top1, log_window, log)
     finally:
         if log:
             log.close()
 
 
 def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
-         best_top1: float, log: RunLog | None) -> dict:
+         best_top1: float, log_window: dict, log: RunLog | None) -> dict:
     total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
     total_epochs = args.epochs + args.cooldown_epochs
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
@@ -804,27 +800,28 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
         batches = tu.batches_to_device(host_batches, env.device, MEAN, STD)
     augmenter = Augmenter(config, env.device)
 
-    window = torch.zeros(2, exits, device=env.device)  # summed loss, correct top-1 per exit
+    # Sums since the last log record (loss, correct top-1 and unreadable images skipped, per exit), kept in the
+    # checkpoint so that a run resumed between two records logs what the uninterrupted run logs.
+    window = log_window.get("sums", torch.zeros(3, exits)).to(env.device)
+    window_steps = log_window.get("steps", 0)
     nonfinite = torch.zeros((), device=env.device)
-    window_start, window_steps, skipped, last = time.perf_counter(), 0, 0, {}
+    window_start, last = time.perf_counter(), {}
 
     def check_finite(step: int) -> None:
         if tu.all_reduce_sum(nonfinite.clone()).item() > 0:
-            raise UserError(f"the loss became NaN or infinite before step {step}; stopping without saving (the last "
-                            f"good checkpoint in {out / 'checkpoints'} is kept)")
+            check_finite_loss([math.nan], step, out / "checkpoints")
 
     def save(step: int, results: dict) -> None:
         check_finite(step)
         plain = tu.unwrap(model)
-        if not all(torch.isfinite(p).all() for p in plain.parameters()):
-            raise UserError(f"the weights are NaN or infinite at step {step}; stopping without saving (the last good "
-                            f"checkpoint in {out / 'checkpoints'} is kept)")
+        tu.check_savable(step, plain, optimizer, ema, eval_metrics=results, output_dir=out / "checkpoints")
+        window_sums = tu.all_reduce_sum(window.clone()).cpu() / env.world_size  # each process takes back 1/N
         if env.is_main:
             reported = ema.module if ema is not None else plain
             tu.save_checkpoint(out / "checkpoints", step, {
                 "model": plain.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "best_top1": best_top1, "config": config})
+                "best_top1": best_top1, "config": config, "log_window": {"sums": window_sums, "steps": window_steps}})
             top1 = results.get(report_key("val_top1", ema))
             if top1 is not None and top1 >= best_top1:  # budget and eval load these weights
                 tu.save_checkpoint(out / "best", step, {"model": reported.state_dict(), "step": step,
@@ -851,24 +848,25 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
     try:
         for step in progress:
             batch = next(batches)
-            skipped += batch["skipped"]
             lr = set_epoch_lr(optimizer, epoch_of(step), args)
             metrics = train_step(model, optimizer, scaler, batch, step, args, env, augmenter, ema)
             nonfinite += ~torch.isfinite(metrics["loss_sums"]).all()
-            window += torch.stack([metrics["loss_sums"], metrics["correct"]])
+            skipped = torch.full_like(metrics["correct"], batch["skipped"] / exits)  # spread over the exits' columns
+            window += torch.stack([metrics["loss_sums"], metrics["correct"], skipped])
             window_steps += 1
             done = step + 1
             if done % args.log_interval == 0 or done == total_steps:
                 check_finite(done)
-                totals = tu.all_reduce_sum(window.clone()) / (window_steps * args.batch_size)
+                sums = tu.all_reduce_sum(window.clone())
+                totals = sums / (window_steps * args.batch_size)
                 last = {"loss": totals[0].sum().item(), "lr": lr, "grad_norm": metrics["grad_norm"].item(),
                         "img_per_sec": window_steps * args.batch_size / (time.perf_counter() - window_start),
                         "epoch": done / steps_per_epoch if steps_per_epoch else 0.0}
                 for k in range(exits):
                     last[f"loss_exit{k + 1}"] = totals[0, k].item()
                     last[f"train_top1_exit{k + 1}"] = 100 * totals[1, k].item()
-                if skipped:
-                    last["skipped_images"] = skipped
+                if sums[2].sum() > 0:
+                    last["skipped_images"] = round(sums[2].sum().item())
                 if log:
                     log.write(done, **last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_sec']:.0f}")
@@ -1057,10 +1055,7 @@ def early_exit(model: DVT, images: torch.Tensor, thresholds: list[float],
 def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path, int]:
     """The reported weights of a run (its best checkpoint, else the EMA or raw weights of its last), with its
     config, the file and its step."""
-    file = tu.find_checkpoint(path, subdirs=("best", "checkpoints"))
-    state = tu.load_checkpoint(file)
-    if "config" not in state or "model" not in state:
-        raise UserError(f"{file} is not a checkpoint of dvt.py")
+    state, file = tu.load_run_checkpoint(path, "dvt.py", subdirs=("best", "checkpoints"))
     weights = state["ema"] if state.get("ema") is not None else state["model"]
     return weights, state["config"], file, state.get("step", 0)
 
@@ -1126,12 +1121,14 @@ def calibration_confidences(model: DVT, config: dict, meta: dict, args: argparse
 
 
 def budget(args: argparse.Namespace) -> dict:
+    if args.q is not None and args.q <= 0:
+        raise UserError(f"--q must be positive, got {args.q}")
     model, config, meta, device = load_run(args)
+    output = make_output_dir(Path(args.output).parent) / Path(args.output).name if args.output else \
+        run_folder(args) / "budget.json"
     confidences = calibration_confidences(model, config, meta, args, device)
     cumulative = cumulative_flops(config)
     if args.q is not None:
-        if args.q <= 0:
-            raise UserError(f"--q must be positive, got {args.q}")
         q, thresholds = args.q, budget_thresholds(confidences, args.q)
     else:
         target = args.target_gflops * 1e9 if args.target_gflops is not None else args.target_gmacs * 2e9
@@ -1141,7 +1138,6 @@ def budget(args: argparse.Namespace) -> dict:
               "calib_exit_share": exit_shares(exits, len(cumulative)), "target_gflops": args.target_gflops,
               "target_gmacs": args.target_gmacs, "cumulative_gflops": [c / 1e9 for c in cumulative], **meta,
               "calib_images": confidences.shape[1]}
-    output = Path(args.output) if args.output else run_folder(args) / "budget.json"
     output.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
     return result

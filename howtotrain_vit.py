@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from common import UserError, augment, data, runtime
 from common import torch_utils as tu
+from common.run import ArgumentParser, check_finite_loss, run_record
 from common.runlog import RunLog, read_log
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +81,7 @@ PAPER_BATCH = 4096  # paper §3 ("Pre-training"): the batch at which the paper g
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="How to train your ViT? (Steiner et al. 2021), in PyTorch",
+    parser = ArgumentParser(description="How to train your ViT? (Steiner et al. 2021), in PyTorch",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_flags(commands.add_parser("train", help="train a ViT", description="train a ViT the AugReg way",
@@ -373,7 +374,8 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
     if total_steps <= 0:
         raise UserError(f"{args.data} has no known size: give --training-steps")
     lr = peak_lr(args)
-    config = dict(vars(args), num_classes=spec.num_classes, class_names=spec.class_names,
+    config = dict(vars(args), **run_record("howtotrain_vit.py train", args), num_classes=spec.num_classes,
+                  class_names=spec.class_names,
                   model_kwargs=model_kwargs(args, spec.num_classes), peak_lr=lr,
                   adamw_weight_decay=args.weight_decay / lr, total_steps=total_steps,
                   steps_per_epoch=steps_per_epoch, world_size=env.world_size, device=str(env.device),
@@ -385,19 +387,16 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
     scaler = tu.grad_scaler(env.device, args.precision)
 
     out = Path(args.output_dir)
-    start_step, best_top1 = 0, -1.0
-    last_steps = tu.checkpoint_steps(out / "checkpoints")
-    if last_steps and not args.benchmark:
-        if not args.resume:
-            raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
-                            "--output-dir")
-        path = out / "checkpoints" / f"{last_steps[-1]}.pt"
-        state = tu.load_checkpoint(path)
+    start_step, best_top1, log_window = 0, -1.0, {}
+    state = None if args.benchmark else tu.start_run(out, resume=args.resume, recipe=config["trained_by"],
+                                                     settings=vars(args))
+    if state:
+        path = out / "checkpoints" / f"{state['step']}.pt"
         tu.check_state_dict(model, state["model"], str(path))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_step, best_top1 = state["step"], state["best_top1"]
+        start_step, best_top1, log_window = state["step"], state["best_top1"], state["log_window"]
 
     if env.distributed:
         device_ids = [env.device] if env.device.type == "cuda" else None
@@ -408,16 +407,17 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
         return benchmark(args, env, model, optimizer, scaler, config)
     log = None
     if env.is_main:  # rank 0 writes config.json and log.jsonl
-        log = RunLog(out, config, wandb_project=args.wandb, tensorboard=args.tensorboard, main=True)
+        log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                     main=True)
     try:
-        return loop(args, env, model, optimizer, scaler, config, spec, start_step, best_top1, log)
+        return loop(args, env, model, optimizer, scaler, config, spec, start_step, best_top1, log_window, log)
     finally:
         if log:
             log.close()
 
 
 def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
-         best_top1: float, log: RunLog | None) -> dict:
+         best_top1: float, log_window: dict, log: RunLog | None) -> dict:
     total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
     out = Path(args.output_dir)
@@ -435,25 +435,27 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
                                           process_index=env.rank, process_count=env.world_size)
         batches = tu.batches_to_device(host_batches, env.device, MEAN, STD)
 
-    window = {"loss_sum": torch.zeros((), device=env.device), "correct": torch.zeros((), device=env.device)}
+    # Sums since the last log record (loss, correct top-1, unreadable images skipped), kept in the checkpoint so that
+    # a run resumed between two records logs what the uninterrupted run logs.
+    window = log_window.get("sums", torch.zeros(3)).to(env.device)
+    window_steps = log_window.get("steps", 0)
     nonfinite = torch.zeros((), device=env.device)
-    window_start, window_steps, skipped, last = time.perf_counter(), 0, 0, {}
+    window_start, last = time.perf_counter(), {}
 
     def check_finite(step: int) -> None:
         if tu.all_reduce_sum(nonfinite.clone()).item() > 0:
-            raise UserError(f"the loss became NaN or infinite before step {step}; stopping without saving (the last "
-                            f"good checkpoint in {out / 'checkpoints'} is kept)")
+            check_finite_loss([math.nan], step, out / "checkpoints")
 
     def save(step: int, results: dict) -> None:
         check_finite(step)
         plain = tu.unwrap(model)
-        if not all(torch.isfinite(p).all() for p in plain.parameters()):
-            raise UserError(f"the weights are NaN or infinite at step {step}; stopping without saving (the last good "
-                            f"checkpoint in {out / 'checkpoints'} is kept)")
+        tu.check_savable(step, plain, optimizer, eval_metrics=results, output_dir=out / "checkpoints")
+        window_sums = tu.all_reduce_sum(window.clone()).cpu() / env.world_size  # each process takes back 1/N
         if env.is_main:
             tu.save_checkpoint(out / "checkpoints", step, {
                 "model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "best_top1": best_top1, "config": config})
+                "step": step, "best_top1": best_top1, "config": config,
+                "log_window": {"sums": window_sums, "steps": window_steps}})
             if results.get("val_top1", -1.0) >= best_top1 and results:  # kept for predict: weights and config only
                 tu.save_checkpoint(out / "best", step, {"model": plain.state_dict(), "step": step,
                                                         "val_top1": results["val_top1"], "config": config})
@@ -476,30 +478,29 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
     try:
         for step in progress:
             batch = next(batches)
-            skipped += batch["skipped"]
             lr = tu.warmup_decay_lr(step, peak_lr=config["peak_lr"], total_steps=total_steps,
                                     warmup_steps=args.warmup_steps, decay=args.decay)
             tu.set_lr(optimizer, lr)
             metrics = train_step(model, optimizer, scaler, batch, step, args, env, spec.num_classes)
             nonfinite += ~torch.isfinite(metrics["loss_sum"])
-            window["loss_sum"] += metrics["loss_sum"]
-            window["correct"] += metrics["correct"]
+            window += torch.stack([metrics["loss_sum"], metrics["correct"],
+                                   torch.tensor(float(batch["skipped"]), device=env.device)])
             window_steps += 1
             done = step + 1
             if done % args.log_interval == 0 or done == total_steps:
                 check_finite(done)
-                totals = tu.all_reduce_sum(torch.stack([window["loss_sum"], window["correct"]]))
+                totals = tu.all_reduce_sum(window.clone())
                 samples = window_steps * args.batch_size
                 last = {"loss": totals[0].item() / samples, "train_top1": 100 * totals[1].item() / samples, "lr": lr,
                         "grad_norm": metrics["grad_norm"].item(),
                         "img_per_sec": samples / (time.perf_counter() - window_start),
                         "epoch": done / steps_per_epoch if steps_per_epoch else 0.0}
-                if skipped:
-                    last["skipped_images"] = skipped
+                if totals[2] > 0:
+                    last["skipped_images"] = round(totals[2].item())
                 if log:
                     log.write(done, **last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_sec']:.0f}")
-                window = {key: torch.zeros_like(value) for key, value in window.items()}
+                window.zero_()
                 window_start, window_steps = time.perf_counter(), 0
             stop = stop_requested(done)
             if done % eval_interval == 0 or done == total_steps:
@@ -692,8 +693,7 @@ def class_names(config: dict, labels_file: str | None) -> list[str]:
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
     """Print one line per image: path, then the top-k (class name, softmax probability) pairs, tab-separated."""
-    path = tu.find_checkpoint(args.checkpoint, subdirs=("best", "checkpoints"))
-    state = tu.load_checkpoint(path)
+    state, path = tu.load_run_checkpoint(args.checkpoint, "howtotrain_vit.py", subdirs=("best", "checkpoints"))
     config = state["config"]
     model = build_model(config)
     tu.check_state_dict(model, state["model"], str(path))

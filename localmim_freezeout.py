@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from common import UserError, augment, convert, data, runtime
 from common import torch_utils as tu
+from common.run import ArgumentParser, check_finite_loss, make_output_dir, run_record, saved_config
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ FREEZEOUT_FLAGS = ("how_scale", "t0", "not_scale_lr", "non_layerwise_lr", "dont_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="LocalMIM with FreezeOut, fine-tuning, linear probe and kNN",
+    parser = ArgumentParser(description="LocalMIM with FreezeOut, fine-tuning, linear probe and kNN",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     helps = {"pretrain": "LocalMIM pretraining (optionally with FreezeOut)",
@@ -870,30 +871,22 @@ def record_command(out: Path, argv: list[str], env: tu.DistEnv) -> None:
 
 
 def start_state(out: Path, args: argparse.Namespace) -> dict | None:
-    """The last checkpoint's state when resuming; refuses a folder that holds a run without --resume."""
-    steps = tu.checkpoint_steps(out / "checkpoints")
-    if not steps:
-        return None
-    if not args.resume:
-        raise UserError(f"{out} already holds checkpoints: pass --resume to continue that run, or choose another "
-                        "--output-dir")
-    return tu.load_checkpoint(out / "checkpoints" / f"{steps[-1]}.pt")
+    """The last checkpoint's state when resuming (None for a new run), after `common.run.start_run`'s checks."""
+    return tu.start_run(out, resume=args.resume, recipe=f"localmim_freezeout.py {args.command}", settings=vars(args))
 
 
 def check_finite(value: torch.Tensor, step: int, out: Path) -> None:
-    if not torch.isfinite(tu.all_reduce_sum(value.clone())).all():
-        raise UserError(f"the loss became NaN or infinite before step {step}; stopping without saving (the last "
-                        f"good checkpoint in {out / 'checkpoints'} is kept)")
+    check_finite_loss(tu.all_reduce_sum(value.clone()).tolist(), step, out / "checkpoints")
 
 
-def save_run(out: Path, env: tu.DistEnv, model: nn.Module, state: dict, epoch_done: bool, epoch: int,
-             args: argparse.Namespace) -> None:
+def save_run(out: Path, env: tu.DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+             epoch_done: bool, epoch: int, args: argparse.Namespace, eval_metrics: dict | None = None) -> None:
     """checkpoints/<step>.pt (the last: model, optimizer, scaler, step, config) and, every --save-every epochs and at
-    the end, epochs/<epoch>.pt (weights and config). Refuses non-finite weights."""
+    the end, epochs/<epoch>.pt (weights and config). Refuses a diverged state (`tu.check_savable`)."""
     plain = tu.unwrap(model)
-    if not all(torch.isfinite(p).all() for p in plain.parameters()):
-        raise UserError(f"the weights are NaN or infinite at step {state['step']}; stopping without saving")
+    tu.check_savable(state["step"], plain, optimizer, eval_metrics=eval_metrics, output_dir=out / "checkpoints")
     if env.is_main:
+        state = dict(state, optimizer=optimizer.state_dict())
         tu.save_checkpoint(out / "checkpoints", state["step"], dict(state, model=plain.state_dict()))
         if epoch_done and (epoch % args.save_every == 0 or epoch == args.epochs):
             tu.save_checkpoint(out / "epochs", epoch, {"model": plain.state_dict(), "config": state["config"],
@@ -931,8 +924,9 @@ def pretrain_config(args: argparse.Namespace, env: tu.DistEnv, spec: data.DataSp
     batch = effective_batch(args, env.world_size)
     steps_per_epoch = data.steps_per_epoch(spec.train_size, batch) if spec and spec.train_size else 0
     taps, scales = stage_layout(args.arch["layers"], args.all_stages)
-    return dict(vars(args), **arch_config(args), effective_batch=batch, peak_lr=peak_lr(args, env.world_size),
-                steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
+    return dict(vars(args), **arch_config(args), **run_record(f"localmim_freezeout.py {args.command}", args),
+                effective_batch=batch, peak_lr=peak_lr(args, env.world_size), steps_per_epoch=steps_per_epoch,
+                total_steps=args.epochs * steps_per_epoch,
                 warmup_steps=round(args.warmup_epochs * steps_per_epoch), taps=taps, scales=scales,
                 world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
 
@@ -963,24 +957,32 @@ def run_pretrain(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -> 
     optimizer = torch.optim.AdamW(freezeout_param_groups(model, plan, args.weight_decay), lr=config["peak_lr"],
                                   betas=(0.9, 0.95), fused=env.device.type == "cuda")
     scaler = tu.grad_scaler(env.device, args.precision)
-    start_step = 0
+    start_step, log_sums = 0, {}
     if state:
         tu.check_state_dict(model, state["model"], str(out / "checkpoints"))
         model.load_state_dict(state["model"])
         apply_freezeout(optimizer, state["step"])  # the same groups as when it was saved, then their state
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
+        start_step, log_sums = state["step"], state["log_sums"]
     record_command(out, argv, env)
-    log = RunLog(out, config, wandb_project=args.wandb, tensorboard=args.tensorboard, main=env.is_main)
+    log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                 main=env.is_main)
     try:
-        return pretrain_loop(args, env, model, optimizer, scaler, config, plan, start_step, log)
+        return pretrain_loop(args, env, model, optimizer, scaler, config, plan, start_step, log_sums, log)
     finally:
         log.close()
 
 
+def log_sums_to_save(env: tu.DistEnv, **sums: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The running sums of the log window and the epoch, over all processes, for the checkpoint: a run resumed
+    mid-window logs what the uninterrupted run would have. Each process takes back 1/N of them, and the next
+    all-reduce adds them up again."""
+    return {name: tu.all_reduce_sum(value.clone()) / env.world_size for name, value in sums.items()}
+
+
 def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, config: dict, plan: FreezePlan,
-                  start_step: int, log: RunLog) -> dict:
+                  start_step: int, log_sums: dict, log: RunLog) -> dict:
     total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
     if env.is_main:
         print(f"{config['params'] / 1e6:.1f}M params ({config['encoder_params'] / 1e6:.1f}M encoder), {total} steps "
@@ -990,7 +992,8 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
     batches = device_batches(args, env, start_step, config["effective_batch"])
     local_rows = args.batch_size * args.accum_iter
     ddp = wrap_ddp(model, env)
-    window = epoch_sums = torch.zeros(len(plan.taps) + 1, device=env.device)  # stage losses, steps
+    zeros = torch.zeros(len(plan.taps) + 2, device=env.device)  # stage losses, steps, unreadable images skipped
+    window, epoch_sums = (log_sums.get(name, zeros).to(env.device) for name in ("window", "epoch"))
     window_start = epoch_start = time.perf_counter()
     last: dict[str, Any] = {}
     preemption = runtime.Preemption()
@@ -1001,22 +1004,25 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
             if apply_freezeout(optimizer, step):
                 ddp = wrap_ddp(model, env)  # DDP only knows the parameters that required gradients when built
             lr = set_freezeout_lrs(optimizer, step, config)
-            images = next(batches)["image"]
+            batch = next(batches)
             noise = mask_noise(args.seed, step, config["effective_batch"], model.grid**2, env.device, env.rank,
                                local_rows)
-            stage_sums = pretrain_step(ddp, optimizer, scaler, images, noise, plan.active_stages(step),
+            stage_sums = pretrain_step(ddp, optimizer, scaler, batch["image"], noise, plan.active_stages(step),
                                        plan.no_grad_units(step), args)
-            increment = torch.cat([stage_sums / args.accum_iter, torch.ones(1, device=env.device)])
+            counts = torch.tensor([1.0, batch["skipped"]], device=env.device)  # steps, unreadable images skipped
+            increment = torch.cat([stage_sums / args.accum_iter, counts])
             window, epoch_sums = window + increment, epoch_sums + increment
             done = step + 1
             if done % args.log_interval == 0 or done == total:
                 check_finite(window, done, out)
                 sums = tu.all_reduce_sum(window.clone()) / env.world_size
-                stage_losses = (sums[:-1] / sums[-1]).tolist()
+                stage_losses, steps = (sums[:-2] / sums[-2]).tolist(), sums[-2].item()
                 seconds = time.perf_counter() - window_start
                 last = {"loss": sum(stage_losses), "lr": lr, "epoch": done / per_epoch,
-                        "img_per_sec": sums[-1].item() * config["effective_batch"] / seconds,
+                        "img_per_sec": steps * config["effective_batch"] / seconds,
                         **{f"loss_stage{k}": v for k, v in enumerate(stage_losses)}}
+                if sums[-1] > 0:
+                    last["skipped_images"] = round(sums[-1].item() * env.world_size)
                 log.write(done, **last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
                 window, window_start = torch.zeros_like(window), time.perf_counter()
@@ -1026,9 +1032,9 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
                 check_finite(epoch_sums, done, out)
                 seconds = time.perf_counter() - epoch_start
                 sums = tu.all_reduce_sum(epoch_sums.clone()) / env.world_size
-                record = {"epoch": done // per_epoch, "train_loss": (sums[:-1] / sums[-1]).sum().item(),
+                record = {"epoch": done // per_epoch, "train_loss": (sums[:-2] / sums[-2]).sum().item(),
                           "frozen_layers": plan.frozen_layers(step), "layers": len(plan.fractions),
-                          "active_stages": sum(plan.active_stages(step)), "step_ms": 1000 * seconds / sums[-1].item(),
+                          "active_stages": sum(plan.active_stages(step)), "step_ms": 1000 * seconds / sums[-2].item(),
                           "lr": lr}
                 log.write(done, **record)
                 if env.is_main:
@@ -1037,8 +1043,10 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
                                f"{record['step_ms']:.1f} ms/step", file=sys.stderr)
                 epoch_sums = torch.zeros_like(epoch_sums)
             if epoch_done or stop:
-                save_run(out, env, model, {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                           "step": done, "config": config}, epoch_done, done // per_epoch, args)
+                save_run(out, env, model, optimizer, {
+                    "scaler": scaler.state_dict(), "step": done, "config": config,
+                    "log_sums": log_sums_to_save(env, window=window, epoch=epoch_sums)}, epoch_done, done // per_epoch,
+                    args)
                 epoch_start = time.perf_counter()  # step_ms counts training steps only
             if stop and done < total:
                 if env.is_main:
@@ -1094,8 +1102,9 @@ def run_supervised(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -
     if args.command == "finetune" and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise UserError(f"mixup/cutmix need an even --batch-size (per process and micro-batch), got {args.batch_size}")
     steps_per_epoch = data.steps_per_epoch(spec.train_size, batch)
-    config = dict(vars(args), **arch_config(args), num_classes=spec.num_classes, class_names=spec.class_names,
-                  effective_batch=batch, peak_lr=peak_lr(args, env.world_size), steps_per_epoch=steps_per_epoch,
+    config = dict(vars(args), **arch_config(args), **run_record(f"localmim_freezeout.py {args.command}", args),
+                  num_classes=spec.num_classes, class_names=spec.class_names, effective_batch=batch,
+                  peak_lr=peak_lr(args, env.world_size), steps_per_epoch=steps_per_epoch,
                   total_steps=args.epochs * steps_per_epoch, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
                   world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
     out = Path(args.output_dir)
@@ -1106,32 +1115,33 @@ def run_supervised(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -
     model.to(env.device)
     optimizer = make_supervised_optimizer(model, args, config["peak_lr"], env.device)
     scaler = tu.grad_scaler(env.device, args.precision)
-    start_step, best = 0, 0.0
+    start_step, best, log_sums = 0, 0.0, {}
     if state:
         tu.check_state_dict(model, state["model"], str(out / "checkpoints"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_step, best = state["step"], state["max_accuracy"]
+        start_step, best, log_sums = state["step"], state["max_accuracy"], state["log_sums"]
     record_command(out, argv, env)
-    log = RunLog(out, config, wandb_project=args.wandb, tensorboard=args.tensorboard, main=env.is_main)
+    log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                 main=env.is_main)
     if env.is_main:
         print(f"{args.command}: {config['loaded']}; {config['total_steps']} steps ({steps_per_epoch}/epoch), "
               f"effective batch {batch}, lr {config['peak_lr']:.3g}", file=sys.stderr)
     try:
-        return supervised_loop(args, env, model, optimizer, scaler, config, start_step, best, log)
+        return supervised_loop(args, env, model, optimizer, scaler, config, start_step, best, log_sums, log)
     finally:
         log.close()
 
 
 def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, start_step: int, best: float,
-                    log: RunLog) -> dict:
+                    log_sums: dict, log: RunLog) -> dict:
     total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
     batches = device_batches(args, env, start_step, config["effective_batch"])
     regs = regularisers(args, config["num_classes"], env.device)
     ddp = wrap_ddp(model, env)
     model.train()
-    window = torch.zeros(2, device=env.device)  # loss sum, samples
+    window = log_sums.get("window", torch.zeros(3)).to(env.device)  # loss sum, samples, unreadable images skipped
     last: dict[str, Any] = {}
     preemption = runtime.Preemption()
     progress = tqdm(range(start_step, total), initial=start_step, total=total, desc=args.command,
@@ -1141,18 +1151,24 @@ def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dic
             lr = layer_lr(step, t=1.0, peak_lr=config["peak_lr"], min_lr=args.min_lr, total_steps=total,
                           warmup_steps=config["warmup_steps"])
             tu.set_lr(optimizer, lr)  # times each group's lr_scale (layer decay)
-            loss_sum = supervised_step(ddp, optimizer, scaler, next(batches), step, args, env, regs)
-            window += torch.stack([loss_sum, torch.tensor(float(args.batch_size * args.accum_iter))])
+            batch = next(batches)
+            loss_sum = supervised_step(ddp, optimizer, scaler, batch, step, args, env, regs)
+            counts = torch.tensor([args.batch_size * args.accum_iter, batch["skipped"]], dtype=torch.float32,
+                                  device=env.device)  # samples, unreadable images skipped
+            window += torch.cat([loss_sum.float()[None], counts])
             done = step + 1
             epoch_done = done % per_epoch == 0
             if done % args.log_interval == 0 or epoch_done:
                 check_finite(window, done, out)
                 sums = tu.all_reduce_sum(window.clone())
                 last = {"loss": (sums[0] / sums[1]).item(), "lr": lr, "epoch": done / per_epoch}
+                if sums[2] > 0:
+                    last["skipped_images"] = round(sums[2].item())
                 log.write(done, **last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
                 window = torch.zeros_like(window)
             stop = stop_requested(args, env, preemption, done, start_step)
+            results = {}
             if epoch_done:
                 results = evaluate(model, args, env)
                 best = max(best, results.get("val_top1", 0.0))
@@ -1162,9 +1178,9 @@ def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dic
                     tqdm.write(f"epoch {done // per_epoch}: val top-1 {results['val_top1']:.2f}% (max {best:.2f}%)",
                                file=sys.stderr)
             if epoch_done or stop:
-                save_run(out, env, model, {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                                           "step": done, "max_accuracy": best, "config": config},
-                         epoch_done, done // per_epoch, args)
+                save_run(out, env, model, optimizer, {
+                    "scaler": scaler.state_dict(), "step": done, "max_accuracy": best, "config": config,
+                    "log_sums": log_sums_to_save(env, window=window)}, epoch_done, done // per_epoch, args, results)
             if stop and done < total:
                 if env.is_main:
                     tqdm.write(f"stopping at step {done}: continue with --resume", file=sys.stderr)
@@ -1252,10 +1268,15 @@ def knn(args: argparse.Namespace, argv: list[str]) -> dict:
         spec = data.describe(args.data)
         if not spec.train_size or not spec.val_size:
             raise UserError(f"kNN needs a train and a val split of known size: {args.data}")
-        config = dict(vars(args), **arch_config(args), num_classes=spec.num_classes, world_size=env.world_size)
+        config = dict(vars(args), **arch_config(args), **run_record("localmim_freezeout.py knn", args),
+                      num_classes=spec.num_classes, world_size=env.world_size)
         torch.manual_seed(args.seed)
         encoder = VisionTransformer(**vit_kwargs(config, num_classes=0))
         config["loaded"] = load_encoder(encoder, args.pretrained, config)
+        out = make_output_dir(args.output_dir)
+        # A kNN evaluation written into a training run's folder adds its record to the log and leaves the run's
+        # config.json as it is.
+        own_config = saved_config(out).get("trained_by", "localmim_freezeout.py knn") == "localmim_freezeout.py knn"
         encoder.to(env.device).eval()
         # The train split once, in eval transform (one epoch of the loader: the last partial batch is left out).
         global_batch = args.batch_size * env.world_size
@@ -1271,9 +1292,8 @@ def knn(args: argparse.Namespace, argv: list[str]) -> dict:
             top1, top5 = knn_classify(bank, bank_labels, test, test_labels, k, args.temperature, spec.num_classes)
             result.update({f"knn_top1_k{k}": top1, f"knn_top5_k{k}": top5})
         if env.is_main:
-            out = Path(args.output_dir)
             record_command(out, argv, env)
-            log = RunLog(out, config, main=True)
+            log = RunLog(out, config if own_config else None, main=True)
             log.write(0, **result)
             log.close()
             print(json.dumps(result))
@@ -1379,10 +1399,7 @@ def export(args: argparse.Namespace) -> Path:
     how to create it. A linear probe's BatchNorm (no affine) is folded into its linear layer."""
     from safetensors.torch import save_file
 
-    path = tu.find_checkpoint(args.run_dir, subdirs=("checkpoints",))
-    state = tu.load_checkpoint(path)
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise UserError(f"{path} is not a checkpoint of localmim_freezeout.py")
+    state, path = tu.load_run_checkpoint(args.run_dir, "localmim_freezeout.py")
     config, weights = state["config"], state["model"]
     if config["command"] == "pretrain":
         tensors = read_encoder_state(str(path))
@@ -1403,7 +1420,7 @@ def export(args: argparse.Namespace) -> Path:
     model.load_state_dict(tensors, strict=True)  # every key and shape, or a RuntimeError naming the mismatch
     out = Path(args.out) if args.out else (Path(args.run_dir) if Path(args.run_dir).is_dir() else path.parent) / \
         "timm_model.pth"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent)
     torch.save(tensors, out)
     save_file(tensors, str(out.with_suffix(".safetensors")))
     name = convert.timm_model_name(dict(kwargs, global_pool="token", fc_norm=False))

@@ -42,6 +42,7 @@ import numpy as np
 import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ FINETUNE_AUGMENTATION = dict(auto_augment="rand-m9-mstd0.5-inc1", random_erasing
 
 
 def _common_flags() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
+    p = ArgumentParser(add_help=False)
     g = p.add_argument_group("run")
     g.add_argument("--data", default="digits",
                    help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
@@ -142,7 +143,7 @@ def _init_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     stages = p.add_subparsers(dest="stage", required=True, metavar="{pretrain,finetune,linprobe}")
     common = _common_flags()
@@ -204,6 +205,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
     if args.dim % args.heads:
         raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                       grad_accum=getattr(args, "grad_accum", 1))
     if args.batch_size % getattr(args, "grad_accum", 1):
         raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.stage == "pretrain":
@@ -738,8 +741,9 @@ def setup(args: argparse.Namespace):
     state.update(opt_state=optimizer.init(state["params"]), step=jnp.zeros((), jnp.int32))
     state = jax.device_put(state, dist.replicated(mesh))
     count = lambda tree: sum(x.size for x in jax.tree_util.tree_leaves(tree))  # noqa: E731
-    run_config = dict(vars(args), script="mae_jax.py", num_classes=num_classes, peak_lr=peak_lr,
-                      total_steps=total_steps, warmup_steps=warmup_steps, steps_per_epoch=steps_per_epoch,
+    run_config = dict(vars(args), **run_record(f"mae_jax.py {args.stage}", args), script="mae_jax.py",
+                      num_classes=num_classes, peak_lr=peak_lr, total_steps=total_steps, warmup_steps=warmup_steps,
+                      steps_per_epoch=steps_per_epoch,
                       pooling={"pretrain": "cls", "finetune": "gap"}.get(args.stage, getattr(args, "pooling", "cls")),
                       class_token=True, no_embed_class=False,
                       devices=jax.device_count(), processes=jax.process_count(),
@@ -791,18 +795,21 @@ def run(args: argparse.Namespace) -> dict:
                                     process_count=jax.process_count())
         return loop.evaluate(eval_step, {"val_": eval_weights(args, state)}, batches, mesh)
 
-    with checkpoint.Checkpointer(args.output_dir) as ckpt:  # waits for pending writes, also on errors
-        if getattr(args, "eval_only", False):
+    if getattr(args, "eval_only", False):  # an existing run's config.json and checkpoints stay as they are
+        with checkpoint.Checkpointer(args.output_dir) as ckpt:
             state, _ = ckpt.restore(state)
             metrics = evaluate(state)
-            log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+            log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard)
             log.write(int(state["step"]), **metrics)
             log.close()
             if dist.is_main_process():
                 print(json.dumps(metrics))
             return metrics
-        state, meta = loop.restore_or_start(ckpt, state, resume=args.resume, output_dir=args.output_dir)
-        log = RunLog(args.output_dir, run_config, wandb_project=args.wandb, tensorboard=args.tensorboard)
+    with loop.open_run(args.output_dir, resume=args.resume, recipe=run_config["trained_by"],
+                       settings=vars(args)) as ckpt:  # waits for pending writes, also on errors
+        state, meta = loop.restore_or_start(ckpt, state, resume=args.resume)
+        log = RunLog(args.output_dir, run_config, start_step=int(state["step"]), wandb_project=args.wandb,
+                     tensorboard=args.tensorboard)
         start_step, steps_per_epoch = int(state["step"]), run_config["steps_per_epoch"]
         if dist.is_main_process():
             print(f"mae {args.stage}, {run_config['params'] / 1e6:.1f}M params, {total_steps} steps "
@@ -816,7 +823,7 @@ def run(args: argparse.Namespace) -> dict:
                             total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=args.batch_size,
                             log_interval=args.log_interval, eval_interval=eval_interval,
                             save_interval=args.save_interval or eval_interval,
-                            best_metric="val_top1", best_top1=meta.get("best_top1", -1.0),
+                            best_metric="val_top1", meta=meta,
                             output_dir=args.output_dir)
         log.close()
         return result

@@ -13,6 +13,7 @@ config, data position, best metric).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from common import UserError
+
+
+class _ItemMetadataNotice(logging.Filter):
+    """Reading the `state` item of a step on its own (shapes, `load_state_and_config`) makes Orbax look for the
+    step's metadata file inside the item and warn, at every restore, that it is missing: it is one level up, where
+    Orbax wrote it. Drop that warning, keep every other."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_ItemMetadataNotice())
 
 
 def _manager(directory: str | os.PathLike, *, create: bool) -> ocp.CheckpointManager:
@@ -68,6 +81,13 @@ class Checkpointer:
     def __exit__(self, *exc) -> None:
         self.wait()
         self.close()
+
+
+def has_checkpoint(output_dir: str | os.PathLike) -> bool:
+    """Whether a run folder holds a complete `last` checkpoint (Orbax renames a step's folder to its number when the
+    step is complete)."""
+    folder = Path(output_dir) / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
 
 
 def find_step_dir(path: str | os.PathLike, which: str = "last") -> Path:

@@ -403,6 +403,14 @@ def _collate(items: list) -> dict:
                   [name for _, _, names in items for name in names])
 
 
+_NAMED_UNREADABLE: set[str] = set()  # the unreadable files named on stderr in this run
+
+
+def forget_named_files() -> None:
+    """Start a new run's record of named unreadable files: each is named once per run (train and eval alike)."""
+    _NAMED_UNREADABLE.clear()
+
+
 def _host_batches(loader: DataLoader) -> Iterator[dict]:
     """Torch batches from `loader` -> numpy batches {"image", "label", "skipped"}; names each bad file once."""
     with warnings.catch_warnings():
@@ -410,11 +418,10 @@ def _host_batches(loader: DataLoader) -> Iterator[dict]:
         # so JAX's generic warning about forking a multithreaded process does not apply to them.
         warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
         batches = iter(loader)
-    warned: set[str] = set()
     for batch in batches:
         for entry in batch["bad"]:
-            if entry not in warned:
-                warned.add(entry)
+            if entry not in _NAMED_UNREADABLE:
+                _NAMED_UNREADABLE.add(entry)
                 print(f"warning: skipping unreadable image {entry}", file=sys.stderr, flush=True)
         yield {"image": batch["image"].numpy(), "label": batch["label"].numpy(), "skipped": len(batch["bad"])}
 

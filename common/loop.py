@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from common import UserError, data, dist, runtime
+from common import UserError, checkpoint, data, dist, run, runtime
 from common.checkpoint import Checkpointer
 from common.runlog import RunLog
 
@@ -163,42 +163,59 @@ class Preemption(runtime.Preemption):
         return self.requested
 
 
-def check_finite(metrics: dict, step: int, output_dir: str) -> None:
-    """A NaN/inf loss stops the run with a UserError before anything is saved over the last good checkpoint."""
-    loss = float(metrics["loss"]) if "loss" in metrics else 0.0
-    if not np.isfinite(loss):
-        raise UserError(f"loss is {loss} at step {step}; stopping without saving (the last good checkpoint "
-                        f"in {output_dir} is kept)")
+def open_run(output_dir: str, *, resume: bool, recipe: str, settings: dict) -> Checkpointer:
+    """Check that the run can start or continue in `output_dir` (`common.run.start_run`: --resume, the same recipe
+    and settings, a writable folder), then open its checkpoints."""
+    run.start_run(output_dir, resume=resume, has_checkpoint=checkpoint.has_checkpoint(output_dir), recipe=recipe,
+                  settings=settings)
+    return Checkpointer(output_dir)
 
 
-def restore_or_start(ckpt: Checkpointer, state: Any, *, resume: bool, output_dir: str) -> tuple[Any, dict]:
-    """The state to start from: the last checkpoint with --resume; a fresh run must not reuse a run's folder."""
-    if ckpt.latest_step() is None:
-        return state, {}
-    if not resume:
-        raise UserError(f"{output_dir} already holds checkpoints: pass --resume to continue that run, "
-                        "or choose another --output-dir")
-    return ckpt.restore(state)
+def restore_or_start(ckpt: Checkpointer, state: Any, *, resume: bool) -> tuple[Any, dict]:
+    """The state to start from: the last checkpoint with --resume (`open_run` checked there is one), else `state`."""
+    return ckpt.restore(state) if resume else (state, {})
+
+
+@jax.jit
+def _finite_and_largest(state: Any) -> tuple[jax.Array, jax.Array]:
+    """Whether every float of the state is finite, and the largest magnitude outside the optimizer state."""
+    floats = lambda tree: [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]  # noqa: E731
+    finite = jnp.stack([jnp.isfinite(x).all() for x in floats(state)] or [jnp.bool_(True)]).all()
+    weights = {k: v for k, v in state.items() if k != "opt_state"}
+    largest = jnp.stack([jnp.abs(x).max() for x in floats(weights) if x.size] or [jnp.float32(0)]).max()
+    return finite, largest
+
+
+def check_savable(state: Any, step: int, output_dir: str, eval_metrics: dict | None = None) -> None:
+    """Parameters and optimizer state finite and not blown up, and the evaluation loss when one ran
+    (`common.run.check_savable`): else a UserError before the save, so that a diverged run never replaces the last
+    good checkpoint."""
+    finite, largest = (dist.host_value(x) for x in _finite_and_largest(state))
+    run.check_savable(step, state_finite=bool(finite), largest_weight=float(largest), eval_metrics=eval_metrics,
+                      output_dir=output_dir)
 
 
 def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]], evaluate_fn: Callable[[Any], dict],
           *, ckpt: Checkpointer, log: RunLog, run_config: dict, total_steps: int, steps_per_epoch: int,
-          global_batch: int, log_interval: int, eval_interval: int, save_interval: int, best_top1: float = -1.0,
+          global_batch: int, log_interval: int, eval_interval: int, save_interval: int, meta: dict,
           best_metric: str = "val_top1", output_dir: str) -> dict:
     """Step from the state's step to `total_steps`: log every `log_interval` steps, evaluate (and save, keeping
     the best by `best_metric`) every `eval_interval`, save every `save_interval`, and on SIGTERM save and return.
 
+    meta: the restored checkpoint's (best value so far, images skipped since the last log record), {} for a new run.
     Returns the last logged train metrics and the best value of `best_metric` (as `best_top1`).
     """
-    start_step = int(state["step"])
-    skipped, metrics, last = 0, {}, {}
+    start_step, best_top1 = int(state["step"]), meta.get("best_top1", -1.0)
+    skipped, metrics, last = meta.get("unlogged_skips", 0), {}, {}
     window_start, window_steps = time.perf_counter(), 0
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
                     disable=_no_progress_bar(), dynamic_ncols=True)
 
-    def save(step: int, is_best: bool = False) -> None:
-        check_finite(metrics, step, output_dir)
-        ckpt.save(step, state, {"config": run_config, "step": step, "best_top1": best_top1}, best=is_best)
+    def save(step: int, is_best: bool = False, eval_metrics: dict | None = None) -> None:
+        run.check_finite_loss([metrics["loss"]] if "loss" in metrics else [], step, output_dir)
+        check_savable(state, step, output_dir, eval_metrics)
+        ckpt.save(step, state, {"config": run_config, "step": step, "best_top1": best_top1, "unlogged_skips": skipped},
+                  best=is_best)
 
     with Preemption() as preemption:  # SIGTERM: save and return
         for step in progress:
@@ -209,11 +226,11 @@ def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]],
             done = step + 1
             if done % log_interval == 0 or done == total_steps:
                 last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                check_finite(last, done, output_dir)
+                run.check_finite_loss([last["loss"]] if "loss" in last else [], done, output_dir)
                 last["img_per_sec"] = window_steps * global_batch / (time.perf_counter() - window_start)
                 last["epoch"] = done / steps_per_epoch if steps_per_epoch else 0.0
                 if skipped:
-                    last["skipped_images"] = skipped
+                    last["skipped_images"], skipped = skipped, 0
                 log.write(done, **last)
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                      img_s=f"{last['img_per_sec']:.0f}")
@@ -225,12 +242,11 @@ def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]],
                 if results:
                     log.write(done, **results, best_top1=best_top1)
                     tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), file=sys.stderr)
-                save(done, is_best)
+                save(done, is_best, results)
                 window_start, window_steps = time.perf_counter(), 0
-            elif done % save_interval == 0:
+            elif done % save_interval == 0 or preemption:
                 save(done)
             if preemption:
-                save(done)
                 tqdm.write(f"SIGTERM: saved a checkpoint at step {done} in {output_dir}; exiting", file=sys.stderr)
                 break
     return dict(last, best_top1=best_top1)

@@ -13,13 +13,17 @@ from typing import Any
 class RunLog:
     """Append-only JSON-lines log of one run, written by the main process only.
 
-    Each `write` adds one object (`{"step": ..., "time": ..., **metrics}`) to `log.jsonl`; a resumed run keeps
-    appending to the same file. `config.json` holds the full resolved configuration.
+    Each `write` adds one object (`{"step": ..., "time": ..., **metrics}`) to `log.jsonl`. A resumed run keeps
+    appending to the same file after dropping the records of the steps past its checkpoint (it logs them again), so
+    that the log of an interrupted and resumed run is that of an uninterrupted one. `config.json` holds the full
+    resolved configuration.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, config: dict[str, Any], *, wandb_project: str | None = None,
-                 tensorboard: bool = False, main: bool | None = None):
-        """main: whether this process writes (the PyTorch recipes pass rank == 0); None asks JAX (process 0)."""
+    def __init__(self, output_dir: str | os.PathLike, config: dict[str, Any] | None, *, start_step: int | None = None,
+                 wandb_project: str | None = None, tensorboard: bool = False, main: bool | None = None):
+        """config: written to config.json (None leaves it as it is: an evaluation of an existing run).
+        start_step: the step the run starts from; records of later steps are dropped (None keeps them all).
+        main: whether this process writes (the PyTorch recipes pass rank == 0); None asks JAX (process 0)."""
         self.main = _jax_main_process() if main is None else main
         self.output_dir = Path(output_dir)
         self.file = None
@@ -28,7 +32,10 @@ class RunLog:
         if not self.main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_json(self.output_dir / "config.json", config, main=True)
+        if config is not None:
+            save_json(self.output_dir / "config.json", config, main=True)
+        if start_step is not None:
+            _drop_records_after(self.output_dir / "log.jsonl", start_step)
         self.file = open(self.output_dir / "log.jsonl", "a")
         if wandb_project:
             self.wandb = _optional_import("wandb")
@@ -70,6 +77,19 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
         path = path / "log.jsonl"
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` in a log file (atomically; nothing to do when all are)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) == len([line for line in lines if line.strip()]):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def save_json(path: str | os.PathLike, obj: dict, *, main: bool | None = None) -> None:

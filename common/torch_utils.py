@@ -21,7 +21,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from common import UserError, runtime
+from common import UserError, run, runtime
 
 # ----------------------------------------------------------------------------------------------
 # Processes: torchrun / DDP over one or many nodes, or a single process
@@ -232,6 +232,57 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise UserError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def start_run(output_dir: str | os.PathLike, *, resume: bool, recipe: str,
+              settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`common.run.start_run` for a PyTorch run folder (checkpoints/<step>.pt): refuse what cannot start or continue
+    there, create the folder, and return the last checkpoint when resuming (None for a new run)."""
+    steps = checkpoint_steps(Path(output_dir) / "checkpoints")
+    run.start_run(output_dir, resume=resume, has_checkpoint=bool(steps), recipe=recipe, settings=dict(settings))
+    return load_checkpoint(Path(output_dir) / "checkpoints" / f"{steps[-1]}.pt") if resume else None
+
+
+def finite_and_largest(*parts: nn.Module | torch.optim.Optimizer | None) -> tuple[bool, float]:
+    """Whether every floating-point parameter, buffer and optimizer-state tensor of `parts` is finite, and the
+    largest magnitude of a parameter (one host sync for both)."""
+    tensors: list[torch.Tensor] = []
+    for part in parts:
+        if isinstance(part, nn.Module):
+            tensors += [*part.parameters(), *part.buffers()]
+        elif isinstance(part, torch.optim.Optimizer):
+            tensors += [v for state in part.state.values() for v in state.values() if torch.is_tensor(v)]
+    weights = [p for part in parts if isinstance(part, nn.Module) for p in part.parameters()]
+    finite = torch.stack([t.detach().isfinite().all() for t in tensors if t.is_floating_point()] or
+                         [torch.tensor(True)]).all()
+    largest = torch.stack([p.detach().abs().max() for p in weights if p.numel()] or [torch.tensor(0.0)]).max()
+    finite, largest = torch.stack([finite.float().cpu(), largest.float().cpu()]).tolist()
+    return bool(finite), largest
+
+
+def check_savable(step: int, *parts: nn.Module | torch.optim.Optimizer | None, eval_metrics: dict | None = None,
+                  output_dir: str | os.PathLike) -> None:
+    """Weights, buffers and optimizer state finite and not blown up, and the evaluation loss when one ran
+    (`common.run.check_savable`): else a UserError before the save, so that a diverged run never replaces the last
+    good checkpoint."""
+    finite, largest = finite_and_largest(*parts)
+    run.check_savable(step, state_finite=finite, largest_weight=largest, eval_metrics=eval_metrics,
+                      output_dir=output_dir)
+
+
+def load_run_checkpoint(path: str | os.PathLike, script: str,
+                        subdirs: tuple[str, ...] = ("checkpoints",)) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint (and its file) of a run of `script` given as a file, a run folder or its checkpoint
+    folder; a checkpoint of another recipe is a UserError naming it."""
+    file = find_checkpoint(path, subdirs)
+    state = load_checkpoint(file)
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict) or "model" not in state:
+        raise UserError(f"{file} is not a checkpoint of {script}")
+    trained_by = config.get("trained_by", script)  # runs from before config.json recorded it pass
+    if trained_by.split()[0] != script:
+        raise UserError(f"{file} is a checkpoint of {trained_by}, not of {script}")
+    return state, file
 
 
 def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], where: str) -> None:

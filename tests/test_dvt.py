@@ -407,9 +407,9 @@ def test_existing_run_needs_resume_and_mismatched_checkpoints_are_refused(digits
     before = {p: p.stat().st_mtime_ns for p in (digits_run / "checkpoints").rglob("*")}
     assert_user_error(train(*LEARN, "--output-dir", digits_run), capsys, "--resume")
     assert_user_error(train(*LEARN, "--embed-dim", "48", "--resume", "--output-dir", digits_run), capsys,
-                      "does not match")
+                      "--embed-dim 48 (the run has 32)")
     assert_user_error(train(*LEARN, "--no-relation-reuse", "--resume", "--output-dir", digits_run), capsys,
-                      "does not match")
+                      "--relation-reuse False (the run has True)")
     assert before == {p: p.stat().st_mtime_ns for p in (digits_run / "checkpoints").rglob("*")}
 
 
@@ -540,15 +540,8 @@ def test_unknown_model_and_bad_grids(tmp_path, capsys):
                       capsys, "--auto-augment none")
 
 
-def test_missing_data_and_non_finite_loss(tmp_path, capsys):
+def test_missing_data(tmp_path, capsys):
     assert_user_error(train(*TINY, "--data", tmp_path / "nowhere", "--output-dir", tmp_path / "a"), capsys, "nowhere")
-    out = tmp_path / "nan"
-    code = train(*TINY, "--model", "dvt_deit_s", "--training-steps", "12", "--lr", "1e30", "--eval-interval", "1",
-                 "--output-dir", out)
-    assert_user_error(code, capsys, "NaN")
-    steps = tu.checkpoint_steps(out / "checkpoints")
-    assert steps and steps[-1] < 12, "the last good checkpoint is kept"
-    assert all(torch.isfinite(v).all() for v in final_state(out)["model"].values())
 
 
 def test_benchmark_times_training_and_adaptive_inference(tmp_path, capsys):

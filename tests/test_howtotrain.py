@@ -217,7 +217,7 @@ def test_predict_prints_top_k_rows(digits_run, tmp_path, capsys):
 def test_mismatched_checkpoint_is_refused_and_kept(digits_run, capsys):
     before = {p: p.stat().st_mtime_ns for p in digits_run.rglob("*") if p.is_file()}
     assert_user_error(train(*LEARN, "--embed-dim", "48", "--resume", "--output-dir", digits_run), capsys,
-                      "does not match")
+                      "--embed-dim 48 (the run has")
     assert before == {p: p.stat().st_mtime_ns for p in digits_run.rglob("*") if p.is_file()}
 
 
@@ -308,17 +308,6 @@ def test_missing_and_empty_data_folders(tmp_path, capsys):
     assert_user_error(train(*TINY, "--data", tmp_path / "nowhere", "--output-dir", tmp_path / "a"), capsys, "nowhere")
     (tmp_path / "data" / "train" / "empty_class").mkdir(parents=True)
     assert_user_error(train(*TINY, "--data", tmp_path / "data", "--output-dir", tmp_path / "b"), capsys, "empty_class")
-
-
-def test_non_finite_loss_stops_without_saving(tmp_path, capsys):
-    out = tmp_path / "run"
-    code = train(*TINY, "--training-steps", "20", "--lr", "1e30", "--warmup-steps", "0", "--clip-grad", "0",
-                 "--eval-interval", "1", "--output-dir", out)
-    assert_user_error(code, capsys, "NaN")
-    steps = tu.checkpoint_steps(out / "checkpoints")
-    assert steps and steps[-1] < 20, "the last good checkpoint is kept"
-    state = final_state(out)
-    assert all(torch.isfinite(v).all() for v in state["model"].values()), "a non-finite checkpoint was written"
 
 
 def test_predict_refuses_missing_images(digits_run, tmp_path, capsys):
