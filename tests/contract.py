@@ -29,7 +29,7 @@ import numpy as np
 from conftest import REPO, recipe_env
 from PIL import Image
 
-from common.runlog import RunLog, read_log
+from common.runlog import read_log
 
 # ----------------------------------------------------------------------------------------------
 # The recipes: one row per training command, with the few flags whose spelling differs between scripts
@@ -69,6 +69,12 @@ JAX_RECIPES = [
     Recipe("mae-finetune", "mae_jax.py", ("finetune", *JAX_MODEL), "jax", eval_only=True),
     Recipe("mae-linprobe", "mae_jax.py", ("linprobe", *JAX_MODEL), "jax", eval_only=True, accum_flag=""),
 ]
+LOCALMIM = ("--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4", "--embed-dim", "32",
+            "--num-heads", "2", "--crop-pct", "1", *TORCH_VIT[:4], "--log-interval", "3", "--epochs", "3",
+            "--warmup-epochs", "1")  # 27 train files, batch 8: 3 steps an epoch, a checkpoint at the end of each
+LOCALMIM_FLAGS = dict(lr_flag="--lr", accum_flag="--accum-iter", wider=("--embed-dim", "48"), global_batch=False,
+                      every_step=())
+
 TORCH_RECIPES = [
     Recipe("howtotrain", "howtotrain_vit.py",
            ("train", "--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--depth", "1",
@@ -81,23 +87,12 @@ TORCH_RECIPES = [
             "0", "--eval-interval", "2"),
            "torch", lr_flag="--lr", wider=("--embed-dim", "48"), every_step=("--eval-interval", "1")),
     Recipe("localmim-pretrain", "localmim_freezeout.py",
-           ("pretrain", "--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4", "--depth", "4",
-            "--embed-dim", "32", "--num-heads", "2", "--crop-pct", "1", "--decoder-dim", "16", "--decoder-heads", "2",
-            *TORCH_VIT[:4], "--log-interval", "3", "--epochs", "3", "--warmup-epochs", "1"),
-           "torch", lr_flag="--lr", accum_flag="--accum-iter", wider=("--embed-dim", "48"), global_batch=False,
-           every_step=(), evaluates=False),
-    Recipe("localmim-finetune", "localmim_freezeout.py",
-           ("finetune", "--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4", "--depth", "2",
-            "--embed-dim", "32", "--num-heads", "2", "--crop-pct", "1", *TORCH_VIT[:4], "--log-interval", "3",
-            "--epochs", "3", "--warmup-epochs", "1", "--pretrained", "random"),
-           "torch", lr_flag="--lr", accum_flag="--accum-iter", wider=("--embed-dim", "48"), global_batch=False,
-           every_step=()),
-    Recipe("localmim-linprobe", "localmim_freezeout.py",
-           ("linprobe", "--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4", "--depth", "2",
-            "--embed-dim", "32", "--num-heads", "2", "--crop-pct", "1", *TORCH_VIT[:4], "--log-interval", "3",
-            "--epochs", "3", "--warmup-epochs", "1", "--pretrained", "random"),
-           "torch", lr_flag="--lr", accum_flag="--accum-iter", wider=("--embed-dim", "48"), global_batch=False,
-           every_step=()),
+           ("pretrain", *LOCALMIM, "--depth", "4", "--decoder-dim", "16", "--decoder-heads", "2"), "torch",
+           evaluates=False, **LOCALMIM_FLAGS),
+    Recipe("localmim-finetune", "localmim_freezeout.py", ("finetune", *LOCALMIM, "--depth", "2", "--pretrained",
+                                                          "random"), "torch", **LOCALMIM_FLAGS),
+    Recipe("localmim-linprobe", "localmim_freezeout.py", ("linprobe", *LOCALMIM, "--depth", "2", "--pretrained",
+                                                          "random"), "torch", **LOCALMIM_FLAGS),
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -140,48 +135,57 @@ def call(recipe: Recipe, *args, capture: io.StringIO | None = None) -> int:
         return recipe.module.main(argv)
 
 
+def signal_at_step(step: int, signum: int, sent: list[int]):
+    """Patch common.data.train_batches so that `signum` reaches this process when the batch of step index `step`
+    (0-based: `step` steps are done) is asked for: during any step of the run, not only at a log record. Returns the
+    unpatched function."""
+    from common import data
+
+    batches = data.train_batches
+
+    def batches_then_signal(*args, start_step: int = 0, **kwargs):
+        for index, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step):
+            if index >= step and not sent:
+                sent.append(index)
+                os.kill(os.getpid(), signum)
+            yield batch
+
+    data.train_batches = batches_then_signal
+    return batches
+
+
 @contextlib.contextmanager
-def signal_after_step(step: int, signum: int = signal.SIGTERM):
-    """Send `signum` to this process right after the first log record of step >= `step` (as a scheduler would)."""
-    write, sent = RunLog.write, []
+def signal_during_step(step: int, signum: int = signal.SIGTERM):
+    """Send `signum` to this process (as a scheduler would) while it trains step `step` + 1; yields [step] once sent."""
+    from common import data
 
-    def write_then_signal(self, at, **metrics):
-        write(self, at, **metrics)
-        if at >= step and not sent:
-            sent.append(at)
-            os.kill(os.getpid(), signum)
-
-    RunLog.write = write_then_signal
+    sent: list[int] = []
+    batches = signal_at_step(step, signum, sent)
     try:
         yield sent
     finally:
-        RunLog.write = write
+        data.train_batches = batches
 
 
 KILLED_RUN = """
-import os, runpy, signal, sys
-sys.path.insert(0, {repo!r})
+import runpy, signal, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
 if {threads}:  # the test's thread count: a float sum over other threads can round differently
     import torch
     torch.set_num_threads({threads})
-from common.runlog import RunLog
-write = RunLog.write
-def write_then_die(self, step, **metrics):
-    write(self, step, **metrics)
-    if step >= {step}:
-        os.kill(os.getpid(), signal.SIGKILL)
-RunLog.write = write_then_die
+from contract import signal_at_step
+signal_at_step({step}, signal.SIGKILL, [])
 sys.argv = {argv!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
 
 
 def run_killed_at(recipe: Recipe, step: int, *args) -> subprocess.CompletedProcess:
-    """Run the recipe in a subprocess that is SIGKILLed right after it logs `step` (no chance to clean up)."""
+    """Run the recipe in a subprocess that is SIGKILLed during step `step` + 1 (no chance to clean up)."""
     script = str(REPO / recipe.script)
     threads = sys.modules["torch"].get_num_threads() if recipe.framework == "torch" else 0
     code = KILLED_RUN.format(repo=str(REPO), step=step, argv=[script, *recipe.args, *map(str, args)], script=script,
-                             threads=threads)
+                             threads=threads, tests=str(Path(__file__).parent))
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=recipe_env())
 
@@ -288,30 +292,35 @@ _STOPPED: dict[str, Path] = {}  # recipe name -> a run stopped by SIGTERM mid-wa
 
 
 def steps_of(recipe: Recipe) -> tuple[int, int]:
-    """(SIGTERM step, SIGKILL step) of a recipe, drawn once per recipe: any step must do. Each signal comes with the
-    first log record at or past its step (records every 3 steps and at evaluations), so both land before the end."""
+    """(SIGTERM step, SIGKILL step) of a recipe, drawn once per recipe (any step must do): the signals arrive while
+    the run trains the step after, between log records (every 3 steps) and checkpoints."""
     rng = random.Random(recipe.name)
-    sigterm = rng.randint(1, 3)
-    return sigterm, rng.randint(sigterm + 2, 6)
+    sigterm = rng.randint(1, 4)
+    return sigterm, rng.randint(sigterm + 2, 7)
 
 
 def stopped_run(recipe: Recipe, data_root: Path, root: Path) -> Path:
-    """A run of `recipe` stopped by SIGTERM after the first log record at or past `steps_of(recipe)[0]` (cached for
-    the module): it saves within one step and exits 0."""
+    """A run of `recipe` stopped by SIGTERM during step `steps_of(recipe)[0]` + 1 (cached for the module): it saves
+    that step and exits 0."""
     if recipe.name not in _STOPPED:
         out = root / f"stopped-{recipe.name}"
-        err = io.StringIO()
-        with signal_after_step(steps_of(recipe)[0]) as sent:
+        err, step = io.StringIO(), steps_of(recipe)[0]
+        with signal_during_step(step) as sent:
             code = call(recipe, "--data", data_root, "--output-dir", out, capture=err)
-        assert code == 0 and sent, f"SIGTERM after step {sent}: exit {code}\n{err.getvalue()[-3000:]}"
+        assert code == 0 and sent, f"SIGTERM during step {step + 1}: exit {code}\n{err.getvalue()[-3000:]}"
         saved = checkpoint_step(recipe, out)
-        assert saved in (sent[0], sent[0] + 1), f"SIGTERM after step {sent[0]} saved step {saved}"
+        assert saved == step + 1, f"SIGTERM during step {step + 1} saved step {saved}"
         _STOPPED[recipe.name] = out
     return _STOPPED[recipe.name]
 
 
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_jpeg_folder(tmp_path_factory.mktemp("jpegs"))
 
 
 @pytest.fixture(scope="class")
@@ -341,8 +350,7 @@ class ContractTests:
         killed = run_killed_at(recipe, kill_step, "--data", data_root, "--output-dir", run_dir, "--resume")
         assert killed.returncode == -signal.SIGKILL, f"not killed at step {kill_step}:\n{killed.stderr[-3000:]}"
         assert "Metadata file does not exist" not in killed.stderr, "a restore warned of what is as it should be"
-        killed_at = max(r["step"] for r in read_log(run_dir))
-        assert kill_step <= killed_at < max(r["step"] for r in read_log(reference[0])), "not killed mid-run"
+        assert max(r["step"] for r in read_log(run_dir)) <= kill_step, "logged past the kill"
         err = io.StringIO()
         assert call(recipe, "--data", data_root, "--output-dir", run_dir, "--resume", capture=err) == 0, \
             err.getvalue()[-3000:]

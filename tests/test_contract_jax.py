@@ -1,12 +1,7 @@
 """The fault contract (tests/contract.py) on the JAX recipes: deit3_jax.py, deit_jax.py, mae_jax.py (3 stages)."""
 
 import pytest
-from contract import JAX_RECIPES, ContractTests, make_jpeg_folder, reference, stopped  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_jpeg_folder(tmp_path_factory.mktemp("jpegs"))
+from contract import JAX_RECIPES, ContractTests, data_root, reference, stopped  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")

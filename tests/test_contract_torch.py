@@ -8,8 +8,8 @@ from contract import (  # noqa: F401 (reference, stopped: fixtures)
     TORCH_RECIPES,
     ContractTests,
     assert_one_error_line,
+    data_root,
     file_digests,
-    make_jpeg_folder,
     reference,
     stopped,
     stopped_run,
@@ -23,11 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_jpeg_folder(tmp_path_factory.mktemp("jpegs"))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +41,7 @@ HOWTOTRAIN, DVT, LOCALMIM = TORCH_RECIPES[0], TORCH_RECIPES[1], TORCH_RECIPES[2]
 
 
 @pytest.fixture(scope="module")
-def runs(data_root, tmp_path_factory):
+def runs(data_root, tmp_path_factory):  # noqa: F811 (the fixture imported above)
     """Runs of three recipes (stopped mid-way), for the commands that read a run."""
     root = tmp_path_factory.getbasetemp()
     return {r.name: stopped_run(r, data_root, root) for r in (HOWTOTRAIN, DVT, LOCALMIM)}
@@ -76,7 +71,7 @@ OTHER_COMMANDS = [
 
 @pytest.mark.parametrize("recipe, command, word", OTHER_COMMANDS, ids=[f"{r.name}:{c.split()[0]}:{i}" for i, (r, c, _)
                                                                        in enumerate(OTHER_COMMANDS)])
-def test_other_commands_refuse_bad_input(recipe, command, word, runs, data_root, tmp_path, capfd):
+def test_other_commands_refuse_bad_input(recipe, command, word, runs, data_root, tmp_path, capfd):  # noqa: F811
     (tmp_path / "file").write_text("not a folder")
     before = {name: file_digests(path) for name, path in runs.items()}
     places = {"data": data_root, "missing": tmp_path / "missing", "file": tmp_path / "file", "new": tmp_path / "new",
