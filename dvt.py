@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.mixup import cutmix_bbox_and_lam
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
 from timm.layers import DropPath, Mlp
@@ -604,7 +605,13 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 class Augmenter:
     """Device-side batch augmentation as timm's loader does it: random erasing (per image, pixel mode, on
-    normalised images), then mixup / cutmix with label smoothing (timm Mixup, one draw per batch)."""
+    normalised images), then mixup / cutmix with label smoothing (timm Mixup, batch mode: one draw per batch, each
+    image paired with its mirror in the batch).
+
+    The batch is the global one, so that N processes make the 1-process update: image g of the global batch is
+    erased under a seed of (seed, step, g), the mixup/cutmix draw is seeded by (seed, step) on every process, and
+    the mirror is taken in the global batch (`tu.flip_global_batch`; timm's flip of a process's batch would pair
+    images within each shard)."""
 
     def __init__(self, config: dict[str, Any], device: torch.device):
         self.num_classes, self.smoothing = config["num_classes"], config["smoothing"]
@@ -614,16 +621,32 @@ class Augmenter:
             self.mixup = Mixup(mixup_alpha=config["mixup"], cutmix_alpha=config["cutmix"],
                                label_smoothing=config["smoothing"], num_classes=config["num_classes"])
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        random.seed(seed)  # timm draws from python random (erasing) and numpy (mixup)
-        np.random.seed(seed % 2**32)
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int, step: int,
+                 first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`images`, `labels`: this process's shard, whose first row is row `first_index` of the global batch."""
         images = images.clone()
         if self.erasing is not None:
-            images = self.erasing(images)
-        if self.mixup is not None:
-            return self.mixup(images, labels)
+            for offset, image in enumerate(images):
+                sample_seed = tu.sample_seed(seed, step, first_index + offset)
+                random.seed(sample_seed)  # timm draws the rectangle from python random, its pixels from torch
+                torch.manual_seed(sample_seed)
+                self.erasing(image)  # one (C, H, W) image, erased in place
         smooth = self.smoothing / self.num_classes
-        return images, F.one_hot(labels, self.num_classes).float() * (1 - self.smoothing) + smooth
+        targets = F.one_hot(labels, self.num_classes).float() * (1 - self.smoothing) + smooth
+        if self.mixup is None:
+            return images, targets
+        np.random.seed(tu.step_seed(seed, step))  # timm draws lam, mixup or cutmix, and the box from numpy
+        lam, use_cutmix = self.mixup._params_per_batch()  # timm Mixup._mix_batch, with the global mirror
+        if lam == 1.0:
+            return images, targets
+        mirror_images, mirror_targets = tu.flip_global_batch(images), tu.flip_global_batch(targets)
+        if use_cutmix:
+            (y_low, y_high, x_low, x_high), lam = cutmix_bbox_and_lam(
+                images.shape, lam, ratio_minmax=self.mixup.cutmix_minmax, correct_lam=self.mixup.correct_lam)
+            images[:, :, y_low:y_high, x_low:x_high] = mirror_images[:, :, y_low:y_high, x_low:x_high]
+        else:
+            images = images * lam + mirror_images * (1.0 - lam)
+        return images, targets * lam + mirror_targets * (1.0 - lam)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
@@ -632,10 +655,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     """One optimizer step on this process's share of the global batch, in --grad-accum micro-batches. The loss is the
     sum of the exits' cross-entropies (paper §3.3). Returns device tensors: per-exit summed loss and correct top-1
     over the local samples, and the gradient norm."""
-    seed = tu.step_seed(args.seed, step, env.rank)
-    torch.manual_seed(seed)
     labels = batch["label"]
-    images, targets = augmenter(batch["image"], labels, seed)
+    images, targets = augmenter(batch["image"], labels, seed=args.seed, step=step,
+                                first_index=env.rank * len(labels))
+    # Drop path and the performers' dropout draw from torch's generator, seeded per process: their masks depend on
+    # the split (README).
+    torch.manual_seed(tu.step_seed(args.seed, step, env.rank))
     optimizer.zero_grad(set_to_none=True)
     loss_sums, correct = None, None
     chunks = list(zip(images.chunk(args.grad_accum), targets.chunk(args.grad_accum), labels.chunk(args.grad_accum)))

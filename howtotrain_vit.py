@@ -297,12 +297,17 @@ def eval_transform(img_size: int, crop_ratio: float):
 def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float,
           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """big_vision utils.mixup: one ratio per batch, lam = max(r, 1 - r) with r ~ Beta(alpha, alpha), each image
-    mixed with its neighbour in the batch (roll by one)."""
+    mixed with its neighbour in the batch (roll by one).
+
+    `images` and `targets` are this process's shard; the batch is the global one, so that N processes make the
+    1-process update: `rng` must draw the same on every process (seeded by seed and step), and the neighbour of a
+    shard's first image is the previous process's last (`tu.roll_global_batch`)."""
     if alpha <= 0:
         return images, targets
     ratio = rng.beta(alpha, alpha)
     lam = max(ratio, 1.0 - ratio)
-    return (lam * images + (1 - lam) * images.roll(1, 0), lam * targets + (1 - lam) * targets.roll(1, 0))
+    return (lam * images + (1 - lam) * tu.roll_global_batch(images),
+            lam * targets + (1 - lam) * tu.roll_global_batch(targets))
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -327,10 +332,11 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     DDP averages the gradients over processes, so the update equals one process's on the whole batch. Returns device
     tensors (no host sync): summed loss and correct top-1 over the local samples, and the pre-clip gradient norm.
     """
+    # Dropout and drop path draw from torch's generator, seeded per process: their masks depend on the split (README).
     torch.manual_seed(tu.step_seed(args.seed, step, env.rank))
     images, labels = batch["image"], batch["label"]
     targets = one_hot(labels, num_classes, args.label_smoothing)
-    images, targets = mixup(images, targets, args.mixup, np.random.default_rng([args.seed, step]))
+    images, targets = mixup(images, targets, args.mixup, np.random.default_rng([args.seed, step]))  # same on all ranks
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device)

@@ -37,27 +37,40 @@ class _ItemMetadataNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_ItemMetadataNotice())
 
 
-def _manager(directory: str | os.PathLike, *, create: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=create, enable_async_checkpointing=True)
+def _manager(directory: str | os.PathLike, *, create: bool, barrier_prefix: str) -> ocp.CheckpointManager:
+    # Each manager names its cross-process barriers with its own prefix: orbax keys them by step folder name
+    # ('async_write_complete.4'), which `last` and `best` share.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1, create=create, enable_async_checkpointing=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=barrier_prefix))
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 class Checkpointer:
-    """Saves and restores a run's `last` and `best` checkpoints (see module docstring)."""
+    """Saves and restores a run's `last` and `best` checkpoints (see module docstring).
+
+    One save in flight at a time. Each orbax manager finishes a save in a background thread that waits at
+    barriers of all the processes; with `last` and `best` writing the same step at once, the processes of a
+    multi-host run could meet at each other's barriers and wait forever (issue 16: `best/<step>` left as a
+    `.orbax-checkpoint-tmp`). So `best` starts once `last` is written, and the next `last` once `best` is.
+    """
 
     def __init__(self, output_dir: str | os.PathLike):
         self.output_dir = Path(output_dir)
-        self.last = _manager(self.output_dir / "checkpoints", create=True)
-        self.best = _manager(self.output_dir / "best", create=True)
+        self.last = _manager(self.output_dir / "checkpoints", create=True, barrier_prefix="last")
+        self.best = _manager(self.output_dir / "best", create=True, barrier_prefix="best")
 
     def latest_step(self) -> int | None:
         return self.last.latest_step()
 
     def save(self, step: int, state: Any, meta: dict, *, best: bool = False) -> None:
-        """Start writing `state` and `meta` as the last checkpoint (and as the best one if `best`)."""
-        for manager in (self.last, self.best) if best else (self.last,):
-            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       meta=ocp.args.JsonSave(meta)), force=True)
+        """Start writing `state` and `meta` as the last checkpoint (and as the best one if `best`: then this waits
+        until the last checkpoint is written, and the best one is written in the background)."""
+        self.best.wait_until_finished()
+        self.last.save(step, args=_save_args(state, meta), force=True)
+        if best:
+            self.last.wait_until_finished()
+            self.best.save(step, args=_save_args(state, meta), force=True)
 
     def restore(self, template: Any, which: str = "last") -> tuple[Any, dict]:
         """Restore the latest `which` checkpoint into the structure, shapes and shardings of `template`."""
@@ -81,6 +94,10 @@ class Checkpointer:
     def __exit__(self, *exc) -> None:
         self.wait()
         self.close()
+
+
+def _save_args(state: Any, meta: dict) -> ocp.args.Composite:
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
 
 def has_checkpoint(output_dir: str | os.PathLike) -> bool:

@@ -142,6 +142,53 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """A seed that is a function of (seed, step, global sample index) only: a per-image draw (random erasing) comes
+    out the same whatever the number of processes the global batch is split over, and in a resumed run. A child
+    stream of (seed, step) (numpy's spawn key), so it never equals a `step_seed`."""
+    return int(np.random.SeedSequence([seed, step], spawn_key=(index,)).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# The global batch across processes: mixup partners that live in another process's shard
+# ----------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    if torch_dist.is_initialized():
+        return torch_dist.get_rank(), torch_dist.get_world_size()
+    return 0, 1
+
+
+def roll_global_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's rows of `global_batch.roll(1, 0)`, where the global batch is the processes' equal shards in
+    rank order (as `common.data` splits it): each row gets the previous row of the global batch. Only the last row
+    of each shard crosses processes (one all_gather of a row per process). One process: `tensor.roll(1, 0)`."""
+    rank, world = _world()
+    if world == 1:
+        return tensor.roll(1, 0)
+    last_rows = [torch.empty(tensor[-1:].shape, dtype=tensor.dtype, device=tensor.device) for _ in range(world)]
+    torch_dist.all_gather(last_rows, tensor[-1:].contiguous())
+    return torch.cat([last_rows[rank - 1], tensor[:-1]])  # rank 0 takes the last process's row: the roll wraps
+
+
+def flip_global_batch(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's rows of `global_batch.flip(0)` (global batch as in `roll_global_batch`): the shard of process
+    world - 1 - rank, reversed, exchanged with that process by send/receive (the middle process of an odd world
+    keeps its own). One process: `tensor.flip(0)`."""
+    rank, world = _world()
+    partner = world - 1 - rank
+    if partner == rank:
+        return tensor.flip(0)
+    received = torch.empty(tensor.shape, dtype=tensor.dtype, device=tensor.device)
+    exchange = [torch_dist.P2POp(torch_dist.isend, tensor.contiguous(), partner),
+                torch_dist.P2POp(torch_dist.irecv, received, partner)]
+    for request in torch_dist.batch_isend_irecv(exchange):
+        request.wait()
+    return received.flip(0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Learning rate
 # ----------------------------------------------------------------------------------------------

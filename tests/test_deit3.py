@@ -222,6 +222,37 @@ def test_grad_accum_and_grad_ckpt_match_full_batch(tmp_path):
     assert os.path.exists(tmp_path / "accum" / "config.json")
 
 
+def test_checkpointer_writes_one_checkpoint_at_a_time(tmp_path, monkeypatch):
+    """Each orbax manager finishes a save in a background thread with barriers across the processes; `last` and `best`
+    saving at once could deadlock a multi-host run (issue 16). Every save must start only after the other manager's
+    pending save was waited for."""
+    writing, saves = set(), []
+
+    class RecordingManager:
+        def __init__(self, directory, options):
+            self.name = Path(directory).name
+            self.barrier_prefix = options.multiprocessing_options.barrier_sync_key_prefix
+
+        def save(self, step, **_):
+            assert writing <= {self.name}, f"{self.name}/{step} started while {sorted(writing)} was still writing"
+            writing.add(self.name)
+            saves.append(f"{self.name}/{step}")
+
+        def wait_until_finished(self):
+            writing.discard(self.name)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", RecordingManager)
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.last.barrier_prefix != ckpt.best.barrier_prefix, "the managers' barriers need their own names"
+        for step, best in ((1, True), (2, False), (3, True), (4, True)):
+            ckpt.save(step, {"w": np.zeros(2)}, {"step": step}, best=best)
+    assert saves == ["checkpoints/1", "best/1", "checkpoints/2", "checkpoints/3", "best/3", "checkpoints/4", "best/4"]
+    assert not writing, f"{sorted(writing)} still writing after the Checkpointer closed"
+
+
 def test_two_process_jax_distributed_matches_one_process(tmp_path):
     """A 2-host run (jax.distributed on CPU, one device each) follows the 1-host 2-device loss curve."""
     import socket
@@ -239,7 +270,19 @@ def test_two_process_jax_distributed_matches_one_process(tmp_path):
                               env=recipe_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                                              JAX_PROCESS_ID=str(rank)))
              for rank in range(2)]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    deadline = time.monotonic() + 300
+    try:
+        outputs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        tails = "".join(f"--- rank {rank}:\n{p.communicate()[0][-2000:]}\n" for rank, p in enumerate(procs))
+        pytest.fail(f"the 2-process run did not finish in 300 s (a hang?); both ranks were killed\n{tails}")
+    finally:
+        for p in procs:  # whatever failed above, leave no rank running
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert json.loads((out / "config.json").read_text())["processes"] == 2
     a, b = losses(tmp_path / "single"), losses(out)

@@ -21,11 +21,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import REPO, recipe_env
 from PIL import Image
+from timm.data import Mixup
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -469,11 +471,36 @@ def test_weight_decay_skips_biases_norms_class_tokens_and_position_embeddings():
 # ---------------------------------------------------------------------------------------------- parity and resume
 
 
+def test_augmenter_mixes_as_timm_and_erases_each_image_by_its_global_index():
+    """One process: mixup/cutmix are timm's `Mixup` (batch mode, its numpy draws seeded by seed and step); random
+    erasing of an image depends on its index in the global batch, not on which process's shard holds it."""
+    torch.manual_seed(0)
+    images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    mixing = dvt.Augmenter(dict(num_classes=10, smoothing=0.1, reprob=0.0, mixup=0.8, cutmix=1.0), torch.device("cpu"))
+    timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
+    for step in range(4):
+        mixed, targets = mixing(images, labels, seed=0, step=step, first_index=0)
+        np.random.seed(tu.step_seed(0, step))
+        expected, expected_targets = timm_mixup(images.clone(), labels)
+        torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6, msg=f"images at step {step}")
+        torch.testing.assert_close(targets, expected_targets, rtol=0, atol=1e-6, msg=f"targets at step {step}")
+    erasing = dvt.Augmenter(dict(num_classes=10, smoothing=0.0, reprob=1.0, mixup=0.0, cutmix=0.0), torch.device("cpu"))
+    whole, _ = erasing(images, labels, seed=0, step=3, first_index=0)
+    shards = [erasing(images[start:start + 4], labels[start:start + 4], seed=0, step=3, first_index=start)[0]
+              for start in (0, 4)]
+    assert (whole != images).any(dim=(1, 2, 3)).all(), "reprob 1.0 must erase every image"
+    torch.testing.assert_close(torch.cat(shards), whole, rtol=0, atol=0, msg="erasing depends on the shard")
+
+
 def test_two_process_torchrun_matches_one_process(tmp_path):
+    """2 processes give the 1-process update (here in 2 micro-batches) with the data-level draws on: crop, flip,
+    mixup/cutmix (paired across the global batch) and random erasing (seeded per global sample). Drop path stays
+    off: its masks are drawn per process (README)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [*TINY, "--model", "dvt_deit_s", "--training-steps", "3", "--eval-interval", "3"]
+    args = [*TINY, "--model", "dvt_deit_s", "--training-steps", "3", "--eval-interval", "3", "--mixup", "0.8",
+            "--cutmix", "1.0", "--reprob", "0.5", "--random-crop", "rrc", "--hflip", "0.5"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            "dvt.py", "train", *args, "--output-dir", str(tmp_path / "ddp")], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=recipe_env(OMP_NUM_THREADS="1"))

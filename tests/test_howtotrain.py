@@ -229,10 +229,15 @@ def test_existing_run_needs_resume(digits_run, capsys):
 
 
 def test_two_process_torchrun_matches_one_process(tmp_path):
+    """The global batch split over 2 processes gives the 1-process update, with the data-level draws on: inception
+    crop, flip, RandAugment and mixup (its partner is the next image of the global batch, possibly another
+    process's). Dropout and drop path stay off: their masks are drawn per process (README)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [*TINY, "--training-steps", "4", "--warmup-steps", "1", "--lr", "1e-3", "--eval-interval", "4"]
+    args = [*TINY, "--training-steps", "4", "--warmup-steps", "1", "--lr", "1e-3", "--eval-interval", "4",
+            "--mixup", "0.5", "--random-crop", "rrc", "--hflip", "0.5", "--randaug-layers", "2",
+            "--randaug-magnitude", "10"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            "howtotrain_vit.py", "train", *args, "--output-dir", str(tmp_path / "ddp")], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=recipe_env())
