@@ -235,7 +235,8 @@ def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]],
                 progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                      img_s=f"{last['img_per_sec']:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
-            if done % eval_interval == 0 or done == total_steps:
+            evaluated = done % eval_interval == 0 or done == total_steps
+            if evaluated:  # evaluate, then save (and keep the best)
                 results = evaluate_fn(state)
                 is_best = results.get(best_metric, -1.0) > best_top1
                 best_top1 = max(best_top1, results.get(best_metric, -1.0))
@@ -244,9 +245,10 @@ def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]],
                     tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), file=sys.stderr)
                 save(done, is_best, results)
                 window_start, window_steps = time.perf_counter(), 0
-            elif done % save_interval == 0 or preemption:
+            stop = bool(preemption)  # asked once a step: with several hosts, a collective
+            if not evaluated and (done % save_interval == 0 or stop):
                 save(done)
-            if preemption:
+            if stop:
                 tqdm.write(f"SIGTERM: saved a checkpoint at step {done} in {output_dir}; exiting", file=sys.stderr)
                 break
     return dict(last, best_top1=best_top1)
