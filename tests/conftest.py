@@ -1,5 +1,6 @@
 """Shared test helpers: repo on sys.path, CPU-only JAX, and a runner for recipe scripts."""
 
+import getpass
 import os
 import subprocess
 import sys
@@ -12,9 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")  # in-process recipe runs: no progress bars in captured output
-# One persistent XLA compilation cache for the whole session, shared with the recipe subprocesses: the many short
-# runs of the same tiny models compile each program once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vit-recipes-xla-cache-"))
+# One persistent XLA compilation cache, shared with the recipe subprocesses: the many short runs of the same tiny
+# models compile each program once, and a fixed folder (per user, in the system temp dir beside pytest's own
+# `pytest-of-<user>` root) lets a rerun of the suite reuse the programs the last session compiled.
+XLA_CACHE = Path(tempfile.gettempdir()) / f"vit-recipes-xla-cache-{getpass.getuser()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(XLA_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

@@ -106,12 +106,19 @@ def forward_features(model, images: np.ndarray) -> np.ndarray:
 
 
 def test_encoder_gives_the_features_of_timm_vit_base_mae():
-    """Full size, by name: timm's `vit_base_patch16_224.mae` with random weights; the converted weights give the
-    same features in float32, and timm -> Flax -> timm is bit-exact."""
+    """By name: timm's `vit_base_patch16_224.mae` (random weights, built at depth 2, every tensor perturbed) and
+    our b16 encoder at depth 2 give the same features in float32; timm -> Flax -> timm is bit-exact; at full depth
+    the Flax encoder has exactly the tensors (names and shapes) of the timm model."""
     import timm
 
-    reference = timm.create_model("vit_base_patch16_224.mae", pretrained=False).eval()
-    assert reference.num_classes == 0
+    with torch.device("meta"):
+        full = timm.create_model("vit_base_patch16_224.mae", pretrained=False)
+    full_flax = jax.eval_shape(lambda: mae_jax.VisionTransformer(mae_jax.ViTConfig()).init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"])
+    assert full.num_classes == 0
+    full_as_timm = convert.flax_to_timm(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, np.int8), full_flax))
+    assert {k: v.shape for k, v in full_as_timm.items()} == {k: v.shape for k, v in full.state_dict().items()}
+    reference = timm.create_model("vit_base_patch16_224.mae", pretrained=False, depth=2).eval()
     torch.manual_seed(0)
     with torch.no_grad():  # non-trivial LayerNorms, biases and position embedding
         for p in reference.parameters():
@@ -123,7 +130,7 @@ def test_encoder_gives_the_features_of_timm_vit_base_mae():
     for name, value in state.items():
         np.testing.assert_array_equal(back[name], value.numpy(), err_msg=name)
 
-    model = mae_jax.VisionTransformer(mae_jax.ViTConfig())  # b16, cls pooling, no head: the .mae encoder
+    model = mae_jax.VisionTransformer(mae_jax.ViTConfig(layers=2))  # b16, cls pooling, no head: the .mae encoder
     images = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
     ours, _, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.tokens))(params, images)
     np.testing.assert_allclose(np.asarray(ours), forward_features(reference, images), atol=1e-4, rtol=1e-4)
