@@ -51,3 +51,21 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file is kept
+
+
+def assert_states_close(actual: dict, expected: dict, rtol: float = 1e-2) -> None:
+    """Every leaf of two saved train states (params, optimizer moments, step) agrees to `rtol` of the leaf's largest
+    magnitude: the comparison that sees a gradient of the wrong scale (Adam's moments grow with it, 4x and 16x for
+    four micro-batches summed) where losses do not. Not tighter: a gradient that is zero in exact arithmetic (the
+    attention's key bias) is float noise that Adam divides by its own size."""
+    import jax
+    import numpy as np
+
+    flat_actual = dict(jax.tree_util.tree_flatten_with_path(actual)[0])
+    flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    assert flat_actual.keys() == flat_expected.keys()
+    for path, want in flat_expected.items():
+        got, want = np.asarray(flat_actual[path], np.float64), np.asarray(want, np.float64)
+        scale = np.abs(want).max(initial=0.0)
+        np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale + 1e-30,
+                                   err_msg=f"{jax.tree_util.keystr(path)} (max |value| {scale:.3g})")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_states_close
 
 import deit_jax
 from common import UserError, checkpoint, convert, loop
@@ -236,6 +236,16 @@ def test_timm_teacher_gets_the_students_input_by_dlpack(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_accum_matches_the_full_batch(tmp_path):
+    """Four micro-batches give the full batch's parameters, AdamW moments and EMA after two steps (mutation:
+    summing the micro-batch gradients in `loop.accumulate_gradients` fails here)."""
+    args = [*TINY, "--training-steps", "2", "--batch-size", "32", "--clip-grad", "0", "--eval-interval", "1000"]
+    assert deit_jax.main([*args, "--output-dir", str(tmp_path / "full")]) == 0
+    assert deit_jax.main([*args, "--grad-accum", "4", "--output-dir", str(tmp_path / "accum")]) == 0
+    assert_states_close(checkpoint.load_state_and_config(tmp_path / "accum")[0],
+                        checkpoint.load_state_and_config(tmp_path / "full")[0])
 
 
 def test_preempted_and_resumed_run_equals_uninterrupted_run(deit_run, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_states_close
 
 import mae_jax
 from common import checkpoint, convert, loop, optim, schedules
@@ -342,6 +342,17 @@ def test_every_stage_converts_to_timm(pretrained, downstream, tmp_path, capsys):
             theirs = timm_model(run_dir, state)(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
         np.testing.assert_allclose(theirs, expected, atol=1e-4, rtol=1e-4, err_msg=stage)
         assert stage != "finetune" or "avg" in printed, printed  # timm needs global_pool='avg' for the GAP head
+
+
+def test_finetune_grad_accum_matches_the_full_batch(tmp_path):
+    """Fine-tuning with four micro-batches gives the full batch's parameters and AdamW moments after two steps
+    (pretraining draws a mask per micro-batch, so it cannot equal the full batch; mutation: summing the
+    micro-batch gradients in `loop.accumulate_gradients` fails here)."""
+    args = [*FINETUNE, "--training-steps", "2", "--batch-size", "32"]
+    assert mae_jax.main([*args, "--output-dir", str(tmp_path / "full")]) == 0
+    assert mae_jax.main([*args, "--grad-accum", "4", "--output-dir", str(tmp_path / "accum")]) == 0
+    assert_states_close(checkpoint.load_state_and_config(tmp_path / "accum")[0],
+                        checkpoint.load_state_and_config(tmp_path / "full")[0])
 
 
 def test_preempted_and_resumed_pretraining_equals_uninterrupted(tmp_path, monkeypatch):
