@@ -58,16 +58,20 @@ def assert_trees_equal(a, b):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_digits_learns_beyond_chance(tmp_path):
+def test_default_recipe_learns_digits_beyond_chance(tmp_path):
+    """DeiT-III's own recipe (LAMB, binary cross-entropy on the binarised mixup targets, LayerScale; cutmix and drop
+    path off, a larger lr for a 2-block model) learns the digits: 10 classes, chance 10%; this run ends near 70%.
+    Mutation that fails: BCE targets `targets >= 0` (every class 1) instead of `targets > 0` stays at chance."""
     out = tmp_path / "run"
-    assert run_main(*TINY, "--layers", "4", "--patch-size", "4", "--batch-size", "64", "--epochs", "8",
-                    "--warmup-epochs", "1", "--optimizer", "adamw", "--learning-rate", "2e-3", "--weight-decay", "0.05",
-                    "--criterion", "ce", "--droppath", "0", "--mixup", "0", "--cutmix", "0", "--log-interval", "20",
-                    "--eval-interval", "1000", "--output-dir", out) == 0
+    assert run_main(*TINY, "--batch-size", "64", "--epochs", "16", "--warmup-epochs", "1", "--learning-rate", "2e-2",
+                    "--cutmix", "0", "--droppath", "0", "--log-interval", "20", "--eval-interval", "1000",
+                    "--output-dir", out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["optimizer"], config["criterion"], config["mixup"], config["layerscale"]) == ("lamb", "bce", 0.8,
+                                                                                                 True)
     evals = [r for r in read_log(out) if "val_top1" in r]
     assert evals, "no eval record in log.jsonl"
-    assert evals[-1]["val_top1"] > 40, f"10 classes, chance is 10%: got {evals[-1]['val_top1']:.1f}%"
-    config = json.loads((out / "config.json").read_text())
+    assert evals[-1]["val_top1"] > 45, f"10 classes, chance is 10%: got {evals[-1]['val_top1']:.1f}%"
     assert config["num_classes"] == 10 and config["model"] == "t16"
 
 
