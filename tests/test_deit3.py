@@ -107,7 +107,9 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed: make it longer"
     interrupted_at = max(losses(killed_dir))
-    assert interrupted_at < 12
+    saved = [int(p.name) for p in (killed_dir / "checkpoints").glob("*") if p.name.isdigit()]
+    assert saved and 4 <= max(saved) < 12 and interrupted_at < 12, \
+        f"killed with checkpoints {saved} after step {interrupted_at}: not a mid-run kill with a checkpoint to resume"
 
     assert run_main(*args, "--output-dir", killed_dir, "--resume") == 0
     assert_trees_equal(final_params(tmp_path / "straight"), final_params(killed_dir))
@@ -198,7 +200,9 @@ def test_non_finite_loss_stops_without_saving(tmp_path, capsys):
     code = run_main(*TINY, "--training-steps", "20", "--optimizer", "adamw", "--learning-rate", "1e30",
                     "--warmup-steps", "0", "--clip-grad", "0", "--save-interval", "1", "--output-dir", out)
     assert_error(code, capsys, "loss is")
-    for step_dir in (out / "checkpoints").glob("[0-9]*"):
+    step_dirs = list((out / "checkpoints").glob("[0-9]*"))
+    assert step_dirs, "no checkpoint before the failure: the finiteness check below would pass vacuously"
+    for step_dir in step_dirs:
         params, _ = checkpoint.load_params_and_config(step_dir)
         assert all(np.isfinite(x).all() for x in _leaves(params)), "a non-finite checkpoint was written"
 

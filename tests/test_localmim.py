@@ -469,12 +469,23 @@ def test_finetune_resume_equals_uninterrupted_run(small_folder, tmp_path):
         assert torch.equal(resumed["model"][key], value), f"{key} differs after resuming"
 
 
-def test_non_finite_loss_stops_without_saving(small_folder, tmp_path, capsys):
+def test_non_finite_loss_stops_without_saving(small_folder, tmp_path, capsys, monkeypatch):
+    """The loss turns NaN in the second epoch, after epoch 1's checkpoint: the run stops with one error line and
+    the checkpoint on disk is epoch 1's finite one (before, a NaN from the first step left no checkpoint, and the
+    finiteness check passed vacuously)."""
+    forward, calls = recipe.LocalMIM.forward, []
+
+    def nan_from_step_5(self, *args, **kwargs):
+        calls.append(1)
+        loss, stage_losses = forward(self, *args, **kwargs)
+        return (loss * float("nan") if len(calls) >= 5 else loss), stage_losses
+
+    monkeypatch.setattr(recipe.LocalMIM, "forward", nan_from_step_5)
     out = tmp_path / "run"
-    code = run("pretrain", *short_run(small_folder), "--batch-size", "16", "--lr", "1e12", "--output-dir", out)
+    code = run("pretrain", *short_run(small_folder), "--batch-size", "16", "--save-every", "1", "--output-dir", out)
     assert_user_error(code, capsys, "NaN")
-    steps = tu.checkpoint_steps(out / "checkpoints")
-    assert all(torch.isfinite(v).all() for v in final_state(out)["model"].values()) if steps else True
+    assert tu.checkpoint_steps(out / "checkpoints") == [3], "epoch 1 (3 steps) is the last good checkpoint"
+    assert all(torch.isfinite(v).all() for v in final_state(out)["model"].values())
 
 
 # ---------------------------------------------------------------------------------------------- benchmark, bad input
