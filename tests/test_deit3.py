@@ -276,9 +276,12 @@ def test_finetune_at_new_resolution_with_label_mapping_then_eval_only(tmp_path, 
     np.testing.assert_allclose(tuned["head"]["kernel"][:, ::-1], source["head"]["kernel"], atol=1e-6)
     np.testing.assert_allclose(tuned["blocks_1"]["mlp"]["fc1"]["kernel"], source["blocks_1"]["mlp"]["fc1"]["kernel"],
                                atol=1e-6)
+    logged = [r for r in read_log(fine) if "val_top1" in r][-1]  # the fine-tune's own eval of the same weights
     capsys.readouterr()
     assert run_main(*TINY, "--image-size", "48", "--eval-only", "--output-dir", fine) == 0
-    assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val_top1"] <= 100
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_top1"] == pytest.approx(logged["val_top1"], abs=1e-6), (result, logged)
+    assert result["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5), (result, logged)
     code = run_main(*TINY, "--training-steps", "1", "--pretrained-ckpt", tmp_path / "none", "--output-dir",
                     tmp_path / "bad")
     assert_error(code, capsys, "none")
