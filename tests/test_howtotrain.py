@@ -187,9 +187,17 @@ def test_history_writes_a_png_and_a_table(digits_run, capsys):
     out = capsys.readouterr().out
     with Image.open(digits_run / "history.png") as image:
         assert image.format == "PNG" and image.size[0] > 500
-    rows = [line for line in out.splitlines() if re.match(r"\s*\d+ ", line)]
-    assert len(rows) == 6, out
-    assert "best val top-1" in out
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colors and len(colors) > 20, "the figure draws curves, not a blank canvas"
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s*\d+ ", line)]
+    evals = [r for r in read_log(digits_run) if "val_top1" in r]
+    assert len(rows) == len(evals) == 6, out
+    for row, record in zip(rows, evals):  # step, epoch, train loss, val loss, top-1, top-5, lr: the log's values
+        assert int(row[0]) == record["step"]
+        assert [float(x) for x in row[3:6]] == pytest.approx(
+            [record["val_loss"], record["val_top1"], record["val_top5"]], abs=1e-2), (row, record)
+    best = max(evals, key=lambda r: r["val_top1"])
+    assert f"best val top-1 {best['val_top1']:.2f}% at step {best['step']}" in out
 
 
 def test_predict_prints_top_k_rows(digits_run, tmp_path, capsys):
