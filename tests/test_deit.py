@@ -206,6 +206,22 @@ def test_flax_teacher_hard_distillation(deit_run, tmp_path):
     assert {"dist_token", "head_dist.weight"} <= set(torch.load(tmp_path / "timm.pth"))
 
 
+def test_flax_teacher_gives_the_checkpoints_predictions(deit_run):
+    """The Flax teacher's logits are those of timm's VisionTransformer loaded with the checkpoint's weights (an
+    independent forward pass; mutation: a teacher that keeps its init weights fails)."""
+    params, config = checkpoint.load_params_and_config(deit_run)
+    args = deit_jax.parse_args([*TINY, "--distill", "hard", "--teacher-ckpt", str(deit_run)])
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    teacher = deit_jax.FlaxTeacher(str(deit_run), args, 10, mesh)
+    reference = convert.timm_model_class()(**convert.timm_kwargs(config, no_embed_class=False)).eval()
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_timm(params).items()},
+                              strict=True)
+    images = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(np.asarray(teacher(images)), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_timm_teacher_soft_distillation(tmp_path):
     import timm
 
