@@ -157,7 +157,12 @@ def timm_vit(stage: dvt.Stage, arch: dvt.Backbone, grid: int, img_size: int) -> 
 
 @pytest.mark.parametrize("model_name", ["dvt_t2t_vit_12", "dvt_deit_s"])
 def test_without_reuse_each_exit_equals_a_plain_timm_vit(model_name):
+    """Every weight, bias and norm perturbed first (zero biases, unit norms and a zero head would hide a swap)."""
     model = tiny_model(model_name, feature_reuse=False, relation_reuse=False).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     arch = dvt.arch_of(tiny_config(model_name))
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
