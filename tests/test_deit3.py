@@ -182,6 +182,34 @@ def tiny_run(tmp_path_factory):
     return out
 
 
+def test_a_real_run_converts_to_timm_with_the_same_logits(tiny_run, tmp_path, capsys):
+    """scripts/convert_flax_to_timm.py on a checkpoint written by the CLI (its saved config, LayerScale, pos-emb on
+    the patches only): timm's VisionTransformer loads it strict and gives the recipe's logits."""
+    import argparse
+    import importlib.util
+
+    import jax
+    import torch
+    from timm.models.vision_transformer import VisionTransformer
+
+    import deit3_jax
+    from common import convert
+
+    spec = importlib.util.spec_from_file_location("convert_flax_to_timm", REPO / "scripts" / "convert_flax_to_timm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(tiny_run), "--out", str(tmp_path / "timm.pth")]) == 0, capsys.readouterr().err
+    params, config = checkpoint.load_params_and_config(tiny_run)
+    reference = VisionTransformer(**convert.timm_kwargs(config, no_embed_class=True)).eval()
+    reference.load_state_dict(torch.load(tmp_path / "timm.pth"), strict=True)
+    model = deit3_jax.VisionTransformer(deit3_jax.model_config(argparse.Namespace(**config), config["num_classes"]))
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    ours = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))(params, images))
+    with torch.no_grad():
+        theirs = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    assert ours.std() > 0 and np.abs(ours - theirs).max() <= 1e-4 * max(1.0, np.abs(ours).max()), (ours, theirs)
+
+
 def test_mismatched_checkpoint_is_refused_and_kept(tiny_run, capsys):
     out = tiny_run
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
