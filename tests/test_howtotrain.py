@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, recipe_env
@@ -141,6 +142,37 @@ def test_weight_decay_and_lr_follow_the_paper_conventions():
     for name in ("pos_embed", "cls_token", "blocks.0.attn.qkv.bias", "blocks.0.norm1.weight"):
         assert decays[id(names[name])] == 0.0, name
     assert recipe.peak_lr(recipe.parse_args(["train", "--batch-size", "1024"])) == pytest.approx(5e-4)  # sqrt rule
+
+
+def big_vision_mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float, seed: int):
+    """The recipe's mixup for one batch; the one line to adapt if its signature changes."""
+    return recipe.mixup(images, targets, alpha, np.random.default_rng(seed))
+
+
+def test_mixup_is_big_vision_mixup():
+    """big_vision utils.mixup, from its math: one ratio per batch, lam = max(r, 1 - r) with r ~ Beta(alpha, alpha),
+    every image and target mixed with the batch rolled by one (image i with image i - 1). lam is read back from the
+    targets (distinct one-hot rows), the images must use the same lam, and over many batches lam follows
+    max(r, 1 - r) of torch's Beta sampler (an independent sampler). Mutations that fail: lam = r (not the max),
+    the targets rolled the other way."""
+    batch, classes, alpha = 6, 6, 0.5
+    images = torch.randn(batch, 3, 4, 4)
+    targets = torch.eye(classes)[:batch]
+    lams = []
+    for seed in range(400):
+        mixed_images, mixed_targets = big_vision_mixup(images, targets, alpha, seed)
+        lam = mixed_targets[0, 0].item()
+        assert 0.5 <= lam <= 1.0, lam
+        torch.testing.assert_close(mixed_targets, lam * targets + (1 - lam) * targets.roll(1, 0))
+        torch.testing.assert_close(mixed_images, lam * images + (1 - lam) * images.roll(1, 0))
+        lams.append(lam)
+    torch.manual_seed(0)
+    r = torch.distributions.Beta(alpha, alpha).sample((20000,))
+    expected = torch.maximum(r, 1 - r).numpy()
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert np.quantile(lams, q) == pytest.approx(np.quantile(expected, q), abs=0.05), q
+    unmixed_images, unmixed_targets = big_vision_mixup(images, targets, 0.0, 0)
+    assert torch.equal(unmixed_images, images) and torch.equal(unmixed_targets, targets)
 
 
 def test_gradient_clipping_bounds_the_global_norm():
