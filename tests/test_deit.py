@@ -191,21 +191,6 @@ def test_converted_checkpoint_loads_into_timm(deit_run, tmp_path):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
-def test_flax_teacher_hard_distillation(deit_run, tmp_path):
-    out = tmp_path / "student"
-    assert deit_jax.main([*TINY, "--distill", "hard", "--teacher-ckpt", str(deit_run), "--training-steps", "20",
-                          "--warmup-steps", "2", "--eval-interval", "20", "--output-dir", str(out)]) == 0
-    params, config = checkpoint.load_params_and_config(out)
-    assert config["distilled"] and "dist_token" in params and "head_dist" in params
-    assert np.isfinite(losses(out)[20])
-    # The distilled checkpoint converts to timm's VisionTransformerDistilled (the script loads it strict).
-    sys.path.insert(0, str(REPO / "scripts"))
-    import convert_flax_to_timm
-
-    assert convert_flax_to_timm.main([str(out), "--out", str(tmp_path / "timm.pth")]) == 0
-    assert {"dist_token", "head_dist.weight"} <= set(torch.load(tmp_path / "timm.pth"))
-
-
 def test_flax_teacher_gives_the_checkpoints_predictions(deit_run):
     """The Flax teacher's logits are those of timm's VisionTransformer loaded with the checkpoint's weights (an
     independent forward pass; mutation: a teacher that keeps its init weights fails)."""
@@ -220,6 +205,61 @@ def test_flax_teacher_gives_the_checkpoints_predictions(deit_run):
     with torch.no_grad():
         expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(np.asarray(teacher(images)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_flax_teacher_hard_distillation_sees_the_students_mixed_input(deit_run, tmp_path, monkeypatch):
+    """Hard distillation from a Flax checkpoint, converted to timm's VisionTransformerDistilled at the end.
+    DeiT §4: the teacher gets the student's exact input, mixed. Every call of the input pipeline (in the student's
+    compiled step and for the teacher) is recorded by a debug callback; at each step the teacher's images equal the
+    student's, and they are mixed (not the normalised batch). Mutation that fails: the teacher fed
+    augment.normalize(batch['image'])."""
+    from common import augment
+
+    seen, given = {}, {}
+    make_inputs = deit_jax.make_inputs
+
+    def recording_make_inputs(*args, **kwargs):
+        inputs = make_inputs(*args, **kwargs)
+
+        def recorded(step, batch):
+            images, targets = inputs(step, batch)
+            jax.debug.callback(lambda s, x, raw: seen.setdefault(int(s), []).append((np.asarray(x), np.asarray(raw))),
+                               step, images, batch["image"])
+            return images, targets
+
+        return recorded
+
+    teacher_call = deit_jax.FlaxTeacher.__call__
+
+    def recording_call(self, images):
+        given[len(given)] = np.asarray(images)
+        return teacher_call(self, images)
+
+    monkeypatch.setattr(deit_jax, "make_inputs", recording_make_inputs)
+    monkeypatch.setattr(deit_jax.FlaxTeacher, "__call__", recording_call)
+    out = tmp_path / "student"
+    assert deit_jax.main([*TINY, "--distill", "hard", "--teacher-ckpt", str(deit_run), "--training-steps", "20",
+                          "--warmup-steps", "2", "--eval-interval", "20", "--mixup", "0.8", "--cutmix", "1.0",
+                          "--output-dir", str(out)]) == 0
+    assert sorted(given) == sorted(seen) == list(range(20))
+    mixed_steps = 0
+    for step, images in given.items():
+        assert len(seen[step]) == 2, "one call for the teacher, one in the student's step"
+        for student_images, _ in seen[step]:
+            np.testing.assert_allclose(images, student_images, rtol=1e-6, atol=1e-6, err_msg=f"step {step}")
+        unmixed = np.asarray(augment.normalize(jnp.asarray(seen[step][0][1])))
+        mixed_steps += np.abs(images - unmixed).max() > 0.1
+    assert mixed_steps >= 15, f"the teacher saw mixed images at {mixed_steps} of 20 steps (lam near 1 at a few)"
+
+    params, config = checkpoint.load_params_and_config(out)
+    assert config["distilled"] and "dist_token" in params and "head_dist" in params
+    assert np.isfinite(losses(out)[20])
+    # The distilled checkpoint converts to timm's VisionTransformerDistilled (the script loads it strict).
+    sys.path.insert(0, str(REPO / "scripts"))
+    import convert_flax_to_timm
+
+    assert convert_flax_to_timm.main([str(out), "--out", str(tmp_path / "timm.pth")]) == 0
+    assert {"dist_token", "head_dist.weight"} <= set(torch.load(tmp_path / "timm.pth"))
 
 
 def test_timm_teacher_soft_distillation(tmp_path):
