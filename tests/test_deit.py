@@ -238,10 +238,10 @@ def test_flax_teacher_hard_distillation_sees_the_students_mixed_input(deit_run, 
     monkeypatch.setattr(deit_jax, "make_inputs", recording_make_inputs)
     monkeypatch.setattr(deit_jax.FlaxTeacher, "__call__", recording_call)
     out = tmp_path / "student"
-    assert deit_jax.main([*TINY, "--distill", "hard", "--teacher-ckpt", str(deit_run), "--training-steps", "20",
-                          "--warmup-steps", "2", "--eval-interval", "20", "--mixup", "0.8", "--cutmix", "1.0",
+    assert deit_jax.main([*TINY, "--distill", "hard", "--teacher-ckpt", str(deit_run), "--training-steps", "8",
+                          "--warmup-steps", "2", "--eval-interval", "8", "--mixup", "0.8", "--cutmix", "1.0",
                           "--output-dir", str(out)]) == 0
-    assert sorted(given) == sorted(seen) == list(range(20))
+    assert sorted(given) == sorted(seen) == list(range(8))
     mixed_steps = 0
     for step, images in given.items():
         assert len(seen[step]) == 2, "one call for the teacher, one in the student's step"
@@ -249,11 +249,11 @@ def test_flax_teacher_hard_distillation_sees_the_students_mixed_input(deit_run, 
             np.testing.assert_allclose(images, student_images, rtol=1e-6, atol=1e-6, err_msg=f"step {step}")
         unmixed = np.asarray(augment.normalize(jnp.asarray(seen[step][0][1])))
         mixed_steps += np.abs(images - unmixed).max() > 0.1
-    assert mixed_steps >= 15, f"the teacher saw mixed images at {mixed_steps} of 20 steps (lam near 1 at a few)"
+    assert mixed_steps >= 6, f"the teacher saw mixed images at {mixed_steps} of 8 steps (lam near 1 at a few)"
 
     params, config = checkpoint.load_params_and_config(out)
     assert config["distilled"] and "dist_token" in params and "head_dist" in params
-    assert np.isfinite(losses(out)[20])
+    assert np.isfinite(losses(out)[8])
     # The distilled checkpoint converts to timm's VisionTransformerDistilled (the script loads it strict).
     sys.path.insert(0, str(REPO / "scripts"))
     import convert_flax_to_timm
