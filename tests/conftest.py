@@ -1,5 +1,6 @@
 """Shared test helpers: repo on sys.path, CPU-only JAX, and a runner for recipe scripts."""
 
+import getpass
 import os
 import subprocess
 import sys
@@ -12,9 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TQDM_DISABLE", "1")  # in-process recipe runs: no progress bars in captured output
-# One persistent XLA compilation cache for the whole session, shared with the recipe subprocesses: the many short
-# runs of the same tiny models compile each program once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="vit-recipes-xla-cache-"))
+# One persistent XLA compilation cache, shared with the recipe subprocesses: the many short runs of the same tiny
+# models compile each program once, and a fixed folder (per user, in the system temp dir beside pytest's own
+# `pytest-of-<user>` root) lets a rerun of the suite reuse the programs the last session compiled.
+XLA_CACHE = Path(tempfile.gettempdir()) / f"vit-recipes-xla-cache-{getpass.getuser()}"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(XLA_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -48,3 +51,21 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file is kept
+
+
+def assert_states_close(actual: dict, expected: dict, rtol: float = 1e-2) -> None:
+    """Every leaf of two saved train states (params, optimizer moments, step) agrees to `rtol` of the leaf's largest
+    magnitude: the comparison that sees a gradient of the wrong scale (Adam's moments grow with it, 4x and 16x for
+    four micro-batches summed) where losses do not. Not tighter: a gradient that is zero in exact arithmetic (the
+    attention's key bias) is float noise that Adam divides by its own size."""
+    import jax
+    import numpy as np
+
+    flat_actual = dict(jax.tree_util.tree_flatten_with_path(actual)[0])
+    flat_expected = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    assert flat_actual.keys() == flat_expected.keys()
+    for path, want in flat_expected.items():
+        got, want = np.asarray(flat_actual[path], np.float64), np.asarray(want, np.float64)
+        scale = np.abs(want).max(initial=0.0)
+        np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale + 1e-30,
+                                   err_msg=f"{jax.tree_util.keystr(path)} (max |value| {scale:.3g})")

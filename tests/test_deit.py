@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, assert_states_close
 
 import deit_jax
 from common import UserError, checkpoint, convert, loop
@@ -67,17 +67,17 @@ def random_params(config: deit_jax.ViTConfig, seed: int = 0):
 
 
 def test_distilled_weights_give_the_logits_of_timm_deit_tiny_distilled():
-    """Full size, by name: timm's `deit_tiny_distilled_patch16_224` loads the converted weights strict and, in eval
-    mode (its two heads averaged), gives our `predict` logits."""
+    """By name: the full-size config is timm's `deit_tiny_distilled_patch16_224`; that model, built at depth 2,
+    loads our converted weights (every leaf perturbed) strict and, in eval mode (its two heads averaged), gives our
+    `predict` logits."""
     import timm
 
-    config = deit_jax.ViTConfig(num_classes=1000, distilled=True, dim=192, heads=3, layers=12)
-    model = deit_jax.VisionTransformer(config)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"]
     run_config = dict(image_size=224, patch_size=16, dim=192, layers=12, heads=3, num_classes=1000, pooling="cls")
     kwargs = convert.timm_kwargs(run_config, no_embed_class=False)
     assert convert.timm_model_name(kwargs, distilled=True) == "deit_tiny_distilled_patch16_224"
-    reference = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False)
+    config = deit_jax.ViTConfig(num_classes=1000, distilled=True, dim=192, heads=3, layers=2)
+    model, params = random_params(config)
+    reference = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=2)
     reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_timm(params).items()},
                               strict=True)
     images = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
@@ -191,13 +191,69 @@ def test_converted_checkpoint_loads_into_timm(deit_run, tmp_path):
     assert np.abs(ours - theirs).max() <= 1e-4
 
 
-def test_flax_teacher_hard_distillation(deit_run, tmp_path):
+def test_flax_teacher_gives_the_checkpoints_predictions(deit_run):
+    """The Flax teacher's logits are those of timm's VisionTransformer loaded with the checkpoint's weights (an
+    independent forward pass; mutation: a teacher that keeps its init weights fails)."""
+    params, config = checkpoint.load_params_and_config(deit_run)
+    args = deit_jax.parse_args([*TINY, "--distill", "hard", "--teacher-ckpt", str(deit_run)])
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    teacher = deit_jax.FlaxTeacher(str(deit_run), args, 10, mesh)
+    reference = convert.timm_model_class()(**convert.timm_kwargs(config, no_embed_class=False)).eval()
+    reference.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in convert.flax_to_timm(params).items()},
+                              strict=True)
+    images = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(np.asarray(teacher(images)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_flax_teacher_hard_distillation_sees_the_students_mixed_input(deit_run, tmp_path, monkeypatch):
+    """Hard distillation from a Flax checkpoint, converted to timm's VisionTransformerDistilled at the end.
+    DeiT §4: the teacher gets the student's exact input, mixed. Every call of the input pipeline (in the student's
+    compiled step and for the teacher) is recorded by a debug callback; at each step the teacher's images equal the
+    student's, and they are mixed (not the normalised batch). Mutation that fails: the teacher fed
+    augment.normalize(batch['image'])."""
+    from common import augment
+
+    seen, given = {}, {}
+    make_inputs = deit_jax.make_inputs
+
+    def recording_make_inputs(*args, **kwargs):
+        inputs = make_inputs(*args, **kwargs)
+
+        def recorded(step, batch):
+            images, targets = inputs(step, batch)
+            jax.debug.callback(lambda s, x, raw: seen.setdefault(int(s), []).append((np.asarray(x), np.asarray(raw))),
+                               step, images, batch["image"])
+            return images, targets
+
+        return recorded
+
+    teacher_call = deit_jax.FlaxTeacher.__call__
+
+    def recording_call(self, images):
+        given[len(given)] = np.asarray(images)
+        return teacher_call(self, images)
+
+    monkeypatch.setattr(deit_jax, "make_inputs", recording_make_inputs)
+    monkeypatch.setattr(deit_jax.FlaxTeacher, "__call__", recording_call)
     out = tmp_path / "student"
-    assert deit_jax.main([*TINY, "--distill", "hard", "--teacher-ckpt", str(deit_run), "--training-steps", "20",
-                          "--warmup-steps", "2", "--eval-interval", "20", "--output-dir", str(out)]) == 0
+    assert deit_jax.main([*TINY, "--distill", "hard", "--teacher-ckpt", str(deit_run), "--training-steps", "8",
+                          "--warmup-steps", "2", "--eval-interval", "8", "--mixup", "0.8", "--cutmix", "1.0",
+                          "--output-dir", str(out)]) == 0
+    assert sorted(given) == sorted(seen) == list(range(8))
+    mixed_steps = 0
+    for step, images in given.items():
+        assert len(seen[step]) == 2, "one call for the teacher, one in the student's step"
+        for student_images, _ in seen[step]:
+            np.testing.assert_allclose(images, student_images, rtol=1e-6, atol=1e-6, err_msg=f"step {step}")
+        unmixed = np.asarray(augment.normalize(jnp.asarray(seen[step][0][1])))
+        mixed_steps += np.abs(images - unmixed).max() > 0.1
+    assert mixed_steps >= 6, f"the teacher saw mixed images at {mixed_steps} of 8 steps (lam near 1 at a few)"
+
     params, config = checkpoint.load_params_and_config(out)
     assert config["distilled"] and "dist_token" in params and "head_dist" in params
-    assert np.isfinite(losses(out)[20])
+    assert np.isfinite(losses(out)[8])
     # The distilled checkpoint converts to timm's VisionTransformerDistilled (the script loads it strict).
     sys.path.insert(0, str(REPO / "scripts"))
     import convert_flax_to_timm
@@ -236,6 +292,16 @@ def test_timm_teacher_gets_the_students_input_by_dlpack(tmp_path):
     with torch.no_grad():
         expected = model(torch.from_numpy(np.array(images)).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_grad_accum_matches_the_full_batch(tmp_path):
+    """Four micro-batches give the full batch's parameters, AdamW moments and EMA after two steps (mutation:
+    summing the micro-batch gradients in `loop.accumulate_gradients` fails here)."""
+    args = [*TINY, "--training-steps", "2", "--batch-size", "32", "--clip-grad", "0", "--eval-interval", "1000"]
+    assert deit_jax.main([*args, "--output-dir", str(tmp_path / "full")]) == 0
+    assert deit_jax.main([*args, "--grad-accum", "4", "--output-dir", str(tmp_path / "accum")]) == 0
+    assert_states_close(checkpoint.load_state_and_config(tmp_path / "accum")[0],
+                        checkpoint.load_state_and_config(tmp_path / "full")[0])
 
 
 def test_preempted_and_resumed_run_equals_uninterrupted_run(deit_run, tmp_path, monkeypatch):

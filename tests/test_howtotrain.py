@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, recipe_env
@@ -102,16 +103,22 @@ def test_light0_is_refused_with_the_valid_levels(capsys):
     assert_user_error(train("--augreg", "light0"), capsys, "light0", "light1", "medium2", "strong2")
 
 
-def test_lr_schedule_matches_its_formula():
-    def formula(step, peak, total, warmup, decay):
-        progress = min(max((step - warmup) / (total - warmup), 0.0), 1.0)
-        value = 0.5 * (1 + math.cos(math.pi * progress)) if decay == "cosine" else 1 - progress
-        return peak * value * (min(1.0, step / warmup) if warmup else 1.0)
+def big_vision_lr(step: int, peak: float, total: int, warmup: int, decay: str = "cosine") -> float:
+    """big_vision's create_learning_rate_schedule from optax's own schedules: the decay runs over the steps after
+    warmup and the warmup multiplies it by min(1, step / warmup) (an independent reference, not the recipe's code)."""
+    import optax
 
+    after = optax.cosine_decay_schedule(peak, total - warmup) if decay == "cosine" else \
+        optax.linear_schedule(peak, 0.0, total - warmup)
+    return float(after(max(step - warmup, 0))) * (min(1.0, step / warmup) if warmup else 1.0)
+
+
+def test_lr_schedule_matches_its_formula():
     kw = dict(peak_lr=1e-3, total_steps=1000, warmup_steps=100)
     for decay in ("cosine", "linear"):
         for step in (0, 1, 50, 99, 100, 101, 333, 550, 999, 1000):
-            assert tu.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(formula(step, 1e-3, 1000, 100, decay))
+            assert tu.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(
+                big_vision_lr(step, 1e-3, 1000, 100, decay), rel=1e-6, abs=1e-9), (decay, step)  # optax: float32
     # Anchors computed by hand: warmup from 0, the peak at the end of warmup, half-way down, and 0 at the end.
     assert tu.warmup_decay_lr(0, **kw) == 0.0
     assert tu.warmup_decay_lr(25, **kw) == pytest.approx(2.5e-4)
@@ -135,6 +142,37 @@ def test_weight_decay_and_lr_follow_the_paper_conventions():
     for name in ("pos_embed", "cls_token", "blocks.0.attn.qkv.bias", "blocks.0.norm1.weight"):
         assert decays[id(names[name])] == 0.0, name
     assert recipe.peak_lr(recipe.parse_args(["train", "--batch-size", "1024"])) == pytest.approx(5e-4)  # sqrt rule
+
+
+def big_vision_mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float, seed: int):
+    """The recipe's mixup for one batch; the one line to adapt if its signature changes."""
+    return recipe.mixup(images, targets, alpha, np.random.default_rng(seed))
+
+
+def test_mixup_is_big_vision_mixup():
+    """big_vision utils.mixup, from its math: one ratio per batch, lam = max(r, 1 - r) with r ~ Beta(alpha, alpha),
+    every image and target mixed with the batch rolled by one (image i with image i - 1). lam is read back from the
+    targets (distinct one-hot rows), the images must use the same lam, and over many batches lam follows
+    max(r, 1 - r) of torch's Beta sampler (an independent sampler). Mutations that fail: lam = r (not the max),
+    the targets rolled the other way."""
+    batch, classes, alpha = 6, 6, 0.5
+    images = torch.randn(batch, 3, 4, 4)
+    targets = torch.eye(classes)[:batch]
+    lams = []
+    for seed in range(400):
+        mixed_images, mixed_targets = big_vision_mixup(images, targets, alpha, seed)
+        lam = mixed_targets[0, 0].item()
+        assert 0.5 <= lam <= 1.0, lam
+        torch.testing.assert_close(mixed_targets, lam * targets + (1 - lam) * targets.roll(1, 0))
+        torch.testing.assert_close(mixed_images, lam * images + (1 - lam) * images.roll(1, 0))
+        lams.append(lam)
+    torch.manual_seed(0)
+    r = torch.distributions.Beta(alpha, alpha).sample((20000,))
+    expected = torch.maximum(r, 1 - r).numpy()
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert np.quantile(lams, q) == pytest.approx(np.quantile(expected, q), abs=0.05), q
+    unmixed_images, unmixed_targets = big_vision_mixup(images, targets, 0.0, 0)
+    assert torch.equal(unmixed_images, images) and torch.equal(unmixed_targets, targets)
 
 
 def test_gradient_clipping_bounds_the_global_norm():
@@ -177,9 +215,8 @@ def test_logged_lr_follows_the_schedule(digits_run):
     records = [r for r in read_log(digits_run) if "lr" in r]
     assert len(records) > 10
     for r in records:  # the record of step s holds the lr of the update that made step s (big_vision count s - 1)
-        expected = tu.warmup_decay_lr(r["step"] - 1, peak_lr=config["peak_lr"], total_steps=config["total_steps"],
-                                      warmup_steps=20)
-        assert r["lr"] == pytest.approx(expected), r
+        expected = big_vision_lr(r["step"] - 1, config["peak_lr"], config["total_steps"], 20)
+        assert r["lr"] == pytest.approx(expected, rel=1e-5, abs=1e-6 * config["peak_lr"]), r
 
 
 def test_history_writes_a_png_and_a_table(digits_run, capsys):
@@ -187,9 +224,17 @@ def test_history_writes_a_png_and_a_table(digits_run, capsys):
     out = capsys.readouterr().out
     with Image.open(digits_run / "history.png") as image:
         assert image.format == "PNG" and image.size[0] > 500
-    rows = [line for line in out.splitlines() if re.match(r"\s*\d+ ", line)]
-    assert len(rows) == 6, out
-    assert "best val top-1" in out
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colors and len(colors) > 20, "the figure draws curves, not a blank canvas"
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s*\d+ ", line)]
+    evals = [r for r in read_log(digits_run) if "val_top1" in r]
+    assert len(rows) == len(evals) == 6, out
+    for row, record in zip(rows, evals):  # step, epoch, train loss, val loss, top-1, top-5, lr: the log's values
+        assert int(row[0]) == record["step"]
+        assert [float(x) for x in row[3:6]] == pytest.approx(
+            [record["val_loss"], record["val_top1"], record["val_top5"]], abs=1e-2), (row, record)
+    best = max(evals, key=lambda r: r["val_top1"])
+    assert f"best val top-1 {best['val_top1']:.2f}% at step {best['step']}" in out
 
 
 def test_predict_prints_top_k_rows(digits_run, tmp_path, capsys):

@@ -366,6 +366,22 @@ def test_finetune_loads_the_encoder_with_layer_decay(digits_run, tmp_path, capsy
     tuned, pretrained = final_state(out)["model"], read_encoder(digits_run)
     assert "norm.weight" not in tuned and "fc_norm.weight" in tuned and tuned["head.weight"].shape == (10, 64)
     assert not torch.equal(tuned["blocks.3.mlp.fc1.weight"], pretrained["blocks.3.mlp.fc1.weight"]), "trained"
+    # Loaded: the patch embedding (lr x 0.5^5) stays nearer the pretrained one than pretraining moved it from its
+    # init (mutation: finetune starting from that init, ignoring --pretrained, fails here).
+    init = recipe.initial_encoder_state(final_state(out)["config"], final_state(out)["config"]["seed"])
+    key = "patch_embed.proj.weight"
+    moved, pretraining_moved = (tuned[key] - pretrained[key]).norm(), (pretrained[key] - init[key]).norm()
+    assert moved < 0.25 * pretraining_moved, (float(moved), float(pretraining_moved))
+    # exported to timm from this real run: the plain timm classifier gives the fine-tuned model's logits
+    assert run("export", out) == 0
+    state = final_state(out)
+    ours = recipe.build_classifier(state["config"]).eval()
+    ours.load_state_dict(state["model"])
+    exported = timm.models.vision_transformer.VisionTransformer(**recipe.vit_kwargs(state["config"], 10, "avg"))
+    exported.eval().load_state_dict(torch.load(out / "timm_model.pth"), strict=True)
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(images), ours(images), rtol=1e-5, atol=1e-5)
     args = recipe.parse_args(["finetune", *ARCH, "--pretrained", "random", "--layer-decay", "0.5"])
     model = recipe.build_classifier(dict(vars(args), **recipe.arch_config(args), num_classes=10))
     optimizer = recipe.make_supervised_optimizer(model, args, 1.0, torch.device("cpu"))
@@ -385,6 +401,13 @@ def test_export_writes_timm_state_dicts(digits_run, tmp_path, capsys):
     config = json.loads((digits_run / "config.json").read_text())
     model = timm.models.vision_transformer.VisionTransformer(**recipe.vit_kwargs(config, num_classes=0))
     model.load_state_dict(tensors, strict=True)
+    saved = final_state(digits_run)["model"]  # the pretraining checkpoint's own encoder tensors
+    assert all(torch.equal(value, saved[f"encoder.{key}"]) for key, value in tensors.items())
+    reference = timm.models.vision_transformer.VisionTransformer(**recipe.vit_kwargs(config, num_classes=0)).eval()
+    reference.load_state_dict({k.removeprefix("encoder."): v for k, v in saved.items() if k.startswith("encoder.")})
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval().forward_features(images), reference.forward_features(images))
     from safetensors.torch import load_file
     assert set(load_file(str(tmp_path / "enc.safetensors"))) == set(tensors)
 
@@ -467,6 +490,25 @@ def test_finetune_resume_equals_uninterrupted_run(small_folder, tmp_path):
     assert straight["step"] == resumed["step"] == 9
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), f"{key} differs after resuming"
+
+
+def test_non_finite_loss_stops_without_saving(small_folder, tmp_path, capsys, monkeypatch):
+    """The loss turns NaN in the second epoch, after epoch 1's checkpoint: the run stops with one error line and
+    the checkpoint on disk is epoch 1's finite one (before, a NaN from the first step left no checkpoint, and the
+    finiteness check passed vacuously)."""
+    forward, calls = recipe.LocalMIM.forward, []
+
+    def nan_from_step_5(self, *args, **kwargs):
+        calls.append(1)
+        loss, stage_losses = forward(self, *args, **kwargs)
+        return (loss * float("nan") if len(calls) >= 5 else loss), stage_losses
+
+    monkeypatch.setattr(recipe.LocalMIM, "forward", nan_from_step_5)
+    out = tmp_path / "run"
+    code = run("pretrain", *short_run(small_folder), "--batch-size", "16", "--save-every", "1", "--output-dir", out)
+    assert_user_error(code, capsys, "diverged")
+    assert tu.checkpoint_steps(out / "checkpoints") == [3], "epoch 1 (3 steps) is the last good checkpoint"
+    assert all(torch.isfinite(v).all() for v in final_state(out)["model"].values())
 
 
 # ---------------------------------------------------------------------------------------------- benchmark, bad input
