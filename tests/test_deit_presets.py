@@ -72,8 +72,9 @@ def test_recipe_defaults_are_the_papers(recipe, table):
     mismatches = {key: (getattr(args, key), value) for key, value in expected.items()
                   if getattr(args, key) != (pytest.approx(value) if isinstance(value, float) else value)}
     assert not mismatches, f"--recipe {recipe}: flag (default, paper) {mismatches}"
-    large = deit_jax.parse_args(["--recipe", recipe, "--model", "l16"])
-    assert (large.droppath, large.epochs) == ((0.2, 200) if recipe == "mae" else (0.1, 300))
+    for model in ("l16", "h14"):  # MAE Table 11: drop path 0.2 for both L and H
+        large = deit_jax.parse_args(["--recipe", recipe, "--model", model])
+        assert (large.droppath, large.epochs) == ((0.2, 200) if recipe == "mae" else (0.1, 300)), model
 
 
 def test_effective_learning_rates():
