@@ -639,6 +639,10 @@ def test_preset_matches_the_paper(name):
     assert len(flags) == len(set(flags)), f"{name}: a flag is given twice"
     if name.startswith("cifar"):
         assert args.init_from, "the paper fine-tunes its ImageNet DVT on CIFAR"
+    header = " ".join(line.lstrip("#").strip() for line in (PRESETS / f"{name}.sh").read_text().splitlines()[1:]
+                      if line.startswith("#"))
+    assert "Wang et al. 2021" in header and "Expected top-1: DVT reports" in header, \
+        f"{name}: the header must name the DVT paper and state what DVT itself reports for this row"
 
 
 def test_presets_are_executable_bash():
