@@ -181,7 +181,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
-                   help="adamw (ImageNet; no weight decay on biases, norms, class tokens, position embeddings) or "
+                   help="adamw (ImageNet; no weight decay on biases and norms, as the official code) or "
                         "sgd with momentum (T2T-ViT's CIFAR transfer; weight decay on every parameter)")
     g.add_argument("--lr", type=float, default=5e-4, help="peak lr, absolute (T2T-ViT does not scale it with batch)")
     g.add_argument("--weight-decay", type=float, default=0.05)
@@ -537,10 +537,6 @@ class DVT(nn.Module):
             outputs.append(logits)
         return outputs
 
-    def no_weight_decay(self) -> set[str]:
-        """timm's convention for ViTs: no weight decay on class tokens and learned position embeddings."""
-        return {name for name, _ in self.named_parameters() if name.endswith(("cls_token", "pos_embed"))}
-
 
 def arch_of(config: dict[str, Any]) -> Backbone:
     overrides = {key: config[key] for key in ("embed_dim", "depth", "num_heads", "mlp_ratio", "token_dim")
@@ -685,15 +681,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 
 def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
     """Parameter groups with an `lr_scale` (heads 1, the rest --backbone-lr-scale) and their weight decay: AdamW
-    skips biases, norms, class tokens and position embeddings (timm's rule, as the official code); SGD (T2T-ViT's
-    transfer_learning.py) decays every parameter."""
-    skip = tu.unwrap(model).no_weight_decay() if args.optimizer == "adamw" else set()
+    skips 1-D parameters (biases, norms) only, as the official code: its timm `create_optimizer` exempts the
+    names of `model.no_weight_decay()`, which DVT's three-model wrapper does not define, so the class tokens (and
+    the DeiT variant's learned position embeddings) are decayed. SGD (T2T-ViT's transfer_learning.py) decays
+    every parameter."""
     groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         scale = 1.0 if re.search(r"(^|\.)head\.", name) else args.backbone_lr_scale
-        no_decay = args.optimizer == "adamw" and (param.ndim <= 1 or name in skip)
+        no_decay = args.optimizer == "adamw" and param.ndim <= 1
         groups.setdefault((scale, 0.0 if no_decay else args.weight_decay), []).append(param)
     return [{"params": params, "lr_scale": scale, "weight_decay": decay} for (scale, decay), params in groups.items()]
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from timm.layers import resample_abs_pos_embed  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import deit3_jax  # noqa: E402
 from common import convert  # noqa: E402
@@ -231,17 +231,25 @@ def test_sincos_pos_embed_follows_mae(cls_rows):
 
 
 @pytest.mark.parametrize("prefix_rows", [0, 1])
-def test_resize_pos_embed_equals_timm_resample(prefix_rows):
+@pytest.mark.parametrize("new_grid", [12, 6])
+def test_resize_pos_embed_is_the_originals_bicubic_interpolate(prefix_rows, new_grid):
+    """MAE interpolate_pos_embed / DeiT --finetune: F.interpolate(bicubic, align_corners=False) on (1, D, g, g)."""
     pos_embed = np.random.default_rng(0).standard_normal((1, prefix_rows + 8 * 8, 32)).astype(np.float32)
-    expected = resample_abs_pos_embed(torch.from_numpy(pos_embed), [12, 12], num_prefix_tokens=prefix_rows)
-    resized = convert.resize_pos_embed(pos_embed, 12, prefix_rows=prefix_rows)
-    assert resized.shape == (1, prefix_rows + 144, 32) and resized.dtype == np.float32
-    np.testing.assert_array_equal(resized, expected.numpy())
+    grid = torch.from_numpy(pos_embed[:, prefix_rows:]).reshape(1, 8, 8, 32).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
+    expected = expected.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, 32).numpy()
+    resized = convert.resize_pos_embed(pos_embed, new_grid, prefix_rows=prefix_rows)
+    assert resized.shape == (1, prefix_rows + new_grid**2, 32) and resized.dtype == np.float32
+    np.testing.assert_array_equal(resized[:, prefix_rows:], expected)
     np.testing.assert_array_equal(resized[:, :prefix_rows], pos_embed[:, :prefix_rows])
+    antialiased = resample_abs_pos_embed(torch.from_numpy(pos_embed), [new_grid, new_grid],
+                                         num_prefix_tokens=prefix_rows).numpy()
+    assert not np.allclose(resized, antialiased, atol=1e-3), "timm's default (antialiased) kernel is not the originals'"
 
 
 def test_model_finetuned_at_a_new_resolution_matches_timm_loading_it():
-    """Flax fine-tune at 48 px from a 32 px model == timm creating the 48 px model from the 32 px weights."""
+    """Flax fine-tune at 48 px from a 32 px model == timm loading the 32 px weights resized as the originals do
+    (bicubic without antialiasing: timm's checkpoint_filter_fn with its antialias default would differ)."""
     low = run_config(patch_size=4)  # grid 8
     params = random_params(flax_model(low), low)
     high = run_config(patch_size=4, image_size=48)  # grid 12
@@ -249,10 +257,13 @@ def test_model_finetuned_at_a_new_resolution_matches_timm_loading_it():
     images = random_images(high)
     flax_out = flax_logits(flax_model(high), resized, images)
 
-    # timm's own path: checkpoint_filter_fn resamples pos_embed when loading into a model of another size.
-    target = VisionTransformer(**convert.timm_kwargs(high)).eval()
+    # timm's loading path with the originals' kernel: resample_abs_pos_embed(antialias=False) is
+    # F.interpolate(bicubic, align_corners=False) on the (1, D, g, g) grid.
     low_state = {k: torch.from_numpy(v) for k, v in convert.flax_to_timm(params).items()}
-    target.load_state_dict(checkpoint_filter_fn(low_state, target), strict=True)
+    low_state["pos_embed"] = resample_abs_pos_embed(low_state["pos_embed"], [12, 12], antialias=False,
+                                                    num_prefix_tokens=0)
+    target = VisionTransformer(**convert.timm_kwargs(high)).eval()
+    target.load_state_dict(low_state, strict=True)
     assert_same_logits(flax_out, timm_logits(target, images), "fine-tune at 48 px")
     assert_same_logits(flax_out, timm_logits(timm_model(convert.timm_kwargs(high), convert.flax_to_timm(resized)),
                                              images), "converted 48 px model")

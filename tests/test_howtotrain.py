@@ -378,7 +378,7 @@ def test_benchmark_prints_throughput(tmp_path, capsys):
 PRESETS = REPO / "scripts" / "howtotrain"
 # The paper's ImageNet-1k grid points: 300 epochs at batch 4096, lr 1e-3, warmup 10k steps, sigmoid loss, no
 # dropout / stochastic depth; per model the level of big_vision's configs/vit_i1k.py.
-GRID = {"ti16": ("vit_tiny_patch16_224", "light1"), "s32": ("vit_small_patch32_224", "light2"),
+GRID = {"ti16": ("vit_tiny_patch16_224", "light1"), "s32": ("vit_small_patch32_224", "medium1"),
         "s16": ("vit_small_patch16_224", "medium2"), "b32": ("vit_base_patch32_224", "medium2"),
         "b16": ("vit_base_patch16_224", "medium2"), "l16": ("vit_large_patch16_224", "medium2")}
 PAPER = dict(epochs=300, batch_size=4096, lr=1e-3, lr_ref_batch=4096, weight_decay=1e-4, clip_grad=1.0,
@@ -411,6 +411,10 @@ def test_preset_matches_the_paper(name):
     got = {key: getattr(args, key) for key in expected}
     assert got == expected, {k: (got[k], v) for k, v in expected.items() if got[k] != v}
     assert args.output_dir == f"runs/howtotrain/{name}"
+    header = " ".join(line.lstrip("#").strip() for line in (PRESETS / f"{name}.sh").read_text().splitlines()[1:]
+                      if line.startswith("#"))
+    assert "not a paper row" in header or "configs/vit_i1k.py" in header and f"level {args.augreg}" in header, \
+        f"{name}: the header must name its source (big_vision configs/vit_i1k.py) and its AugReg level"
     flags = [w for w in argv if w.startswith("--")]
     assert len(flags) == len(set(flags)), f"{name}: a flag is given twice"
 

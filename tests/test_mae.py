@@ -441,6 +441,13 @@ ROWS |= {f"finetune_{m}": dict(PAPER["finetune"], model=m, epochs=e, learning_ra
 ROWS |= {f"linprobe_{m}": dict(PAPER["linprobe"], model=m, epochs=e)
          for m, e in (("b16", 90), ("l16", 50), ("h14", 50))}
 
+# The top-1 each header states: Table 3 (fine-tuned, 1600-epoch weights), Table 1d "pixel (w/ norm)" for the
+# 800-epoch ViT-L, the official README's linear-probing table; the other 800-epoch rows have no paper number.
+TOP1 = {"pretrain_b16_1600ep": 83.6, "pretrain_l16_1600ep": 85.9, "pretrain_h14_1600ep": 86.9,
+        "pretrain_l16_800ep": 85.4, "pretrain_b16_800ep": None, "pretrain_h14_800ep": None,
+        "finetune_b16": 83.6, "finetune_l16": 85.9, "finetune_h14": 86.9,
+        "linprobe_b16": 68.0, "linprobe_l16": 75.8, "linprobe_h14": 76.6}
+
 
 def test_one_preset_per_paper_row():
     assert {p.stem for p in PRESETS.glob("*.sh")} - {"digits_demo"} == set(ROWS)
@@ -457,3 +464,11 @@ def test_preset_matches_the_paper(name):
                   if getattr(args, key) != (pytest.approx(value) if isinstance(value, float) else value)}
     assert not mismatches, f"{name}: flag (preset, paper) {mismatches}"
     assert args.stage == name.split("_")[0] and args.image_size == 224
+    from test_presets import header
+
+    text = " ".join(line.lstrip("#").strip() for line in header(PRESETS / f"{name}.sh").splitlines())
+    assert "He et al., CVPR 2022" in text and "Table" in text, f"{name}: the header must name the paper and its table"
+    if TOP1[name] is None:
+        assert "reports no top-1" in text, f"{name}: say that the paper reports no top-1 for this row"
+    else:
+        assert f"top-1 {TOP1[name]}" in text, f"{name}: the header must state the expected top-1 {TOP1[name]}"

@@ -7,6 +7,8 @@
 # cosine (warmup 5 from 1e-6, min 1e-5; DeiT's loop stops at 300, no cooldown), RandAugment m9-mstd0.5-inc1, random
 # erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1, drop path 0.1, repeated augmentation x3. DeiT keeps an
 # EMA but reports the raw weights: no EMA here.
+# Expected top-1: DVT reports its ImageNet results as accuracy-vs-budget curves (paper Fig. 4, the official README's
+# result_main.png), with no single top-1 that could be checked here, so none is asserted.
 # Then: python dvt.py budget "$OUT" --target-gmacs 3.0 && python dvt.py eval "$OUT" --curve
 #
 # Usage: bash scripts/dvt/in1k_dvt_deit_s.sh [FLAG ...]   (later flags override the preset's)

@@ -5,8 +5,11 @@
 # T2T-ViT recipe of the official main.py: AdamW, 300 epochs of per-epoch cosine (warmup 20 from 1e-6, min 1e-5) + 10
 # cooldown epochs, RandAugment m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 / cutmix 1.0, label smoothing 0.1,
 # drop path 0.1, EMA 0.99996 (evaluated and kept as best). The lr is absolute (not scaled with the batch).
-# Reported: 76.5% top-1 at 1.8 GMACs per image on average (the paper's "GFLOPs"); T2T-ViT-12 alone on
-# 14x14 tokens: 76.7% at 1.78, on 7x7: 70.3% at 0.47.
+# Expected top-1: DVT reports its ImageNet results as accuracy-vs-budget curves (paper Fig. 4, the official README's
+# result_main.png; the released checkpoint stores the curve as `budgeted_batch_classification`), with no single top-1
+# that could be checked here, so none is asserted. The paper's exact numbers for this backbone are Table 1's
+# single-grid T2T-ViT-12: 76.7% at 1.78 GFLOPs (14x14), 70.3% at 0.47 (7x7), 60.8% at 0.21 (4x4). 76.5%, often
+# quoted for this row, is T2T-ViT-12's own top-1 in the T2T-ViT paper, not DVT's.
 # Departure: bicubic interpolation for the crops (T2T-ViT draws a random one per image).
 # Then: python dvt.py budget "$OUT" --target-gmacs 1.0 && python dvt.py eval "$OUT" --curve
 #
