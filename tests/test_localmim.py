@@ -412,10 +412,6 @@ def test_export_writes_timm_state_dicts(digits_run, tmp_path, capsys):
     assert set(load_file(str(tmp_path / "enc.safetensors"))) == set(tensors)
 
 
-def test_existing_run_needs_resume(digits_run, capsys):
-    assert_user_error(run("pretrain", *LEARN, "--output-dir", digits_run), capsys, "--resume")
-
-
 def test_mismatched_pretrained_encoder_is_refused(digits_run, tmp_path, capsys):
     assert_user_error(run("knn", *ARCH, "--embed-dim", "48", "--data", "digits", "--pretrained", digits_run,
                           "--output-dir", tmp_path), capsys, "does not match")

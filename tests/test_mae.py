@@ -415,11 +415,6 @@ def test_bad_init_checkpoints_are_refused(pretrained, downstream, tmp_path, caps
     assert "does not fit this model" in capsys.readouterr().err
 
 
-def test_existing_run_needs_resume(pretrained, capsys):
-    assert mae_jax.main([*PRETRAIN, "--training-steps", "1", "--output-dir", str(pretrained)]) == 2
-    assert "--resume" in capsys.readouterr().err
-
-
 # ---------------------------------------------------------------------------------------------- presets
 
 PRESETS = REPO / "scripts" / "mae"
