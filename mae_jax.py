@@ -13,7 +13,7 @@ token at every removed position and predicts the pixels of the removed patches, 
 own mean and variance; the loss is the MSE on removed patches only. AdamW (0.9, 0.95), wd 0.05, lr 1.5e-4 x
 batch / 256 at batch 4096, 40 warmup epochs then cosine, 800 or 1600 epochs, RandomResizedCrop(0.2-1) + flip
 and nothing else. Fine-tuning (FINETUNE.md, the commands behind the paper's Table 3 numbers; Table 9 lists
-the unnormalised-pixel baseline's slightly different values): the encoder with global average pooling +
+slightly different values): the encoder with global average pooling +
 fc_norm and a new head, layer-wise lr decay 0.65 (B) / 0.75 (L, H), drop path, RandAugment, mixup / cutmix,
 label smoothing, random erasing. Linear probing (Table 10): the frozen encoder's cls token, BatchNorm without
 affine, a linear head, LARS at lr 0.1 x batch / 256 with batch 16384. Presets for the paper's rows are in
@@ -63,8 +63,8 @@ STAGES = {
     "pretrain": dict(batch_size=4096, learning_rate=1.5e-4, lr_ref_batch=256,  # lr = blr * batch / 256
                      adam_b1=0.9, adam_b2=0.95, weight_decay=0.05, epochs=800, warmup_epochs=40, min_lr=0.0),
     # FINETUNE.md's commands (main_finetune.py) for the released norm-pix 1600-epoch weights, which reproduce the
-    # paper's Table 3 (83.6 / 85.9 / 86.9); ViT-B values, L/H in SIZE_OVERRIDES. The paper's Table 9 lists the
-    # unnormalised-pixel baseline's values instead: blr 1e-3, layer decay 0.75, drop path 0.1 (B/L) / 0.2 (H).
+    # paper's Table 3 (83.6 / 85.9 / 86.9); ViT-B values, L/H in SIZE_OVERRIDES. The paper's Table 9 lists
+    # other values: blr 1e-3, layer decay 0.75, drop path 0.1 (B/L) / 0.2 (H).
     "finetune": dict(batch_size=1024, learning_rate=5e-4, lr_ref_batch=256, adam_b1=0.9, adam_b2=0.999,
                      weight_decay=0.05, epochs=100, warmup_epochs=5, min_lr=1e-6, layer_decay=0.65, droppath=0.1),
     # Table 10 (linear probing) and main_linprobe.py: LARS, no weight decay, batch 16384.

@@ -42,7 +42,8 @@ def run():
 
 # The files with the longest runs go first, so that with `-n 2 --dist loadfile` (the README's command) neither
 # worker is left with a long file at the end.
-LONGEST_FIRST = ("test_deit3.py", "test_deit.py", "test_mae.py", "test_howtotrain.py", "test_dvt.py")
+LONGEST_FIRST = ("test_contract_jax.py", "test_deit3.py", "test_deit.py", "test_contract_torch.py", "test_mae.py",
+                 "test_howtotrain.py", "test_dvt.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -5,7 +5,7 @@
 # drop path 0.1, RandAugment m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8, cutmix 1.0, label smoothing 0.1,
 # global average pooling + fc_norm. From the 1600-epoch pretraining: top-1 83.6 (paper Table 3, He et al.,
 # CVPR 2022; FINETUNE.md's four seeds: 83.63, 83.66, 83.52, 83.46).
-# The paper's Table 9 lists the unnormalised-pixel baseline's values instead (blr 1e-3, layer decay 0.75, drop path 0.1,
+# The paper's Table 9 lists other values (blr 1e-3, layer decay 0.75, drop path 0.1,
 # no random erasing; FINETUNE.md notes the difference): this preset follows the code, whose runs give the
 # Table 3 number.
 # PRETRAINED can also be the official mae_pretrain_vit_*.pth or timm's vit_*_patch*_224.mae weights.
