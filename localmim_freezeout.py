@@ -822,14 +822,17 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
                     step: int, args: argparse.Namespace, env: tu.DistEnv, regularisers: dict) -> torch.Tensor:
     """Fine-tuning / linear-probe step: random erasing and mixup/cutmix (per micro-batch, as MAE's loader batches) on
     the device, loss scaled by 1/accum, optional clipping. Returns the summed loss over the local samples."""
-    seed = tu.step_seed(args.seed, step, env.rank)  # erasing, mixup and drop path draw from these: exact resume
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=env.device)
     chunks = list(zip(batch["image"].chunk(args.accum_iter), batch["label"].chunk(args.accum_iter)))
     for index, (images, labels) in enumerate(chunks):
+        # Erasing, mixup/cutmix and drop path draw from a seed of (step, the micro-batch's place in the global batch:
+        # process r's i-th is r * accum + i): N processes with accumulation a make the update of any other split
+        # of the same N x a (and a resumed run that of an uninterrupted one).
+        seed = tu.step_seed(args.seed, step, env.rank * args.accum_iter + index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
         if regularisers.get("erase"):
             images = regularisers["erase"](images)
         targets = labels

@@ -460,6 +460,25 @@ def test_two_process_torchrun_matches_one_process(small_folder, tmp_path):
     assert "torchrun --nproc_per_node=2" in (tmp_path / "ddp" / "command.txt").read_text()
 
 
+def test_two_process_finetune_with_mixup_matches_one_process(small_folder, tmp_path):
+    """Fine-tuning with mixup, cutmix, random erasing and drop path: 2 processes x batch 8 make the update of
+    1 process x batch 8 x 2 accumulation (each micro-batch draws by its place in the global batch)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["finetune", *ARCH, "--data", str(small_folder), "--epochs", "1", "--warmup-epochs", "0", "--pretrained",
+            "random", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.5", "--drop-path", "0.2", "--batch-size", "8"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "localmim_freezeout.py", *args, "--output-dir", str(tmp_path / "ddp")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=recipe_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert run(*args, "--accum-iter", "2", "--output-dir", tmp_path / "one") == 0
+    ddp, one = final_state(tmp_path / "ddp"), final_state(tmp_path / "one")
+    assert ddp["config"]["world_size"] == 2 and ddp["step"] == one["step"] == 3
+    for key, value in one["model"].items():
+        torch.testing.assert_close(ddp["model"][key], value, rtol=0, atol=2e-5, msg=key)
+
+
 def test_resume_after_stop_equals_uninterrupted_run(small_folder, tmp_path):
     args = [*short_run(small_folder), "--batch-size", "16"]
     assert run("pretrain", *args, "--output-dir", tmp_path / "straight") == 0
