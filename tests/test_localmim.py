@@ -354,6 +354,19 @@ def read_encoder(run_dir: Path) -> dict:
     return recipe.read_encoder_state(str(run_dir))
 
 
+def test_finetune_learns_digits_from_the_pretrained_encoder(digits_run, tmp_path):
+    """End-to-end fine-tuning of the pretrained encoder (MAE's layer decay 0.75, no mixup/erasing: 132 steps)
+    reaches far beyond chance (10%). Measured: 29.8, 51.5, 61.3% after epochs 1-3 (from random init: 77.7%; four
+    epochs of tiny FreezeOut pretraining help kNN and the probe, not this short fine-tune)."""
+    out = tmp_path / "ft"
+    assert run("finetune", *ARCH, "--embed-dim", "64", "--data", "digits", "--pretrained", digits_run, "--output-dir",
+               out, "--batch-size", "32", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "2e-3", "--mixup", "0",
+               "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--aa", "none", "--drop-path", "0",
+               "--random-crop", "none", "--hflip", "0", "--log-interval", "100") == 0
+    top1 = [r["val_top1"] for r in read_log(out) if "val_top1" in r]
+    assert len(top1) == 3 and top1[-1] > 40 and top1[-1] > top1[0], top1
+
+
 def test_finetune_loads_the_encoder_with_layer_decay(digits_run, tmp_path, capsys):
     """One epoch with MAE's regularisers on (RandAugment, mixup/cutmix, random erasing, drop path, smoothing)."""
     out = tmp_path / "ft"
