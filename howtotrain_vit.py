@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from common import UserError, augment, data, runtime
 from common import torch_utils as tu
-from common.run import ArgumentParser, check_finite_loss, run_record
+from common.run import ArgumentParser, check_finite_loss, make_output_dir, run_record
 from common.runlog import RunLog, read_log
 
 # ----------------------------------------------------------------------------------------------
@@ -629,6 +629,8 @@ def history(args: argparse.Namespace) -> Path:
     if not train_log and not val_log:
         raise UserError(f"{run_dir} has no training or evaluation records yet")
     steps, vsteps = sorted(train_log), sorted(val_log)
+    output = Path(args.output) if args.output else (run_dir if run_dir.is_dir() else run_dir.parent) / "history.png"
+    make_output_dir(output.parent)
 
     figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
     loss_ax.plot(steps, [train_log[s]["loss"] for s in steps], label="train")
@@ -645,7 +647,6 @@ def history(args: argparse.Namespace) -> Path:
             ax.legend()
     figure.suptitle(str(run_dir))
     figure.tight_layout()
-    output = Path(args.output) if args.output else (run_dir if run_dir.is_dir() else run_dir.parent) / "history.png"
     figure.savefig(output, dpi=100)
     plt.close(figure)
 

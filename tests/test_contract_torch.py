@@ -50,6 +50,7 @@ def runs(data_root, tmp_path_factory):  # noqa: F811 (the fixture imported above
 # (recipe, argv with {run:NAME} / {data} / {missing} / {file} placeholders, a word the error must name)
 OTHER_COMMANDS = [
     (HOWTOTRAIN, "history {missing}", "missing"),
+    (HOWTOTRAIN, "history {run:howtotrain} --output {file}/history.png", "file"),
     (HOWTOTRAIN, "predict {missing} {data}/val/class_0/img_0.jpg", "missing"),
     (HOWTOTRAIN, "predict {run:howtotrain} {missing}.jpg", "missing"),
     (HOWTOTRAIN, "predict {run:dvt} {data}/val/class_0/img_0.jpg", "dvt.py train, not of howtotrain_vit.py"),
