@@ -113,6 +113,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "limits, continue with --resume")
     g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic batches and exit")
     g.add_argument("--benchmark-steps", type=int, default=20)
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
+                        "batches, print JSON and exit")
     g.add_argument("--workers", type=int, default=tu.default_workers(), help="data loader processes per process")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (big_vision: 50)")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
@@ -371,6 +374,11 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+    if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
+        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+                                    workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
+                                    process_index=env.rank, process_count=env.world_size, model=args.model,
+                                    image_size=args.img_size)
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")
