@@ -620,7 +620,12 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
+        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
+            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
+            repeats=args.augment_repeats, start_step=0, workers=args.workers, image_size=args.image_size,
+            num_classes=num_classes)
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
+                              batches=real,
                               train_flops_per_image=train_flops_per_image(config), model=args.model,
                               recipe=args.recipe, distill=args.distill, image_size=args.image_size, dtype=args.dtype)
 

@@ -794,9 +794,14 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, max(num_classes, 1), 0)
+        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
+            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
+            repeats=1, start_step=0, workers=args.workers, image_size=args.image_size,
+            num_classes=max(num_classes, 1))
         flops = train_flops_per_image(args.stage, config, decoder_config(args) if args.stage == "pretrain" else None,
                                       num_classes)
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
+                              batches=real,
                               train_flops_per_image=flops, stage=args.stage, model=args.model,
                               image_size=args.image_size, dtype=args.dtype)
     if args.stage == "pretrain" and args.visualize:

@@ -47,3 +47,17 @@ def test_benchmark_input_counts_the_global_batch_and_prints_on_the_main_process_
                                  process_index=1, process_count=2)
     assert capsys.readouterr().out == "", "a process other than 0 printed its result"
     assert other["img_per_sec"] > 0
+
+
+def test_benchmark_on_real_data_reports_end_to_end_img_per_sec_beside_the_device_figure(jpeg_root, tmp_path, capsys):
+    (deit3,) = [r for r in JAX_RECIPES if r.name == "deit3"]
+    out = tmp_path / "run"
+    code = call(deit3, "--data", jpeg_root, "--output-dir", out, "--benchmark", "--benchmark-steps", "2",
+                "--workers", "1")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    keys = list(result)
+    assert keys.index("end_to_end_img_per_sec") == keys.index("img_per_sec") - 1, keys
+    assert result["end_to_end_img_per_sec"] > 0 and result["img_per_sec"] > 0, result
+    assert not out.exists(), f"--benchmark created {out}"
