@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate --pretrained-ckpt (or the last checkpoint), then exit")
     g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
     g.add_argument("--benchmark-steps", type=int, default=30)
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
+                        "batches, print JSON and exit")
     g.add_argument("--workers", "--train-loader-workers", type=int, default=min(16, os.cpu_count() or 1),
                    help="data loader processes per host")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
@@ -495,6 +498,12 @@ def setup(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
+        dist.initialize()
+        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+                                    workers=args.workers, steps=args.benchmark_steps, seed=args.shuffle_seed,
+                                    repeats=args.augment_repeats, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), model=args.model, image_size=args.image_size)
     mesh, model, config, optimizer, schedule, state, run_config = setup(args)
     num_classes, total_steps = config.num_classes, run_config["total_steps"]
     base_keys = {"mixup": jax.random.PRNGKey(args.mixup_seed), "dropout": jax.random.PRNGKey(args.dropout_seed)}
@@ -503,7 +512,12 @@ def run(args: argparse.Namespace) -> dict:
                          out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
+        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
+            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
+            repeats=args.augment_repeats, start_step=0, workers=args.workers, image_size=args.image_size,
+            num_classes=num_classes)
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
+                              batches=real,
                               train_flops_per_image=train_flops_per_image(config), model=args.model,
                               image_size=args.image_size, dtype=args.dtype)
 

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-only", action="store_true", help="evaluate the last checkpoint in --output-dir, then exit")
     g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
     g.add_argument("--benchmark-steps", type=int, default=30)
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
+                        "batches, print JSON and exit")
     g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data loader processes per host")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
@@ -594,6 +597,13 @@ def setup(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
+        dist.initialize()
+        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+                                    workers=args.workers, steps=args.benchmark_steps, seed=args.shuffle_seed,
+                                    repeats=args.augment_repeats, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), model=args.model,
+                                    recipe=args.recipe, image_size=args.image_size)
     mesh, model, teacher, config, optimizer, schedule, state, run_config = setup(args)
     num_classes, total_steps = config.num_classes, run_config["total_steps"]
     inputs = make_inputs(args, num_classes, jax.random.PRNGKey(args.mixup_seed))
@@ -610,7 +620,12 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
+        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
+            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
+            repeats=args.augment_repeats, start_step=0, workers=args.workers, image_size=args.image_size,
+            num_classes=num_classes)
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
+                              batches=real,
                               train_flops_per_image=train_flops_per_image(config), model=args.model,
                               recipe=args.recipe, distill=args.distill, image_size=args.image_size, dtype=args.dtype)
 

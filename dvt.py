@@ -136,6 +136,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--benchmark", action="store_true",
                    help="time train steps and adaptive inference on synthetic batches, print JSON and exit")
     g.add_argument("--benchmark-steps", type=int, default=20)
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
+                        "batches, print JSON and exit")
     g.add_argument("--benchmark-q", default="0.05,1.0,2.95",
                    help="budgets (q) timed by --benchmark; 0.05 is the paper's lowest")
     g.add_argument("--workers", type=int, default=tu.default_workers(), help="data loader processes per process")
@@ -744,6 +747,11 @@ def init_weights_from(model: DVT, path: str) -> None:
 
 
 def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+    if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
+        return data.benchmark_input(args.data, train_transform(vars(args)), global_batch=args.batch_size,
+                                    workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
+                                    repeats=args.repeats, process_index=env.rank, process_count=env.world_size,
+                                    model=args.model, image_size=args.img_size)
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")

@@ -28,6 +28,7 @@ import math
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -113,6 +114,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "limits, continue with --resume")
     g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic batches and exit")
     g.add_argument("--benchmark-steps", type=int, default=20)
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
+                        "batches, print JSON and exit")
     g.add_argument("--workers", type=int, default=tu.default_workers(), help="data loader processes per process")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (big_vision: 50)")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
@@ -371,6 +375,11 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+    if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
+        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+                                    workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
+                                    process_index=env.rank, process_count=env.world_size, model=args.model,
+                                    image_size=args.img_size)
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")
@@ -577,10 +586,11 @@ def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> 
                                MEAN, STD)
     tu.set_lr(optimizer, config["peak_lr"])
 
-    def timed(steps: int) -> float:
+    def timed(steps: int, batches: Iterator[dict] | None = None) -> float:
         start = time.perf_counter()
         for step in range(steps):
-            metrics = train_step(model, optimizer, scaler, batch, step, args, env, num_classes)
+            metrics = train_step(model, optimizer, scaler, next(batches) if batches else batch, step, args, env,
+                                 num_classes)
         metrics["loss_sum"].item()  # waits for the device
         return time.perf_counter() - start
 
@@ -590,13 +600,22 @@ def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> 
         torch.cuda.reset_peak_memory_stats(env.device)
     step_time = timed(args.benchmark_steps) / args.benchmark_steps
     images_per_sec = args.batch_size / step_time
+    end_to_end = {}
+    if args.data != "synthetic":  # also fed from the real input pipeline: is the run input-bound?
+        real = tu.batches_to_device(data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
+                                                       seed=args.seed, workers=args.workers, process_index=env.rank,
+                                                       process_count=env.world_size), env.device, MEAN, STD)
+        timed(3, real)  # warm up: workers starting, first decodes
+        seconds = timed(args.benchmark_steps, real)
+        end_to_end["end_to_end_img_per_sec"] = round(args.batch_size * args.benchmark_steps / seconds, 1)
+        real.close()  # shuts the loader workers down
     flops = tu.train_flops_per_sample(lambda: build_model(config), (3, args.img_size, args.img_size))
     peak = tu.peak_flops(env.device)
     result = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
               "precision": args.precision if env.device.type == "cuda" else "fp32", "compile": args.compile,
               "processes": env.world_size,
               "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
-              "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
+              **end_to_end, "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
               "first_step_s": round(compile_seconds, 1),
               "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
               if env.device.type == "cuda" else None,

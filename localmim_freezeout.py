@@ -138,6 +138,10 @@ def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size x processes x --accum-iter)"
+                        " over --benchmark-steps batches, print JSON and exit")
+    g.add_argument("--benchmark-steps", type=int, default=20, help="batches or steps timed by a benchmark")
 
     g = p.add_argument_group("optimizer and schedule")
     defaults = {"pretrain": (1.5e-4, 0.05, 400, 40, 1e-6), "finetune": (1e-3, 0.05, 100, 5, 1e-6),
@@ -201,7 +205,6 @@ def add_pretrain_flags(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("benchmark")
     g.add_argument("--benchmark", action="store_true", help="time pretraining steps on device-made batches and exit")
-    g.add_argument("--benchmark-steps", type=int, default=20)
     g.add_argument("--benchmark-frozen", type=float, nargs="+", default=[0.0],
                    help="fractions of the blocks to freeze (with the patch embedding), one timing each")
 
@@ -937,6 +940,8 @@ def pretrain_config(args: argparse.Namespace, env: tu.DistEnv, spec: data.DataSp
 def pretrain(args: argparse.Namespace, argv: list[str]) -> dict:
     env = tu.init_distributed()
     try:
+        if args.benchmark_input:
+            return benchmark_input(args, env)
         if args.benchmark:
             return benchmark(args, env)
         return run_pretrain(args, argv, env)
@@ -1069,6 +1074,8 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
 def supervised(args: argparse.Namespace, argv: list[str]) -> dict:
     env = tu.init_distributed()
     try:
+        if args.benchmark_input:
+            return benchmark_input(args, env)
         return run_supervised(args, argv, env)
     finally:
         tu.cleanup_distributed()
@@ -1337,6 +1344,14 @@ def timed_steps(model: nn.Module, optimizer, scaler, images: torch.Tensor, noise
                                args)
     losses.sum().item()
     return time.perf_counter() - start
+
+
+def benchmark_input(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+    """--benchmark-input: the host input pipeline alone (the command's train transform), nothing written."""
+    return data.benchmark_input(args.data, train_transform(args), global_batch=effective_batch(args, env.world_size),
+                                workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
+                                process_index=env.rank, process_count=env.world_size, command=args.command,
+                                model=args.model, image_size=args.input_size)
 
 
 def benchmark(args: argparse.Namespace, env: tu.DistEnv) -> list[dict]:

@@ -93,6 +93,9 @@ def _common_flags() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
     g.add_argument("--benchmark-steps", type=int, default=30)
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
+                        "batches, print JSON and exit")
     g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data loader processes per host")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
@@ -775,6 +778,13 @@ def eval_weights(args: argparse.Namespace, state: dict):
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
+        dist.initialize()
+        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+                                    workers=args.workers, steps=args.benchmark_steps, seed=args.shuffle_seed,
+                                    repeats=1, process_index=jax.process_index(),
+                                    process_count=jax.process_count(), stage=args.stage,
+                                    model=args.model, image_size=args.image_size)
     mesh, model, head, optimizer, schedule, state, run_config = setup(args)
     num_classes, total_steps = run_config["num_classes"], run_config["total_steps"]
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -784,9 +794,14 @@ def run(args: argparse.Namespace) -> dict:
 
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, max(num_classes, 1), 0)
+        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
+            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
+            repeats=1, start_step=0, workers=args.workers, image_size=args.image_size,
+            num_classes=max(num_classes, 1))
         flops = train_flops_per_image(args.stage, config, decoder_config(args) if args.stage == "pretrain" else None,
                                       num_classes)
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
+                              batches=real,
                               train_flops_per_image=flops, stage=args.stage, model=args.model,
                               image_size=args.image_size, dtype=args.dtype)
     if args.stage == "pretrain" and args.visualize:

@@ -36,9 +36,11 @@ import os
 import pickle
 import random
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -685,3 +687,44 @@ def _shard_eval_batches(data: str, urls: list[str], sizes: list[int], transform:
         yield {"image": np.concatenate([images, np.broadcast_to(pad, (missing, *pad.shape))]),
                "label": np.concatenate([labels, np.full(missing, -1, np.int32)]), "skipped": skipped}
         images, labels, skipped = images[:0], labels[:0], 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Input benchmark: is a run input-bound?
+# ----------------------------------------------------------------------------------------------
+
+
+def benchmark_input(data: str, transform: Transform, *, global_batch: int, workers: int, steps: int,
+                    seed: int = 0, repeats: int = 1, warmup: int = 3, process_index: int = 0, process_count: int = 1,
+                    **report: Any) -> dict:
+    """Time the host input pipeline alone (`train_batches` with the recipe's transform, workers and repeats; no
+    model, no device): skip `warmup` batches (workers starting, first decodes), time the next `steps`, and print
+    (on process 0) and return one JSON line, `report` first and `img_per_sec` last, as --benchmark prints.
+
+    img_per_sec is the global rate: this host's images/s x process_count (the hosts load in parallel). Compare it
+    with --benchmark's figure: a recipe whose steps take more images/s than this is input-bound.
+    """
+    if _source_kind(data) == "synthetic":
+        raise UserError("--benchmark-input times the input pipeline and --data synthetic has none (its batches are "
+                        "made on the device): give an image folder, shards, digits or cifar")
+    if steps <= 0 or warmup < 0:
+        raise UserError(f"the input benchmark needs steps > 0 and warmup >= 0, got {steps} and {warmup}")
+    batches = train_batches(data, transform, global_batch=global_batch, seed=seed, repeats=repeats, workers=workers,
+                            process_index=process_index, process_count=process_count)
+    try:
+        for _ in range(warmup):
+            next(batches)
+        start, images, skipped = time.perf_counter(), 0, 0
+        for _ in range(steps):
+            batch = next(batches)
+            images += len(batch["label"])
+            skipped += batch["skipped"]
+        seconds = time.perf_counter() - start
+    finally:
+        batches.close()  # shuts the loader workers down
+    result = dict(report, data=data, batch_size=global_batch, workers=workers, repeats=repeats, loader="pil",
+                  steps=steps, skipped=skipped, batch_ms=round(1000 * seconds / steps, 2),
+                  img_per_sec=round(images * process_count / seconds, 1))
+    if process_index == 0:
+        print(json.dumps(result), flush=True)
+    return result

@@ -2,9 +2,11 @@
 
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +256,39 @@ def test_raw_shard_pattern_needs_num_classes(shards):
 def test_make_shards_missing_source_exits_2(run, tmp_path):
     result = run("scripts/make_shards.py", tmp_path / "nowhere", tmp_path / "out")
     assert result.returncode == 2 and result.stderr.strip().startswith("error:"), result.stderr
+
+
+def test_make_shards_max_side_shrinks_large_images_keeps_small_ones_and_labels(tmp_path):
+    src = tmp_path / "large"
+    sizes = [(300, 200), (90, 240), (48, 40)]  # landscape, portrait (both shrunk to 64), small (kept as it is)
+    for c, color in enumerate(COLORS):
+        for i, (width, height) in enumerate(sizes):
+            pixels = np.clip(np.array(color) + np.random.default_rng(10 * c + i).integers(-30, 30, (height, width, 3)),
+                             0, 255).astype(np.uint8)
+            (src / "train" / f"class_{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(src / "train" / f"class_{c}" / f"img_{i}.png")  # PNG: re-encoding shows
+    info = _make_shards_module().main([str(src), str(tmp_path / "out"), "--max-side", "64", "--quality", "85"])
+    assert (info["max_side"], info["quality"]) == (64, 85)
+    assert json.loads((tmp_path / "out" / "info.json").read_text())["max_side"] == 64
+    found = []  # (file name, size, format, extension) of each stored image
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    for member, payload in members.items():
+        key, extension = member.split(".", 1)
+        if extension == "cls":
+            continue
+        image = Image.open(io.BytesIO(payload))
+        label = int(members[f"{key}.cls"])
+        assert color_labels(np.asarray(image.convert("RGB"))[None])[0] == label, f"{member} lost its label"
+        found.append((key.split("_", 1)[1], image.size, image.format, extension))
+    assert len(found) == 9
+    for name, size, image_format, extension in found:
+        if name == "img_2":  # 48 x 40: small enough, the original PNG bytes
+            assert (size, image_format, extension) == ((48, 40), "PNG", "png"), name
+        else:
+            assert max(size) == 64 and image_format == "JPEG" and extension == "jpg", (name, size, image_format)
+    assert {(name, size) for name, size, _, _ in found} == {("img_0", (64, 43)), ("img_1", (24, 64)),
+                                                           ("img_2", (48, 40))}, "aspect ratio not kept"
 
 
 # ----------------------------------------------------------------------------------------------
