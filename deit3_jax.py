@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common.attention import attention
 from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
 
@@ -212,7 +213,7 @@ class Attention(nn.Module):
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=trunc_normal)
         qkv = dense(3 * dim, name="qkv")(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v)  # fused (cuDNN flash) where the backend has it
+        out = attention(q, k, v)  # cuDNN flash attention on NVIDIA GPUs in bf16, else XLA's
         return dense(dim, name="proj")(out.reshape(batch, tokens, dim))
 
 

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common.attention import attention
 from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
 
@@ -274,7 +275,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         dense = functools.partial(nn.Dense, dtype=self.dtype, kernel_init=trunc_normal)
         qkv = dense(3 * dim, name="qkv")(x).reshape(batch, tokens, 3, self.heads, dim // self.heads)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # fused where available
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # cuDNN flash on NVIDIA GPUs in bf16, else XLA
         return dense(dim, name="proj")(out.reshape(batch, tokens, dim))
 
 

@@ -122,7 +122,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
     g.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16",
                    help="autocast dtype on GPUs (fp16 adds loss scaling); CPUs always compute in float32")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA, off on CPUs; --no-compile: eager)")
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, dropout, mixup")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
@@ -380,6 +381,7 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
                                     workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
                                     process_index=env.rank, process_count=env.world_size, model=args.model,
                                     image_size=args.img_size)
+    args.compile = tu.wants_compile(args.compile, env.device)  # config.json records what ran
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")
@@ -415,7 +417,10 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
 
     if env.distributed:
         device_ids = [env.device] if env.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # Every parameter is used in every step (drop path scales, it does not skip): a static graph. DDP's
+        # static_graph breaks no_sync (an internal assert in torch 2.14 with --grad-accum 2), so only without it.
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                    static_graph=args.grad_accum == 1)
     if args.compile:
         model = torch.compile(model)
     if args.benchmark:

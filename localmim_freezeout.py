@@ -132,6 +132,8 @@ def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
                    help="also keep the weights every this many epochs in epochs/<epoch>.pt (MAE: 50 pretraining, "
                         "20 fine-tuning); checkpoints/ always holds the last epoch, for --resume")
     g.add_argument("--log-interval", type=int, default=50, help="optimizer steps between log lines")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA; --no-compile: eager)")
     g.add_argument("--random-crop", choices=["rrc", "none"], default="rrc",
                    help=f"rrc: RandomResizedCrop, area {20 if command == 'pretrain' else 8}-100%% (MAE); none: resize "
                         "+ center crop (tiny images such as digits)")
@@ -780,10 +782,12 @@ def eval_transform(args: argparse.Namespace):
 def mask_noise(seed: int, step: int, rows: int, patches: int, device: torch.device, rank: int,
                local_rows: int) -> torch.Tensor:
     """This process's rows of the step's masking noise, drawn for the whole effective batch from (seed, step): the
-    masks do not depend on how the batch is split over processes and micro-batches (or on resuming)."""
-    generator = torch.Generator().manual_seed(tu.step_seed(seed, step))
-    noise = torch.rand(rows, patches, generator=generator)
-    return noise[rank * local_rows:(rank + 1) * local_rows].to(device)
+    masks do not depend on how the batch is split over processes and micro-batches (or on resuming). Drawn by
+    `device`'s generator: on CPUs the numbers are those of the earlier host draw; CUDA's generator gives others
+    (the same in every process), so a GPU run started before this change gets other masks after a resume."""
+    generator = torch.Generator(device).manual_seed(tu.step_seed(seed, step))
+    noise = torch.rand(rows, patches, generator=generator, device=device)  # on the device: no blocking copy
+    return noise[rank * local_rows:(rank + 1) * local_rows]
 
 
 def device_batches(args: argparse.Namespace, env: tu.DistEnv, start_step: int, global_batch: int) -> Iterator[dict]:
@@ -913,12 +917,18 @@ def stop_requested(args: argparse.Namespace, env: tu.DistEnv, preemption: runtim
     return tu.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
 
 
-def wrap_ddp(model: nn.Module, env: tu.DistEnv) -> nn.Module:
-    """DDP over the parameters that currently require gradients (rebuilt when FreezeOut freezes a layer)."""
-    if not env.distributed:
-        return model
-    device_ids = [env.device] if env.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+def wrap_ddp(model: nn.Module, env: tu.DistEnv, compile_model: bool) -> nn.Module:
+    """DDP over the parameters that currently require gradients (rebuilt when FreezeOut freezes a layer), compiled
+    with `compile_model`. No static_graph: the set of trained parameters changes with each freeze.
+
+    A freeze builds a new wrapper around the same module; dynamo keeps its compiled code per forward and recompiles
+    it for the new frozen set (it guards on requires_grad and on the active stages), instead of going back to
+    eager. FreezeOut's units past torch._dynamo's recompile_limit (8) run eagerly; not measured (no GPU in CI)."""
+    if env.distributed:
+        device_ids = [env.device] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
+                                                    gradient_as_bucket_view=True)
+    return torch.compile(model) if compile_model else model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -939,6 +949,7 @@ def pretrain_config(args: argparse.Namespace, env: tu.DistEnv, spec: data.DataSp
 
 def pretrain(args: argparse.Namespace, argv: list[str]) -> dict:
     env = tu.init_distributed()
+    args.compile = tu.wants_compile(args.compile, env.device)  # config.json records what ran
     try:
         if args.benchmark_input:
             return benchmark_input(args, env)
@@ -999,7 +1010,7 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
               f"{env.world_size} process(es) on {env.device.type}, starting at step {start_step}", file=sys.stderr)
     batches = device_batches(args, env, start_step, config["effective_batch"])
     local_rows = args.batch_size * args.accum_iter
-    ddp = wrap_ddp(model, env)
+    ddp = wrap_ddp(model, env, args.compile)
     zeros = torch.zeros(len(plan.taps) + 2, device=env.device)  # stage losses, steps, unreadable images skipped
     window, epoch_sums = (log_sums.get(name, zeros).to(env.device) for name in ("window", "epoch"))
     window_start = epoch_start = time.perf_counter()
@@ -1010,7 +1021,7 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
     try:
         for step in progress:
             if apply_freezeout(optimizer, step):
-                ddp = wrap_ddp(model, env)  # DDP only knows the parameters that required gradients when built
+                ddp = wrap_ddp(model, env, args.compile)  # DDP only knows the parameters that required gradients
             lr = set_freezeout_lrs(optimizer, step, config)
             batch = next(batches)
             noise = mask_noise(args.seed, step, config["effective_batch"], model.grid**2, env.device, env.rank,
@@ -1073,6 +1084,7 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
 
 def supervised(args: argparse.Namespace, argv: list[str]) -> dict:
     env = tu.init_distributed()
+    args.compile = tu.wants_compile(args.compile, env.device)  # config.json records what ran
     try:
         if args.benchmark_input:
             return benchmark_input(args, env)
@@ -1149,7 +1161,7 @@ def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dic
     total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
     batches = device_batches(args, env, start_step, config["effective_batch"])
     regs = regularisers(args, config["num_classes"], env.device)
-    ddp = wrap_ddp(model, env)
+    ddp = wrap_ddp(model, env, args.compile)
     model.train()
     window = log_sums.get("window", torch.zeros(3)).to(env.device)  # loss sum, samples, unreadable images skipped
     last: dict[str, Any] = {}
@@ -1371,7 +1383,7 @@ def benchmark(args: argparse.Namespace, env: tu.DistEnv) -> list[dict]:
                                       betas=(0.9, 0.95), fused=env.device.type == "cuda")
         apply_freezeout(optimizer, 0)
         scaler = tu.grad_scaler(env.device, args.precision)
-        ddp = wrap_ddp(model, env)
+        ddp = wrap_ddp(model, env, args.compile)
         generator = torch.Generator(env.device).manual_seed(args.seed + env.rank)
         images = torch.randn(batch, 3, args.input_size, args.input_size, device=env.device, generator=generator)
         noise = torch.rand(batch, model.grid**2, device=env.device, generator=generator)

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common.attention import attention
 from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
 
@@ -268,7 +269,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = nn.Dense(3 * dim, dtype=self.dtype, kernel_init=xavier, name="qkv")(x)
         qkv = qkv.reshape(batch, tokens, 3, self.heads, dim // self.heads)
-        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # fused where available
+        out = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # cuDNN flash on NVIDIA GPUs in bf16, else XLA
         return nn.Dense(dim, dtype=self.dtype, kernel_init=xavier, name="proj")(out.reshape(batch, tokens, dim))
 
 

@@ -162,6 +162,12 @@ class Preemption(runtime.Preemption):
             return bool(multihost_utils.process_allgather(np.int32(self.requested)).max())
         return self.requested
 
+    def stop_after(self, done: int, *, every: int, last: int) -> bool:
+        """Whether to stop after step `done`. One process: asked every step (a flag read, no sync), so SIGTERM
+        saves the next step. Several hosts: the OR over hosts is a collective (a host sync), so it is asked only
+        every `every` steps and at step `last`, the same steps on every host."""
+        return (jax.process_count() == 1 or done % every == 0 or done == last) and bool(self)
+
 
 def open_run(output_dir: str, *, resume: bool, recipe: str, settings: dict) -> Checkpointer:
     """Check that the run can start or continue in `output_dir` (`common.run.start_run`: --resume, the same recipe
@@ -245,7 +251,7 @@ def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]],
                     tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), file=sys.stderr)
                 save(done, is_best, results)
                 window_start, window_steps = time.perf_counter(), 0
-            stop = bool(preemption)  # asked once a step: with several hosts, a collective
+            stop = preemption.stop_after(done, every=log_interval, last=total_steps)
             if not evaluated and (done % save_interval == 0 or stop):
                 save(done)
             if stop:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -97,6 +98,11 @@ def default_workers() -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def wants_compile(flag: bool | None, device: torch.device) -> bool:
+    """--compile / --no-compile as given, else on with CUDA only: CPU runs (and the tests) stay eager."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def images_to_device(images: np.ndarray | torch.Tensor, device: torch.device, mean: tuple[float, ...],
                      std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W) on `device`: (x / 255 - mean) / std.
@@ -108,9 +114,16 @@ def images_to_device(images: np.ndarray | torch.Tensor, device: torch.device, me
     if device.type == "cuda":
         images = images.pin_memory()
     images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    mean_t = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0
-    std_t = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0
+    mean_t, std_t = _normalisation_constants(device, tuple(mean), tuple(std))
     return (images - mean_t) / std_t
+
+
+@functools.cache
+def _normalisation_constants(device: torch.device, mean: tuple[float, ...],
+                             std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std in 0-255 units as (1, C, 1, 1) tensors on `device`, made once (not a host copy every batch)."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
+            torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
 
 
 def labels_to_device(labels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
