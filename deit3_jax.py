@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
 from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
@@ -356,7 +356,7 @@ def make_targets(args: argparse.Namespace, rng, images, labels, num_classes: int
     bce = args.criterion == "bce"
     smoothing = 0.0 if bce else args.label_smoothing
     if args.mixup > 0 or args.cutmix > 0:
-        images, targets = augment.mixup_cutmix(rng, images, labels, num_classes, mixup_alpha=args.mixup,
+        images, targets = jax_augment.mixup_cutmix(rng, images, labels, num_classes, mixup_alpha=args.mixup,
                                                cutmix_alpha=args.cutmix, label_smoothing=smoothing)
     else:
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
@@ -372,10 +372,10 @@ def make_train_step(args: argparse.Namespace, model: VisionTransformer, optimize
     def step_fn(state, batch):
         step = state["step"]
         mix_key, erase_key = jax.random.split(jax.random.fold_in(base_keys["mixup"], step))
-        images = augment.normalize(batch["image"])
+        images = jax_augment.normalize(batch["image"])
         images, targets = make_targets(args, mix_key, images, batch["label"], num_classes)
         if args.random_erasing > 0:
-            images = augment.random_erasing(erase_key, images, args.random_erasing)
+            images = jax_augment.random_erasing(erase_key, images, args.random_erasing)
 
         def micro_loss(params, micro_images, micro_targets, micro_index):
             keys = jax.random.split(jax.random.fold_in(jax.random.fold_in(base_keys["dropout"], step), micro_index))
@@ -395,7 +395,7 @@ def make_train_step(args: argparse.Namespace, model: VisionTransformer, optimize
 
 def make_eval_step(model: VisionTransformer):
     def eval_fn(params, batch):
-        logits = model.apply({"params": params}, augment.normalize(batch["image"]), train=False)
+        logits = model.apply({"params": params}, jax_augment.normalize(batch["image"]), train=False)
         return loop.classification_totals(logits, batch["label"])
 
     return eval_fn

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
 from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
@@ -504,15 +504,15 @@ def make_inputs(args: argparse.Namespace, num_classes: int, mixup_key: jax.Array
     the teacher (DeiT §4: the teacher sees the student's exact input)."""
     def inputs(step, batch):
         mix_key, erase_key = jax.random.split(jax.random.fold_in(mixup_key, step))
-        images = augment.normalize(batch["image"])
+        images = jax_augment.normalize(batch["image"])
         if args.mixup > 0 or args.cutmix > 0:
-            images, targets = augment.mixup_cutmix(mix_key, images, batch["label"], num_classes,
+            images, targets = jax_augment.mixup_cutmix(mix_key, images, batch["label"], num_classes,
                                                    mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
                                                    label_smoothing=args.label_smoothing)
         else:
-            targets = augment.smooth_one_hot(batch["label"], num_classes, args.label_smoothing)
+            targets = jax_augment.smooth_one_hot(batch["label"], num_classes, args.label_smoothing)
         if args.random_erasing > 0:
-            images = augment.random_erasing(erase_key, images, args.random_erasing)
+            images = jax_augment.random_erasing(erase_key, images, args.random_erasing)
         return images, targets
 
     return inputs
@@ -550,7 +550,7 @@ def make_train_step(args: argparse.Namespace, model: VisionTransformer, optimize
 
 def make_eval_step(model: VisionTransformer):
     def eval_fn(params, batch):
-        outputs = model.apply({"params": params}, augment.normalize(batch["image"]), train=False)
+        outputs = model.apply({"params": params}, jax_augment.normalize(batch["image"]), train=False)
         return loop.classification_totals(predict(outputs), batch["label"])
 
     return eval_fn

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import UserError, augment, checkpoint, convert, data, dist, loop, optim, schedules
+from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
 from common.run import ArgumentParser, check_positive, run_record
 from common.runlog import RunLog
@@ -542,7 +542,7 @@ def make_optimizer(args: argparse.Namespace, schedule: optax.Schedule, params) -
 def make_pretrain_step(args: argparse.Namespace, model: MaskedAutoencoder, optimizer, schedule, noise_key):
     def step_fn(state, batch):
         step = state["step"]
-        images = augment.normalize(batch["image"])
+        images = jax_augment.normalize(batch["image"])
 
         def micro_loss(params, micro_images, micro_index):
             mask_key = jax.random.fold_in(jax.random.fold_in(noise_key, step), micro_index)
@@ -565,15 +565,15 @@ def make_finetune_step(args: argparse.Namespace, model: VisionTransformer, optim
     def step_fn(state, batch):
         step = state["step"]
         mix_key, erase_key, dropout_key = jax.random.split(jax.random.fold_in(noise_key, step), 3)
-        images = augment.normalize(batch["image"])
+        images = jax_augment.normalize(batch["image"])
         if args.mixup > 0 or args.cutmix > 0:
-            images, targets = augment.mixup_cutmix(mix_key, images, batch["label"], num_classes,
+            images, targets = jax_augment.mixup_cutmix(mix_key, images, batch["label"], num_classes,
                                                    mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
                                                    label_smoothing=args.label_smoothing)
         else:
-            targets = augment.smooth_one_hot(batch["label"], num_classes, args.label_smoothing)
+            targets = jax_augment.smooth_one_hot(batch["label"], num_classes, args.label_smoothing)
         if args.random_erasing > 0:
-            images = augment.random_erasing(erase_key, images, args.random_erasing)
+            images = jax_augment.random_erasing(erase_key, images, args.random_erasing)
 
         def micro_loss(params, micro_images, micro_targets, micro_index):
             logits = model.apply({"params": params}, micro_images, train=True,
@@ -605,7 +605,7 @@ class ProbeHead(nn.Module):
 
 def make_linprobe_step(encoder: VisionTransformer, head: ProbeHead, optimizer, schedule):
     def step_fn(state, batch):
-        images = augment.normalize(batch["image"])
+        images = jax_augment.normalize(batch["image"])
         features = encoder.apply({"params": state["encoder"]}, images)  # frozen: no gradient, no drop path
 
         def loss_fn(params):
@@ -628,14 +628,14 @@ def make_eval_step(args: argparse.Namespace, model, head: ProbeHead | None = Non
     """(weights, batch) -> summed totals: the masked reconstruction loss for pretraining (a fixed mask per batch
     position), else loss / top-1 / top-5."""
     def pretrain_eval(params, batch):
-        images = augment.normalize(batch["image"])
+        images = jax_augment.normalize(batch["image"])
         pred, mask = model.apply({"params": params}, images, jax.random.PRNGKey(0))
         loss = per_sample_loss(pred, patch_targets(images, args.patch_size, args.norm_pix_loss), mask)
         valid = batch["label"] >= 0
         return {"count": valid.sum(), "loss": jnp.where(valid, loss, 0.0).sum()}
 
     def classify_eval(weights, batch):
-        images = augment.normalize(batch["image"])
+        images = jax_augment.normalize(batch["image"])
         if head is None:
             logits = model.apply({"params": weights["params"]}, images)
         else:
@@ -862,7 +862,7 @@ def visualize(args: argparse.Namespace, model: MaskedAutoencoder, template: dict
     with checkpoint.Checkpointer(args.output_dir) as ckpt:
         state, _ = ckpt.restore(template)
     batch = next(iter(data.eval_batches(args.data, eval_transform(args), global_batch=count, workers=0)))
-    images = augment.normalize(jnp.asarray(batch["image"][:count]))
+    images = jax_augment.normalize(jnp.asarray(batch["image"][:count]))
     pred, mask = jax.jit(model.apply)({"params": state["params"]}, images, jax.random.PRNGKey(args.noise_seed))
     target = patchify(images, args.patch_size)
     if args.norm_pix_loss:  # predictions are normalised patches: undo with each patch's own statistics
@@ -870,7 +870,8 @@ def visualize(args: argparse.Namespace, model: MaskedAutoencoder, template: dict
         pred = pred * jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6) + mean
     removed = mask[:, :, None] > 0
     columns = [target, jnp.where(removed, 0.0, target), jnp.where(removed, pred, target), pred]
-    mean_std = [jnp.asarray(v, jnp.float32) for v in (augment.IMAGENET_DEFAULT_MEAN, augment.IMAGENET_DEFAULT_STD)]
+    mean_std = [jnp.asarray(v, jnp.float32)
+                for v in (jax_augment.IMAGENET_DEFAULT_MEAN, jax_augment.IMAGENET_DEFAULT_STD)]
     tiles = [unpatchify(c, args.patch_size) * mean_std[1] + mean_std[0] for c in columns]
     grid = jnp.concatenate([jnp.concatenate(list(t), axis=0) for t in tiles], axis=1)  # rows: images
     pixels = np.asarray(jnp.clip(grid * 255, 0, 255)).astype(np.uint8)

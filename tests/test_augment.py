@@ -1,16 +1,20 @@
 """common.augment: host transforms built from timm, device-side mixup/cutmix and random erasing vs timm."""
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm.data.mixup as timm_mixup
 import torch
+from conftest import REPO
 from PIL import Image
 from timm.data.auto_augment import AutoAugment, RandAugment
 from torchvision import transforms
 
-from common import UserError, augment
+from common import UserError, augment, jax_augment
 
 
 def _image(width=48, height=40, seed=0) -> Image.Image:
@@ -67,7 +71,7 @@ def _names(transform):
 
 
 def test_3a_preset_holds_timm_three_augment_and_color_jitter():
-    transform = augment.PRESETS["deit3"].train_transform(32)
+    transform = augment.train_transform(32, color_jitter=0.3, auto_augment="3a")  # DeiT-III §3, official README
     auto = next(t for t in transform.transforms if isinstance(t, AutoAugment))
     ops = sorted(op.name for sub_policy in auto.policy for op in sub_policy)
     assert ops == ["Desaturate", "GaussianBlurRand", "Solarize"]  # DeiT-III §3: grayscale, solarize, blur
@@ -76,16 +80,16 @@ def test_3a_preset_holds_timm_three_augment_and_color_jitter():
     assert "RandomResizedCropAndInterpolation" in _names(transform)
 
 
-def test_deit_preset_randaugment_switches_color_jitter_off():
-    preset = augment.PRESETS["deit"]
-    assert preset.random_erasing == 0.25 and preset.auto_augment == "rand-m9-mstd0.5-inc1"
-    names = _names(preset.train_transform(32))
+def test_deit_randaugment_switches_color_jitter_off():
+    """DeiT's main.py passes color jitter 0.3 with RandAugment m9-mstd0.5-inc1: timm drops the jitter."""
+    transform = augment.train_transform(32, color_jitter=0.3, auto_augment="rand-m9-mstd0.5-inc1")
+    names = _names(transform)
     assert "RandAugment" in names and "ColorJitter" not in names
-    assert any(isinstance(t, RandAugment) for t in preset.train_transform(32).transforms)
+    assert any(isinstance(t, RandAugment) for t in transform.transforms)
 
 
 def test_mae_preset_is_crop_and_flip_only():
-    transform = augment.PRESETS["mae_pretrain"].train_transform(32)
+    transform = augment.train_transform(32, scale=(0.2, 1.0))  # MAE main_pretrain.py
     assert _names(transform) == ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "ToUint8HWC"]
     assert transform.transforms[0].scale == (0.2, 1.0)
 
@@ -118,8 +122,8 @@ def test_unknown_random_crop_is_a_user_error():
 
 def test_normalize_matches_timm_to_tensor_normalize():
     image = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-    ours = np.asarray(augment.normalize(jnp.asarray(image)))
-    reference = transforms.Normalize(augment.IMAGENET_DEFAULT_MEAN, augment.IMAGENET_DEFAULT_STD)(
+    ours = np.asarray(jax_augment.normalize(jnp.asarray(image)))
+    reference = transforms.Normalize(jax_augment.IMAGENET_DEFAULT_MEAN, jax_augment.IMAGENET_DEFAULT_STD)(
         torch.from_numpy(image).permute(0, 3, 1, 2).float() / 255)
     np.testing.assert_allclose(ours, reference.permute(0, 2, 3, 1).numpy(), atol=1e-5)
 
@@ -140,7 +144,7 @@ def test_mixup_core_matches_timm(smoothing, monkeypatch):
     labels = np.array([0, 3, 1, 4], np.int32)
     lam = 0.7
     ref_images, ref_targets = _timm_mix(images, labels, lam, False, None, smoothing, 5, monkeypatch)
-    mixed, targets, used_lam = augment.mix_batch(jnp.asarray(images), jnp.asarray(labels), 5, jnp.float32(lam),
+    mixed, targets, used_lam = jax_augment.mix_batch(jnp.asarray(images), jnp.asarray(labels), 5, jnp.float32(lam),
                                                  jnp.asarray(False), (0, 0, 0, 0), smoothing)
     np.testing.assert_allclose(np.asarray(mixed), ref_images, atol=1e-6)
     np.testing.assert_allclose(np.asarray(targets), ref_targets, atol=1e-6)
@@ -152,7 +156,7 @@ def test_cutmix_core_matches_timm_with_a_fixed_box(box, monkeypatch):
     images = np.random.default_rng(1).normal(size=(6, 6, 6, 3)).astype(np.float32)
     labels = np.array([0, 1, 2, 3, 4, 0], np.int32)
     ref_images, ref_targets = _timm_mix(images, labels, 0.6, True, box, 0.1, 5, monkeypatch)
-    mixed, targets, used_lam = augment.mix_batch(jnp.asarray(images), jnp.asarray(labels), 5, jnp.float32(0.6),
+    mixed, targets, used_lam = jax_augment.mix_batch(jnp.asarray(images), jnp.asarray(labels), 5, jnp.float32(0.6),
                                                  jnp.asarray(True), tuple(map(jnp.int32, box)), 0.1)
     np.testing.assert_array_equal(np.asarray(mixed), ref_images)
     np.testing.assert_allclose(np.asarray(targets), ref_targets, atol=1e-6)
@@ -165,12 +169,12 @@ def test_cutmix_box_matches_timm_rand_bbox(lam, center, monkeypatch):
     centers = iter(center)
     monkeypatch.setattr(timm_mixup.np.random, "randint", lambda *args, **kwargs: next(centers))
     expected = timm_mixup.rand_bbox((3, 8, 10), lam)
-    ours = augment.box_from_center(8, 10, jnp.float32(lam), jnp.int32(center[0]), jnp.int32(center[1]))
+    ours = jax_augment.box_from_center(8, 10, jnp.float32(lam), jnp.int32(center[0]), jnp.int32(center[1]))
     assert tuple(int(v) for v in ours) == tuple(int(v) for v in expected)
 
 
 def test_label_smoothing_values():
-    targets = np.asarray(augment.smooth_one_hot(jnp.array([2]), 10, 0.1))
+    targets = np.asarray(jax_augment.smooth_one_hot(jnp.array([2]), 10, 0.1))
     assert targets[0, 2] == pytest.approx(1 - 0.1 + 0.01) and targets[0, 0] == pytest.approx(0.01)
     assert targets.sum() == pytest.approx(1.0)
 
@@ -178,7 +182,7 @@ def test_label_smoothing_values():
 # One compiled function per test module: prob is traced, so both tests below share it.
 _MIX_IMAGES = jnp.asarray(np.random.default_rng(0).normal(size=(8, 16, 16, 3)), jnp.float32)
 _MIX_LABELS = jnp.arange(8) % 4
-_mix = jax.jit(lambda key, prob: augment.mixup_cutmix(key, _MIX_IMAGES, _MIX_LABELS, 4, mixup_alpha=0.8,
+_mix = jax.jit(lambda key, prob: jax_augment.mixup_cutmix(key, _MIX_IMAGES, _MIX_LABELS, 4, mixup_alpha=0.8,
                                                       cutmix_alpha=1.0, prob=prob, label_smoothing=0.1))
 
 
@@ -196,17 +200,17 @@ def test_mixup_cutmix_end_to_end_is_jittable_and_switches():
 def test_mixup_prob_zero_leaves_images_and_gives_smoothed_targets():
     mixed, targets = _mix(jax.random.PRNGKey(0), 0.0)
     np.testing.assert_array_equal(np.asarray(mixed), np.asarray(_MIX_IMAGES))
-    np.testing.assert_allclose(np.asarray(targets), np.asarray(augment.smooth_one_hot(_MIX_LABELS, 4, 0.1)),
+    np.testing.assert_allclose(np.asarray(targets), np.asarray(jax_augment.smooth_one_hot(_MIX_LABELS, 4, 0.1)),
                                atol=1e-6)
 
 
 def test_mixup_rejects_odd_batches():
     with pytest.raises(ValueError, match="even"):
-        augment.mixup_cutmix(jax.random.PRNGKey(0), jnp.zeros((3, 4, 4, 3)), jnp.zeros(3, jnp.int32), 2,
+        jax_augment.mixup_cutmix(jax.random.PRNGKey(0), jnp.zeros((3, 4, 4, 3)), jnp.zeros(3, jnp.int32), 2,
                              mixup_alpha=0.8, cutmix_alpha=1.0)
 
 
-_erase = jax.jit(augment.random_erasing, static_argnames=("mode",))  # prob is traced: one compile per mode
+_erase = jax.jit(jax_augment.random_erasing, static_argnames=("mode",))  # prob is traced: one compile per mode
 _ERASE_INPUT = jnp.full((4000, 16, 16, 3), 7.0)  # 7.0: never produced by N(0, 1) noise at float32
 
 
@@ -248,3 +252,12 @@ def test_random_erasing_modes():
     for sample in out:
         values = sample[(sample != 7.0).any(-1)]
         assert len(values) == 0 or (values == values[0]).all()  # one colour per rectangle
+
+
+def test_pytorch_recipes_import_without_jax():
+    """The PyTorch recipes and the host-side augmentation need no JAX (issue 13): a fresh interpreter where importing
+    jax, flax or optax fails still imports them."""
+    code = ("import sys; sys.modules.update(jax=None, flax=None, optax=None); "
+            "import howtotrain_vit, dvt, localmim_freezeout, common.augment, common.data")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]

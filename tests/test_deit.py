@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, assert_states_close
 
 import deit_jax
-from common import checkpoint, convert, loop
+from common import checkpoint, convert, jax_augment, loop
 from common.runlog import read_log
 
 # A small ViT on 16 px digits; augmentation that a few hundred steps can learn through.
@@ -212,8 +212,7 @@ def test_flax_teacher_hard_distillation_sees_the_students_mixed_input(deit_run, 
     DeiT §4: the teacher gets the student's exact input, mixed. Every call of the input pipeline (in the student's
     compiled step and for the teacher) is recorded by a debug callback; at each step the teacher's images equal the
     student's, and they are mixed (not the normalised batch). Mutation that fails: the teacher fed
-    augment.normalize(batch['image'])."""
-    from common import augment
+    jax_augment.normalize(batch['image'])."""
 
     seen, given = {}, {}
     make_inputs = deit_jax.make_inputs
@@ -247,7 +246,7 @@ def test_flax_teacher_hard_distillation_sees_the_students_mixed_input(deit_run, 
         assert len(seen[step]) == 2, "one call for the teacher, one in the student's step"
         for student_images, _ in seen[step]:
             np.testing.assert_allclose(images, student_images, rtol=1e-6, atol=1e-6, err_msg=f"step {step}")
-        unmixed = np.asarray(augment.normalize(jnp.asarray(seen[step][0][1])))
+        unmixed = np.asarray(jax_augment.normalize(jnp.asarray(seen[step][0][1])))
         mixed_steps += np.abs(images - unmixed).max() > 0.1
     assert mixed_steps >= 6, f"the teacher saw mixed images at {mixed_steps} of 8 steps (lam near 1 at a few)"
 

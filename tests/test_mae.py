@@ -15,7 +15,7 @@ import torch
 from conftest import REPO, assert_states_close
 
 import mae_jax
-from common import augment, checkpoint, convert, loop, optim, schedules
+from common import checkpoint, convert, jax_augment, loop, optim, schedules
 from common.runlog import read_log
 
 # A 2-block ViT on 16 px digits with 4 px patches (16 patches, 4 visible at mask ratio 0.75). Pretraining a
@@ -280,7 +280,7 @@ def test_visualize_writes_a_grid_of_reconstructions(pretrained):
     grid = Image.open(pretrained / "reconstructions.png")
     assert grid.size == (4 * 16 * 6, 3 * 16 * 6)  # 4 columns x 3 images of 16 px, zoomed 6x
     pixels = np.asarray(grid.convert("RGB"))[::6, ::6].astype(np.float64)  # back to 16 px tiles: (3 x 16, 4 x 16)
-    mean_color = np.round(np.asarray(augment.IMAGENET_DEFAULT_MEAN) * 255)  # a removed patch: 0 after normalising
+    mean_color = np.round(np.asarray(jax_augment.IMAGENET_DEFAULT_MEAN) * 255)  # a removed patch: 0 after normalising
     errors = {"reconstruction": 0.0, "masked": 0.0}
     for row in range(3):
         original, masked, pasted, reconstruction = (pixels[16 * row:16 * row + 16, 16 * col:16 * col + 16]
