@@ -44,8 +44,8 @@ from tqdm import tqdm
 
 from common import UserError, augment, data, runtime
 from common import torch_utils as tu
-from common.run import ArgumentParser, check_finite_loss, make_output_dir, run_record
-from common.runlog import RunLog, read_log
+from common.run import ArgumentParser, check_finite_loss, run_record
+from common.runlog import RunLog, plot_runs, read_log
 
 # ----------------------------------------------------------------------------------------------
 # Flags and presets.
@@ -637,42 +637,20 @@ def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> 
 
 
 def history(args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The run's curves (`common.runlog.plot_runs`, as scripts/plot_runs.py draws them) and a table of its
+    evaluations, each with the last train record at or before it."""
     run_dir = Path(args.run_dir)
     try:
         records = read_log(run_dir)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read the log of {run_dir}: {e}") from None
-    # A resumed run logs again the steps after its last checkpoint: keep the last record of each step.
+    # Logs written before a resume dropped its re-logged records hold such steps twice: keep the last record.
     train_log = {r["step"]: r for r in records if "loss" in r}
     val_log = {r["step"]: r for r in records if "val_top1" in r}
     if not train_log and not val_log:
         raise UserError(f"{run_dir} has no training or evaluation records yet")
     steps, vsteps = sorted(train_log), sorted(val_log)
-    output = Path(args.output) if args.output else (run_dir if run_dir.is_dir() else run_dir.parent) / "history.png"
-    make_output_dir(output.parent)
-
-    figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
-    loss_ax.plot(steps, [train_log[s]["loss"] for s in steps], label="train")
-    loss_ax.plot(vsteps, [val_log[s]["val_loss"] for s in vsteps], "o-", label="val")
-    acc_ax.plot(steps, [train_log[s].get("train_top1", math.nan) for s in steps], label="train top-1 (mixed images)")
-    acc_ax.plot(vsteps, [val_log[s]["val_top1"] for s in vsteps], "o-", label="val top-1")
-    acc_ax.plot(vsteps, [val_log[s]["val_top5"] for s in vsteps], "o-", label="val top-5")
-    lr_ax.plot(steps, [train_log[s]["lr"] for s in steps])
-    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy (%)"), (lr_ax, "learning rate")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax is not lr_ax:
-            ax.legend()
-    figure.suptitle(str(run_dir))
-    figure.tight_layout()
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
+    output = plot_runs([run_dir], args.output or (run_dir if run_dir.is_dir() else run_dir.parent) / "history.png")
 
     print(f"{'step':>8} {'epoch':>7} {'train loss':>10} {'val loss':>9} {'val top-1':>9} {'val top-5':>9} {'lr':>9}")
     for step in vsteps:  # with the last train record at or before each eval

@@ -1,4 +1,5 @@
-"""Run records: `config.json` and `log.jsonl` in --output-dir, optional wandb / TensorBoard mirrors."""
+"""Run records: `config.json` and `log.jsonl` in --output-dir, optional wandb / TensorBoard mirrors, and their
+curves in a PNG."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from common import UserError
+from common.run import make_output_dir
 
 
 class RunLog:
@@ -121,3 +125,61 @@ def _optional_import(name: str):
     except ImportError:
         print(f"warning: {name} is not installed; not logging to it", file=sys.stderr)
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Curves of any recipe's log.jsonl (scripts/plot_runs.py, howtotrain_vit.py history)
+# ----------------------------------------------------------------------------------------------
+
+PANELS = {  # panel -> how a record's keys are picked for it
+    "loss": lambda key: key == "loss" or key == "train_loss" or key.endswith("val_loss"),
+    "top-1 (%)": lambda key: key.endswith("top1") and not key.startswith("max"),
+    "learning rate": lambda key: key == "lr",
+}
+
+
+def curves(run_dir: str | os.PathLike) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """{panel: {metric: [(step, value), ...]}} of a run's log, one point per step (the last record of a step)."""
+    series: dict[str, dict[str, dict[int, float]]] = {panel: {} for panel in PANELS}
+    for record in read_log(run_dir):
+        for key, value in record.items():
+            if key in ("step", "time") or not isinstance(value, (int, float)):
+                continue
+            for panel, belongs in PANELS.items():
+                if belongs(key):
+                    series[panel].setdefault(key, {})[record["step"]] = float(value)
+    return {panel: {key: sorted(points.items()) for key, points in metrics.items()}
+            for panel, metrics in series.items() if metrics}
+
+
+def plot_runs(run_dirs: list[str | os.PathLike], output: str | os.PathLike) -> Path:
+    """Loss, top-1 and learning-rate curves of one or more runs (of any recipe) in one PNG: a colour per run, a
+    line style per metric, so that studies can be laid over each other."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {Path(run_dir): curves(run_dir) for run_dir in run_dirs}
+    panels = [panel for panel in PANELS if any(panel in run for run in runs.values())]
+    if not panels:
+        raise UserError(f"no training or evaluation records in {', '.join(map(str, run_dirs))}")
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for color, (run_dir, run) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(runs), runs.items()):
+        for ax, panel in zip(axes[0], panels):
+            for style, (metric, points) in zip(("-", "--", ":", "-."), run.get(panel, {}).items()):
+                steps, values = zip(*points)
+                label = f"{run_dir.name}: {metric}" if len(runs) > 1 else metric
+                ax.plot(steps, values, style, color=color, marker="o" if len(points) < 30 else None, label=label)
+    for ax, panel in zip(axes[0], panels):
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.suptitle(" | ".join(str(run_dir) for run_dir in runs))
+    figure.tight_layout()
+    output = Path(output)
+    make_output_dir(output.parent)
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
+    return output

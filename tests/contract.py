@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import io
 import math
 import os
@@ -29,7 +30,7 @@ import numpy as np
 from conftest import REPO, recipe_env
 from PIL import Image
 
-from common.runlog import read_log
+from common.runlog import curves, read_log
 
 # ----------------------------------------------------------------------------------------------
 # The recipes: one row per training command, with the few flags whose spelling differs between scripts
@@ -314,6 +315,14 @@ def stopped_run(recipe: Recipe, data_root: Path, root: Path) -> Path:
     return _STOPPED[recipe.name]
 
 
+def plot_runs_script():
+    """scripts/plot_runs.py as a module."""
+    spec = importlib.util.spec_from_file_location("plot_runs", REPO / "scripts" / "plot_runs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
 
@@ -365,6 +374,18 @@ class ContractTests:
         named = {name: sum(name in line for line in err.splitlines()) for name in BAD_TRAIN_FILES}
         assert sum(named.values()) >= 1 and max(named.values()) == 1, f"{named}\n{err[-3000:]}"
         assert sum(BAD_VAL_FILE in line for line in err.splitlines()) == (1 if recipe.evaluates else 0), err[-3000:]
+
+    def test_plot_runs_draws_the_logs_curves(self, recipe, reference, stopped, tmp_path):
+        """scripts/plot_runs.py on this recipe's runs: the curves are the log's values, two runs overlay in one PNG."""
+        run_dir = reference[0]
+        drawn = curves(run_dir)
+        for panel, key in (("loss", "loss"), ("learning rate", "lr")):  # one point a step: the step's last record
+            assert drawn[panel][key] == sorted({r["step"]: r[key] for r in read_log(run_dir) if key in r}.items())
+        assert ("val_loss" in drawn["loss"]) == recipe.evaluates
+        output = tmp_path / "two.png"
+        assert plot_runs_script().main([str(run_dir), str(stopped), "--output", str(output)]) == 0
+        with Image.open(output) as image:
+            assert image.size[0] >= 1000 and len(image.convert("RGB").getcolors(1 << 16) or ()) > 20
 
     # ------------------------------------------------------------------------------------ bad arguments
 
