@@ -35,6 +35,18 @@ def run_script(script: str, *args: str, devices: int = 1, timeout: float = 600, 
                           text=True, timeout=timeout, env=recipe_env(devices, **env))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For the PyTorch test files (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): tiny models gain
+    nothing from a second thread, and OpenMP threads crawl when the cores are shared."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def run():
     return run_script

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-import torch
 from contract import (  # noqa: F401 (reference, stopped: fixtures)
     TORCH_RECIPES,
     ContractTests,
@@ -15,14 +14,7 @@ from contract import (  # noqa: F401 (reference, stopped: fixtures)
     stopped_run,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")

@@ -52,13 +52,7 @@ def tiny_model(model: str = "dvt_t2t_vit_12", seed: int = 0, **overrides) -> dvt
     return dvt.build_model(tiny_config(model, **overrides))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models on one thread
 
 
 def train(*args) -> int:

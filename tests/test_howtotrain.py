@@ -35,13 +35,7 @@ PAPER_AUGREG = {"none": (0, 0, 0.0), "light1": (2, 0, 0.0), "light2": (2, 10, 0.
                 "medium2": (2, 15, 0.5), "strong1": (2, 20, 0.5), "strong2": (2, 20, 0.8)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models on one thread
 
 
 def train(*args) -> int:

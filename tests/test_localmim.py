@@ -32,13 +32,7 @@ TINY = [*ARCH, "--decoder-dim", "32", "--decoder-heads", "2"]
 SOBEL_X = ((1, 0, -1), (2, 0, -2), (1, 0, -1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads crawl when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models on one thread
 
 
 def run(*args) -> int:
