@@ -47,7 +47,7 @@ import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
-from common.run import ArgumentParser, check_positive, run_record
+from common.run import ArgumentParser, check_positive, exit_status, run_record
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -678,12 +678,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        run(parse_args(argv))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from common import UserError, augment, data, runtime
 from common import torch_utils as tu
-from common.run import ArgumentParser, check_finite_loss, make_output_dir, run_record
+from common.run import ArgumentParser, check_finite_loss, exit_status, make_output_dir, run_record
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -1385,13 +1385,11 @@ def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def command() -> None:
         args = parse_args(argv)
         {"train": train, "budget": budget, "eval": evaluate_command}[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(command)
 
 
 if __name__ == "__main__":

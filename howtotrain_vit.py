@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from common import UserError, augment, data, runtime
 from common import torch_utils as tu
-from common.run import ArgumentParser, check_finite_loss, run_record
+from common.run import ArgumentParser, check_finite_loss, exit_status, run_record
 from common.runlog import RunLog, plot_runs, read_log
 
 # ----------------------------------------------------------------------------------------------
@@ -743,13 +743,11 @@ def predict(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    def command() -> None:
         args = parse_args(argv)
         {"train": train, "history": history, "predict": predict}[args.command](args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(command)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ from tqdm import tqdm
 
 from common import UserError, augment, convert, data, runtime
 from common import torch_utils as tu
-from common.run import ArgumentParser, check_finite_loss, make_output_dir, run_record, saved_config
+from common.run import ArgumentParser, check_finite_loss, exit_status, make_output_dir, run_record, saved_config
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -1470,7 +1470,8 @@ def export(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def command() -> None:
         args = parse_args(argv)
         if args.command == "export":
             export(args)
@@ -1480,10 +1481,8 @@ def main(argv: list[str] | None = None) -> int:
             knn(args, argv)
         else:
             supervised(args, argv)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return exit_status(command)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ import argparse
 import json
 import math
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -34,6 +35,16 @@ MAY_CHANGE_ON_RESUME = frozenset({
     "stop_after", "wandb", "tensorboard", "log_dir", "eval_batch_size", "dist_eval", "compile", "benchmark_steps",
     "learning_rate", "lr", "blr", "local_rank",
 })
+
+
+def exit_status(command: Callable[[], Any]) -> int:
+    """Run a script's command: 0 when it ends, 2 with one `error:` line on stderr when it raises a UserError."""
+    try:
+        command()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 class ArgumentParser(argparse.ArgumentParser):

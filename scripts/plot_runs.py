@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
 
 from common import UserError  # noqa: E402
-from common.run import ArgumentParser  # noqa: E402
+from common.run import ArgumentParser, exit_status  # noqa: E402
 from common.runlog import plot_runs  # noqa: E402
 
 
@@ -27,18 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def plot(argv: list[str] | None) -> None:
+    args = build_parser().parse_args(argv)
+    for run_dir in args.run_dirs:
+        if not (Path(run_dir) / "log.jsonl").is_file():
+            raise UserError(f"{run_dir} has no log.jsonl")
+    default = Path(args.run_dirs[0]) / "runs.png" if len(args.run_dirs) == 1 else Path("runs.png")
+    print(f"wrote {plot_runs(args.run_dirs, args.output or default)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        for run_dir in args.run_dirs:
-            if not (Path(run_dir) / "log.jsonl").is_file():
-                raise UserError(f"{run_dir} has no log.jsonl")
-        default = Path(args.run_dirs[0]) / "runs.png" if len(args.run_dirs) == 1 else Path("runs.png")
-        print(f"wrote {plot_runs(args.run_dirs, args.output or default)}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: plot(argv))
 
 
 if __name__ == "__main__":
