@@ -847,7 +847,7 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
         check_finite(step)
         plain = tu.unwrap(model)
         tu.check_savable(step, plain, optimizer, ema, eval_metrics=results, output_dir=out / "checkpoints")
-        window_sums = tu.all_reduce_sum(window.clone()).cpu() / env.world_size  # each process takes back 1/N
+        window_sums = tu.sums_for_checkpoint(window)
         if env.is_main:
             reported = ema.module if ema is not None else plain
             tu.save_checkpoint(out / "checkpoints", step, {

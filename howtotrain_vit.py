@@ -470,7 +470,7 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
         check_finite(step)
         plain = tu.unwrap(model)
         tu.check_savable(step, plain, optimizer, eval_metrics=results, output_dir=out / "checkpoints")
-        window_sums = tu.all_reduce_sum(window.clone()).cpu() / env.world_size  # each process takes back 1/N
+        window_sums = tu.sums_for_checkpoint(window)
         if env.is_main:
             tu.save_checkpoint(out / "checkpoints", step, {
                 "model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),

@@ -993,13 +993,6 @@ def run_pretrain(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -> 
         log.close()
 
 
-def log_sums_to_save(env: tu.DistEnv, **sums: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The running sums of the log window and the epoch, over all processes, for the checkpoint: a run resumed
-    mid-window logs what the uninterrupted run would have. Each process takes back 1/N of them, and the next
-    all-reduce adds them up again."""
-    return {name: tu.all_reduce_sum(value.clone()) / env.world_size for name, value in sums.items()}
-
-
 def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, config: dict, plan: FreezePlan,
                   start_step: int, log_sums: dict, log: RunLog) -> dict:
     total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
@@ -1064,8 +1057,8 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
             if epoch_done or stop:
                 save_run(out, env, model, optimizer, {
                     "scaler": scaler.state_dict(), "step": done, "config": config,
-                    "log_sums": log_sums_to_save(env, window=window, epoch=epoch_sums)}, epoch_done, done // per_epoch,
-                    args)
+                    "log_sums": {"window": tu.sums_for_checkpoint(window), "epoch": tu.sums_for_checkpoint(epoch_sums)},
+                }, epoch_done, done // per_epoch, args)
                 epoch_start = time.perf_counter()  # step_ms counts training steps only
             if stop and done < total:
                 if env.is_main:
@@ -1202,7 +1195,8 @@ def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dic
             if epoch_done or stop:
                 save_run(out, env, model, optimizer, {
                     "scaler": scaler.state_dict(), "step": done, "max_accuracy": best, "config": config,
-                    "log_sums": log_sums_to_save(env, window=window)}, epoch_done, done // per_epoch, args, results)
+                    "log_sums": {"window": tu.sums_for_checkpoint(window)}}, epoch_done, done // per_epoch, args,
+                    results)
             if stop and done < total:
                 if env.is_main:
                     tqdm.write(f"stopping at step {done}: continue with --resume", file=sys.stderr)

@@ -81,6 +81,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def sums_for_checkpoint(sums: torch.Tensor) -> torch.Tensor:
+    """Running log sums (a window's losses, counts) summed over all processes and divided by their number, on the
+    CPU, for a checkpoint: each process takes back 1/N of them on resume and the next all-reduce adds them up again,
+    so a run resumed between two log records logs what the uninterrupted run does."""
+    world = torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+    return all_reduce_sum(sums.clone()).cpu() / world
+
+
 def barrier() -> None:
     """Wait for every process (no-op in a single process)."""
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
