@@ -161,3 +161,32 @@ def check_finite_loss(values: Iterable[float], step: int, output_dir: str | os.P
         if not math.isfinite(float(value)):
             raise UserError(f"the loss is {float(value)} at step {step}: the run diverged; stopping without saving "
                             f"(the last good checkpoint in {output_dir} is kept)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Verbs of a training loop (big_vision's `u.itstime` style): the loop itself stays in the recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether something done every `every` steps (log, eval, save) is due after step `step`: each multiple of
+    `every`, and always the run's `last` step. `every` <= 0: only at the last step."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def stopping(stop_after: int | None, start_step: int, done: int) -> bool:
+    """--stop-after N: whether this process has trained its N steps since it started (or resumed)."""
+    return bool(stop_after) and done - start_step >= stop_after
+
+
+def say(message: str, *, main: bool = True) -> None:
+    """One line for the user on stderr (from the main process), written so that it does not break a tqdm bar."""
+    if main:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+
+
+def eval_line(step: int, results: dict[str, float]) -> str:
+    """`step 400: val_top1 71.2 val_loss 1.18 ...`: an evaluation as one line for the console."""
+    return f"step {step}: " + " ".join(f"{name} {value:.4g}" for name, value in results.items())
