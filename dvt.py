@@ -53,7 +53,7 @@ from torchvision import transforms
 from tqdm import tqdm
 
 from common import UserError, augment, data, runtime
-from common import torch_utils as tu
+from common import torch_run as tr
 from common.run import ArgumentParser, check_finite_loss, exit_status, make_output_dir, run_record
 from common.runlog import RunLog
 
@@ -141,10 +141,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "batches, print JSON and exit")
     g.add_argument("--benchmark-q", default="0.05,1.0,2.95",
                    help="budgets (q) timed by --benchmark; 0.05 is the paper's lowest")
-    g.add_argument("--workers", type=int, default=tu.default_workers(), help="data loader processes per process")
+    g.add_argument("--workers", type=int, default=tr.default_workers(), help="data loader processes per process")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
-    g.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16",
+    g.add_argument("--precision", choices=list(tr.AUTOCAST_DTYPES), default="bf16",
                    help="autocast dtype on GPUs (fp16 adds loss scaling: GPUs without bf16); CPUs compute in float32")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model for training (default: on with CUDA; --no-compile: eager)")
@@ -210,8 +210,8 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run's --output-dir (its best checkpoint, else its last) or a .pt file")
     p.add_argument("--data", help="default: the run's --data")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=tu.default_workers())
-    p.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16")
+    p.add_argument("--workers", type=int, default=tr.default_workers())
+    p.add_argument("--precision", choices=list(tr.AUTOCAST_DTYPES), default="bf16")
     p.add_argument("--calib-images", type=int, default=50_000,
                    help="training images the thresholds are set on (paper: 50,000 random ones, training crop)")
     p.add_argument("--calib-seed", type=int, default=1, help="which training images and crops")
@@ -610,7 +610,7 @@ class Augmenter:
 
     The batch is the global one, so that N processes make the 1-process update: image g of the global batch is
     erased under a seed of (seed, step, g), the mixup/cutmix draw is seeded by (seed, step) on every process, and
-    the mirror is taken in the global batch (`tu.flip_global_batch`; timm's flip of a process's batch would pair
+    the mirror is taken in the global batch (`tr.flip_global_batch`; timm's flip of a process's batch would pair
     images within each shard)."""
 
     def __init__(self, config: dict[str, Any], device: torch.device):
@@ -627,7 +627,7 @@ class Augmenter:
         images = images.clone()
         if self.erasing is not None:
             for offset, image in enumerate(images):
-                sample_seed = tu.sample_seed(seed, step, first_index + offset)
+                sample_seed = tr.sample_seed(seed, step, first_index + offset)
                 random.seed(sample_seed)  # timm draws the rectangle from python random, its pixels from torch
                 torch.manual_seed(sample_seed)
                 self.erasing(image)  # one (C, H, W) image, erased in place
@@ -635,11 +635,11 @@ class Augmenter:
         targets = F.one_hot(labels, self.num_classes).float() * (1 - self.smoothing) + smooth
         if self.mixup is None:
             return images, targets
-        np.random.seed(tu.step_seed(seed, step))  # timm draws lam, mixup or cutmix, and the box from numpy
+        np.random.seed(tr.step_seed(seed, step))  # timm draws lam, mixup or cutmix, and the box from numpy
         lam, use_cutmix = self.mixup._params_per_batch()  # timm Mixup._mix_batch, with the global mirror
         if lam == 1.0:
             return images, targets
-        mirror_images, mirror_targets = tu.flip_global_batch(images), tu.flip_global_batch(targets)
+        mirror_images, mirror_targets = tr.flip_global_batch(images), tr.flip_global_batch(targets)
         if use_cutmix:
             (y_low, y_high, x_low, x_high), lam = cutmix_bbox_and_lam(
                 images.shape, lam, ratio_minmax=self.mixup.cutmix_minmax, correct_lam=self.mixup.correct_lam)
@@ -650,7 +650,7 @@ class Augmenter:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
-               step: int, args: argparse.Namespace, env: tu.DistEnv, augmenter: Augmenter,
+               step: int, args: argparse.Namespace, env: tr.DistEnv, augmenter: Augmenter,
                ema: ModelEmaV3 | None) -> dict[str, torch.Tensor]:
     """One optimizer step on this process's share of the global batch, in --grad-accum micro-batches. The loss is the
     sum of the exits' cross-entropies (paper §3.3). Returns device tensors: per-exit summed loss and correct top-1
@@ -660,14 +660,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
                                 first_index=env.rank * len(labels))
     # Drop path and the performers' dropout draw from torch's generator, seeded per process: their masks depend on
     # the split (README).
-    torch.manual_seed(tu.step_seed(args.seed, step, env.rank))
+    torch.manual_seed(tr.step_seed(args.seed, step, env.rank))
     optimizer.zero_grad(set_to_none=True)
     loss_sums, correct = None, None
     chunks = list(zip(images.chunk(args.grad_accum), targets.chunk(args.grad_accum), labels.chunk(args.grad_accum)))
     for index, (micro_images, micro_targets, micro_labels) in enumerate(chunks):
         last = index == len(chunks) - 1
         no_sync = getattr(model, "no_sync", None) if not last else None  # DDP: all-reduce on the last one only
-        with no_sync() if no_sync else contextlib.nullcontext(), tu.autocast(images.device, args.precision):
+        with no_sync() if no_sync else contextlib.nullcontext(), tr.autocast(images.device, args.precision):
             outputs = model(micro_images)
             losses = torch.stack([soft_cross_entropy(logits, micro_targets) for logits in outputs])  # (exits, b)
             scaler.scale(losses.sum() / len(labels)).backward()
@@ -679,7 +679,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     scaler.step(optimizer)
     scaler.update()
     if ema is not None:
-        ema.update(tu.unwrap(model))
+        ema.update(tr.unwrap(model))
     return {"loss_sums": loss_sums, "correct": correct, "grad_norm": grad_norm}
 
 
@@ -730,11 +730,11 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Na
 
 
 def train(args: argparse.Namespace) -> dict:
-    env = tu.init_distributed()
+    env = tr.init_distributed()
     try:
         return run(args, env)
     finally:
-        tu.cleanup_distributed()
+        tr.cleanup_distributed()
 
 
 def init_weights_from(model: DVT, path: str) -> None:
@@ -743,17 +743,17 @@ def init_weights_from(model: DVT, path: str) -> None:
     state = load_weights(path)[0]
     own = model.state_dict()
     heads = {k for k in state if re.search(r"\.head\.", k) and k in own and state[k].shape != own[k].shape}
-    tu.check_state_dict(model, {k: (own[k] if k in heads else v) for k, v in state.items()}, path)
+    tr.check_state_dict(model, {k: (own[k] if k in heads else v) for k, v in state.items()}, path)
     model.load_state_dict({k: v for k, v in state.items() if k not in heads}, strict=False)
 
 
-def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+def run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
         return data.benchmark_input(args.data, train_transform(vars(args)), global_batch=args.batch_size,
                                     workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
                                     repeats=args.repeats, process_index=env.rank, process_count=env.world_size,
                                     model=args.model, image_size=args.img_size)
-    args.compile = tu.wants_compile(args.compile, env.device)  # config.json records what ran
+    args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")
@@ -775,16 +775,16 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
     config["params_per_exit"] = [sum(p.numel() for p in stage.parameters()) for stage in model.stages]
     config["arch"] = dataclasses.asdict(arch_of(config))
     optimizer = make_optimizer(model, args, env.device)
-    scaler = tu.grad_scaler(env.device, args.precision)
+    scaler = tr.grad_scaler(env.device, args.precision)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema_decay > 0 else None
 
     out = Path(args.output_dir)
     start_step, best_top1, log_window = 0, -1.0, {}
-    state = None if args.benchmark else tu.start_run(out, resume=args.resume, recipe=config["trained_by"],
+    state = None if args.benchmark else tr.start_run(out, resume=args.resume, recipe=config["trained_by"],
                                                      settings=vars(args))
     if state:
         path = out / "checkpoints" / f"{state['step']}.pt"
-        tu.check_state_dict(model, state["model"], str(path))
+        tr.check_state_dict(model, state["model"], str(path))
         model.load_state_dict(state["model"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
@@ -810,7 +810,7 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
             log.close()
 
 
-def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
+def loop(args, env: tr.DistEnv, model, ema, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
          best_top1: float, log_window: dict, log: RunLog | None) -> dict:
     total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
     total_epochs = args.epochs + args.cooldown_epochs
@@ -822,14 +822,14 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
               f" per exit), {total_steps} steps ({steps_per_epoch}/epoch), {env.world_size} process(es) on "
               f"{env.device.type}, starting at step {start_step}", file=sys.stderr)
     if spec.source == "synthetic":
-        fixed = tu.synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
+        fixed = tr.synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
                                    args.seed + env.rank, MEAN, STD)
         batches = iter(lambda: fixed, None)
     else:
         host_batches = data.train_batches(args.data, train_transform(config), global_batch=args.batch_size,
                                           seed=args.seed, repeats=args.repeats, start_step=start_step,
                                           workers=args.workers, process_index=env.rank, process_count=env.world_size)
-        batches = tu.batches_to_device(host_batches, env.device, MEAN, STD)
+        batches = tr.batches_to_device(host_batches, env.device, MEAN, STD)
     augmenter = Augmenter(config, env.device)
 
     # Sums since the last log record (loss, correct top-1 and unreadable images skipped, per exit), kept in the
@@ -840,25 +840,25 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
     window_start, last = time.perf_counter(), {}
 
     def check_finite(step: int) -> None:
-        if tu.all_reduce_sum(nonfinite.clone()).item() > 0:
+        if tr.all_reduce_sum(nonfinite.clone()).item() > 0:
             check_finite_loss([math.nan], step, out / "checkpoints")
 
     def save(step: int, results: dict) -> None:
         check_finite(step)
-        plain = tu.unwrap(model)
-        tu.check_savable(step, plain, optimizer, ema, eval_metrics=results, output_dir=out / "checkpoints")
-        window_sums = tu.sums_for_checkpoint(window)
+        plain = tr.unwrap(model)
+        tr.check_savable(step, plain, optimizer, ema, eval_metrics=results, output_dir=out / "checkpoints")
+        window_sums = tr.sums_for_checkpoint(window)
         if env.is_main:
             reported = ema.module if ema is not None else plain
-            tu.save_checkpoint(out / "checkpoints", step, {
+            tr.save_checkpoint(out / "checkpoints", step, {
                 "model": plain.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "best_top1": best_top1, "config": config, "log_window": {"sums": window_sums, "steps": window_steps}})
             top1 = results.get(report_key("val_top1", ema))
             if top1 is not None and top1 >= best_top1:  # budget and eval load these weights
-                tu.save_checkpoint(out / "best", step, {"model": reported.state_dict(), "step": step,
+                tr.save_checkpoint(out / "best", step, {"model": reported.state_dict(), "step": step,
                                                         "val_top1": top1, "config": config})
-        tu.barrier()
+        tr.barrier()
 
     def stop_requested(done: int) -> bool:
         if args.stop_after and done - start_step >= args.stop_after:
@@ -867,7 +867,7 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
             return preemption.requested
         if done % args.log_interval:
             return False
-        return tu.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
+        return tr.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
 
     def epoch_of(step: int) -> int:
         if steps_per_epoch:
@@ -889,7 +889,7 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
             done = step + 1
             if done % args.log_interval == 0 or done == total_steps:
                 check_finite(done)
-                sums = tu.all_reduce_sum(window.clone())
+                sums = tr.all_reduce_sum(window.clone())
                 totals = sums / (window_steps * args.batch_size)
                 last = {"loss": totals[0].sum().item(), "lr": lr, "grad_norm": metrics["grad_norm"].item(),
                         "img_per_sec": window_steps * args.batch_size / (time.perf_counter() - window_start),
@@ -907,7 +907,7 @@ def loop(args, env: tu.DistEnv, model, ema, optimizer, scaler, config: dict, spe
             stop = stop_requested(done)
             if done % eval_interval == 0 or done == total_steps:
                 eval_start = time.perf_counter()
-                results = evaluate(tu.unwrap(model), config, env, "val")
+                results = evaluate(tr.unwrap(model), config, env, "val")
                 if ema is not None and results:
                     results |= evaluate(ema.module, config, env, "ema_val")
                 best_top1 = max(best_top1, results.get(report_key("val_top1", ema), -1.0))
@@ -943,7 +943,7 @@ def report_key(key: str, ema: ModelEmaV3 | None) -> str:
 
 
 @torch.no_grad()
-def evaluate(model: DVT, config: dict, env: tu.DistEnv, prefix: str) -> dict:
+def evaluate(model: DVT, config: dict, env: tr.DistEnv, prefix: str) -> dict:
     """Summed cross-entropy of the exits and each exit's top-1 over the val split (all processes); `prefix`_top1 is
     the last exit's."""
     was_training = model.training
@@ -952,17 +952,17 @@ def evaluate(model: DVT, config: dict, env: tu.DistEnv, prefix: str) -> dict:
     sums = torch.zeros(2 + exits, device=env.device)  # images, loss, correct per exit
     host_batches = data.eval_batches(config["data"], eval_transform(config), global_batch=config["eval_batch_size"],
                                      workers=config["workers"], process_index=env.rank, process_count=env.world_size)
-    for batch in tqdm(tu.batches_to_device(host_batches, env.device, MEAN, STD), desc="eval", leave=False,
+    for batch in tqdm(tr.batches_to_device(host_batches, env.device, MEAN, STD), desc="eval", leave=False,
                       disable=not env.is_main, file=sys.stderr):
         labels = batch["label"]
         valid = labels >= 0  # padding slots and unreadable images carry -1
-        with tu.autocast(env.device, config["precision"]):
+        with tr.autocast(env.device, config["precision"]):
             outputs = [logits.float() for logits in model(batch["image"])]
         loss = sum(F.cross_entropy(logits, labels.clamp(min=0), reduction="none") for logits in outputs)
         hits = [((logits.argmax(-1) == labels) & valid).sum() for logits in outputs]
         sums += torch.stack([valid.sum(), (loss * valid).sum(), *hits]).float()
     model.train(was_training)
-    count, loss, *correct = tu.all_reduce_sum(sums).tolist()
+    count, loss, *correct = tr.all_reduce_sum(sums).tolist()
     if count == 0:
         return {}
     results = {f"{prefix}_loss": loss / count, f"{prefix}_top1": 100 * correct[-1] / count,
@@ -1063,7 +1063,7 @@ def early_exit(model: DVT, images: torch.Tensor, thresholds: list[float],
     active = torch.arange(len(images), device=images.device)
     upstream, last = None, len(model.stages) - 1
     for k, stage in enumerate(model.stages):
-        with tu.autocast(images.device, precision):
+        with tr.autocast(images.device, precision):
             logits, reuse = stage(images if k == 0 else images[active], upstream)
         logits = logits.float()
         if outputs is None:
@@ -1087,7 +1087,7 @@ def early_exit(model: DVT, images: torch.Tensor, thresholds: list[float],
 def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path, int]:
     """The reported weights of a run (its best checkpoint, else the EMA or raw weights of its last), with its
     config, the file and its step."""
-    state, file = tu.load_run_checkpoint(path, "dvt.py", subdirs=("best", "checkpoints"))
+    state, file = tr.load_run_checkpoint(path, "dvt.py", subdirs=("best", "checkpoints"))
     weights = state["ema"] if state.get("ema") is not None else state["model"]
     return weights, state["config"], file, state.get("step", 0)
 
@@ -1098,7 +1098,7 @@ def load_run(args: argparse.Namespace) -> tuple[DVT, dict, dict, torch.device]:
         raise UserError(f"{file} is not a checkpoint of dvt.py")
     config = dict(config, data=args.data or config["data"])
     model = build_model(config)
-    tu.check_state_dict(model, weights, str(file))
+    tr.check_state_dict(model, weights, str(file))
     model.load_state_dict(weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -1117,9 +1117,9 @@ def all_exit_confidences(model: DVT, batches, device: torch.device, precision: s
                          limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every exit on every image: max softmax (exits, n) and correctness (exits, n), padding slots dropped."""
     confidences, correct, seen = [], [], 0
-    for batch in tqdm(tu.batches_to_device(batches, device, MEAN, STD), desc="all exits", leave=False,
+    for batch in tqdm(tr.batches_to_device(batches, device, MEAN, STD), desc="all exits", leave=False,
                       file=sys.stderr):
-        with tu.autocast(device, precision):
+        with tr.autocast(device, precision):
             probs = torch.stack([logits.float().softmax(-1) for logits in model(batch["image"])])
         confidence, prediction = probs.max(-1)
         valid = batch["label"] >= 0  # eval padding slots and unreadable images carry -1
@@ -1201,7 +1201,7 @@ def early_exit_eval(model: DVT, config: dict, thresholds: list[float], args: arg
     batches = data.eval_batches(config["data"], eval_transform(config), global_batch=args.batch_size,
                                 workers=args.workers)
     correct, counts, seconds = 0, torch.zeros(exits, dtype=torch.long), 0.0
-    for batch in tqdm(tu.batches_to_device(batches, device, MEAN, STD), desc="early exit", leave=False,
+    for batch in tqdm(tr.batches_to_device(batches, device, MEAN, STD), desc="early exit", leave=False,
                       file=sys.stderr):
         valid = batch["label"] >= 0
         start = time.perf_counter()
@@ -1310,22 +1310,22 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def benchmark_inference(model: DVT, config: dict, args, env: tu.DistEnv) -> list[dict]:
+def benchmark_inference(model: DVT, config: dict, args, env: tr.DistEnv) -> list[dict]:
     """img/s of the real early exit at --benchmark-q budgets (thresholds set by the paper's procedure on the same
     synthetic batch, so the exits take the budget's shares), of the cascade with no exit, and of the last exit's
     backbone alone on every image (e.g. T2T-ViT-14 at 14x14)."""
     model.eval()
-    batch = tu.synthetic_batch(args.eval_batch_size, args.img_size, config["num_classes"], env.device, args.seed + 1,
+    batch = tr.synthetic_batch(args.eval_batch_size, args.img_size, config["num_classes"], env.device, args.seed + 1,
                                MEAN, STD)
     images = batch["image"]
     cumulative = cumulative_flops(config)
-    with torch.no_grad(), tu.autocast(env.device, args.precision):
+    with torch.no_grad(), tr.autocast(env.device, args.precision):
         confidences = torch.stack([o.float().softmax(-1).amax(-1) for o in model(images)]).cpu()
     torch.manual_seed(args.seed)
     baseline = plain_backbone(config).to(env.device).eval()
 
     def run_baseline() -> torch.Tensor:
-        with torch.no_grad(), tu.autocast(env.device, args.precision):
+        with torch.no_grad(), tr.autocast(env.device, args.precision):
             return baseline(images)[0]
 
     base_seconds = timed(run_baseline, args.benchmark_steps, env.device)
@@ -1346,8 +1346,8 @@ def benchmark_inference(model: DVT, config: dict, args, env: tu.DistEnv) -> list
     return results
 
 
-def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> dict:
-    batch = tu.synthetic_batch(args.batch_size // env.world_size, args.img_size, config["num_classes"], env.device,
+def benchmark(args, env: tr.DistEnv, model, optimizer, scaler, config: dict) -> dict:
+    batch = tr.synthetic_batch(args.batch_size // env.world_size, args.img_size, config["num_classes"], env.device,
                                env.rank, MEAN, STD)
     augmenter = Augmenter(config, env.device)
     set_epoch_lr(optimizer, args.warmup_epochs, args)
@@ -1363,7 +1363,7 @@ def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> 
     step_time = timed(step, args.benchmark_steps, env.device)
     images_per_sec = args.batch_size / step_time
     flops = train_flops_per_sample(config)
-    peak = tu.peak_flops(env.device)
+    peak = tr.peak_flops(env.device)
     on_gpu = env.device.type == "cuda"
     result = {"model": args.model, "img_size": args.img_size, "grids": args.grids, "batch_size": args.batch_size,
               "precision": args.precision if on_gpu else "fp32", "compile": args.compile, "processes": env.world_size,
@@ -1374,7 +1374,7 @@ def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> 
               "train_gflops_per_img": float(f"{flops / 1e9:.4g}"),
               "mfu": round(flops * images_per_sec / (peak * env.world_size), 3) if peak else None}
     if env.is_main:
-        result["inference"] = benchmark_inference(tu.unwrap(model), config, args, env)
+        result["inference"] = benchmark_inference(tr.unwrap(model), config, args, env)
         print(json.dumps(result))
     return result
 

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common import UserError, augment, data, runtime
-from common import torch_utils as tu
+from common import torch_run as tr
 from common.run import ArgumentParser, check_finite_loss, exit_status, run_record
 from common.runlog import RunLog, plot_runs, read_log
 
@@ -117,10 +117,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--benchmark-input", action="store_true",
                    help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
                         "batches, print JSON and exit")
-    g.add_argument("--workers", type=int, default=tu.default_workers(), help="data loader processes per process")
+    g.add_argument("--workers", type=int, default=tr.default_workers(), help="data loader processes per process")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (big_vision: 50)")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
-    g.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16",
+    g.add_argument("--precision", choices=list(tr.AUTOCAST_DTYPES), default="bf16",
                    help="autocast dtype on GPUs (fp16 adds loss scaling); CPUs always compute in float32")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPUs; --no-compile: eager)")
@@ -306,13 +306,13 @@ def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float,
 
     `images` and `targets` are this process's shard; the batch is the global one, so that N processes make the
     1-process update: `rng` must draw the same on every process (seeded by seed and step), and the neighbour of a
-    shard's first image is the previous process's last (`tu.roll_global_batch`)."""
+    shard's first image is the previous process's last (`tr.roll_global_batch`)."""
     if alpha <= 0:
         return images, targets
     ratio = rng.beta(alpha, alpha)
     lam = max(ratio, 1.0 - ratio)
-    return (lam * images + (1 - lam) * tu.roll_global_batch(images),
-            lam * targets + (1 - lam) * tu.roll_global_batch(targets))
+    return (lam * images + (1 - lam) * tr.roll_global_batch(images),
+            lam * targets + (1 - lam) * tr.roll_global_batch(targets))
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -331,14 +331,14 @@ def per_sample_loss(logits: torch.Tensor, targets: torch.Tensor, loss: str) -> t
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
-               step: int, args: argparse.Namespace, env: tu.DistEnv, num_classes: int) -> dict[str, torch.Tensor]:
+               step: int, args: argparse.Namespace, env: tr.DistEnv, num_classes: int) -> dict[str, torch.Tensor]:
     """One optimizer step on this process's share of the global batch, split into --grad-accum micro-batches.
 
     DDP averages the gradients over processes, so the update equals one process's on the whole batch. Returns device
     tensors (no host sync): summed loss and correct top-1 over the local samples, and the pre-clip gradient norm.
     """
     # Dropout and drop path draw from torch's generator, seeded per process: their masks depend on the split (README).
-    torch.manual_seed(tu.step_seed(args.seed, step, env.rank))
+    torch.manual_seed(tr.step_seed(args.seed, step, env.rank))
     images, labels = batch["image"], batch["label"]
     targets = one_hot(labels, num_classes, args.label_smoothing)
     images, targets = mixup(images, targets, args.mixup, np.random.default_rng([args.seed, step]))  # same on all ranks
@@ -349,7 +349,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     for index, (micro_images, micro_targets, micro_labels) in enumerate(chunks):
         last = index == len(chunks) - 1
         no_sync = getattr(model, "no_sync", None) if not last else None  # DDP: all-reduce on the last one only
-        with no_sync() if no_sync else contextlib.nullcontext(), tu.autocast(images.device, args.precision):
+        with no_sync() if no_sync else contextlib.nullcontext(), tr.autocast(images.device, args.precision):
             logits = model(micro_images).float()
             losses = per_sample_loss(logits, micro_targets, args.loss)
             scaler.scale(losses.sum() / len(labels)).backward()
@@ -368,20 +368,20 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 
 
 def train(args: argparse.Namespace) -> dict:
-    env = tu.init_distributed()
+    env = tr.init_distributed()
     try:
         return run(args, env)
     finally:
-        tu.cleanup_distributed()
+        tr.cleanup_distributed()
 
 
-def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+def run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
         return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
                                     workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
                                     process_index=env.rank, process_count=env.world_size, model=args.model,
                                     image_size=args.img_size)
-    args.compile = tu.wants_compile(args.compile, env.device)  # config.json records what ran
+    args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")
@@ -401,15 +401,15 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
     model = build_model(config).to(env.device)
     config["params"] = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, args, lr, env.device)
-    scaler = tu.grad_scaler(env.device, args.precision)
+    scaler = tr.grad_scaler(env.device, args.precision)
 
     out = Path(args.output_dir)
     start_step, best_top1, log_window = 0, -1.0, {}
-    state = None if args.benchmark else tu.start_run(out, resume=args.resume, recipe=config["trained_by"],
+    state = None if args.benchmark else tr.start_run(out, resume=args.resume, recipe=config["trained_by"],
                                                      settings=vars(args))
     if state:
         path = out / "checkpoints" / f"{state['step']}.pt"
-        tu.check_state_dict(model, state["model"], str(path))
+        tr.check_state_dict(model, state["model"], str(path))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -436,7 +436,7 @@ def run(args: argparse.Namespace, env: tu.DistEnv) -> dict:
             log.close()
 
 
-def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
+def loop(args, env: tr.DistEnv, model, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
          best_top1: float, log_window: dict, log: RunLog | None) -> dict:
     total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
@@ -446,14 +446,14 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
               f"{config['peak_lr']:.3g}, AdamW weight decay {config['adamw_weight_decay']:.3g}, {env.world_size} "
               f"process(es) on {env.device.type}, starting at step {start_step}", file=sys.stderr)
     if spec.source == "synthetic":
-        fixed = tu.synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
+        fixed = tr.synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
                                    args.seed + env.rank, MEAN, STD)
         batches = iter(lambda: fixed, None)
     else:
         host_batches = data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
                                           seed=args.seed, start_step=start_step, workers=args.workers,
                                           process_index=env.rank, process_count=env.world_size)
-        batches = tu.batches_to_device(host_batches, env.device, MEAN, STD)
+        batches = tr.batches_to_device(host_batches, env.device, MEAN, STD)
 
     # Sums since the last log record (loss, correct top-1, unreadable images skipped), kept in the checkpoint so that
     # a run resumed between two records logs what the uninterrupted run logs.
@@ -463,23 +463,23 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
     window_start, last = time.perf_counter(), {}
 
     def check_finite(step: int) -> None:
-        if tu.all_reduce_sum(nonfinite.clone()).item() > 0:
+        if tr.all_reduce_sum(nonfinite.clone()).item() > 0:
             check_finite_loss([math.nan], step, out / "checkpoints")
 
     def save(step: int, results: dict) -> None:
         check_finite(step)
-        plain = tu.unwrap(model)
-        tu.check_savable(step, plain, optimizer, eval_metrics=results, output_dir=out / "checkpoints")
-        window_sums = tu.sums_for_checkpoint(window)
+        plain = tr.unwrap(model)
+        tr.check_savable(step, plain, optimizer, eval_metrics=results, output_dir=out / "checkpoints")
+        window_sums = tr.sums_for_checkpoint(window)
         if env.is_main:
-            tu.save_checkpoint(out / "checkpoints", step, {
+            tr.save_checkpoint(out / "checkpoints", step, {
                 "model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "step": step, "best_top1": best_top1, "config": config,
                 "log_window": {"sums": window_sums, "steps": window_steps}})
             if results.get("val_top1", -1.0) >= best_top1 and results:  # kept for predict: weights and config only
-                tu.save_checkpoint(out / "best", step, {"model": plain.state_dict(), "step": step,
+                tr.save_checkpoint(out / "best", step, {"model": plain.state_dict(), "step": step,
                                                         "val_top1": results["val_top1"], "config": config})
-        tu.barrier()
+        tr.barrier()
 
     def stop_requested(done: int) -> bool:
         """--stop-after, or SIGTERM: checked every step in one process; every --log-interval steps over many, where
@@ -490,7 +490,7 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
             return preemption.requested
         if done % args.log_interval:
             return False
-        return tu.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
+        return tr.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
 
     preemption = runtime.Preemption()
     progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
@@ -498,9 +498,9 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
     try:
         for step in progress:
             batch = next(batches)
-            lr = tu.warmup_decay_lr(step, peak_lr=config["peak_lr"], total_steps=total_steps,
+            lr = tr.warmup_decay_lr(step, peak_lr=config["peak_lr"], total_steps=total_steps,
                                     warmup_steps=args.warmup_steps, decay=args.decay)
-            tu.set_lr(optimizer, lr)
+            tr.set_lr(optimizer, lr)
             metrics = train_step(model, optimizer, scaler, batch, step, args, env, spec.num_classes)
             nonfinite += ~torch.isfinite(metrics["loss_sum"])
             window += torch.stack([metrics["loss_sum"], metrics["correct"],
@@ -509,7 +509,7 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
             done = step + 1
             if done % args.log_interval == 0 or done == total_steps:
                 check_finite(done)
-                totals = tu.all_reduce_sum(window.clone())
+                totals = tr.all_reduce_sum(window.clone())
                 samples = window_steps * args.batch_size
                 last = {"loss": totals[0].item() / samples, "train_top1": 100 * totals[1].item() / samples, "lr": lr,
                         "grad_norm": metrics["grad_norm"].item(),
@@ -525,7 +525,7 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
             stop = stop_requested(done)
             if done % eval_interval == 0 or done == total_steps:
                 eval_start = time.perf_counter()
-                results = evaluate(tu.unwrap(model), args, env, spec.num_classes)
+                results = evaluate(tr.unwrap(model), args, env, spec.num_classes)
                 best_top1 = max(best_top1, results.get("val_top1", -1.0))
                 if results and log:
                     log.write(done, **results, best_top1=best_top1,
@@ -554,18 +554,18 @@ def loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, spec: da
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv, num_classes: int) -> dict:
+def evaluate(model: nn.Module, args: argparse.Namespace, env: tr.DistEnv, num_classes: int) -> dict:
     """Loss (the training criterion on one-hot labels), top-1 and top-5 over the val split, summed over processes."""
     model.eval()
     sums = torch.zeros(4, device=env.device)  # images, loss, top-1, top-5
     host_batches = data.eval_batches(args.data, eval_transform(args.img_size, args.test_crop_ratio),
                                      global_batch=args.eval_batch_size, workers=args.workers, process_index=env.rank,
                                      process_count=env.world_size)
-    for batch in tqdm(tu.batches_to_device(host_batches, env.device, MEAN, STD), desc="eval", leave=False,
+    for batch in tqdm(tr.batches_to_device(host_batches, env.device, MEAN, STD), desc="eval", leave=False,
                       disable=not env.is_main, file=sys.stderr):
         labels = batch["label"]
         valid = labels >= 0  # padding slots and unreadable images carry -1
-        with tu.autocast(env.device, args.precision):
+        with tr.autocast(env.device, args.precision):
             logits = model(batch["image"]).float()
         losses = per_sample_loss(logits, one_hot(labels.clamp(min=0), num_classes, 0.0), args.loss)
         top5 = logits.topk(min(5, num_classes), dim=-1).indices
@@ -573,7 +573,7 @@ def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv, num_cl
         sums += torch.stack([valid.sum(), (losses * valid).sum(), (hits[:, 0] & valid).sum(),
                              (hits.any(-1) & valid).sum()]).float()
     model.train()
-    count, loss, top1, top5 = tu.all_reduce_sum(sums).tolist()
+    count, loss, top1, top5 = tr.all_reduce_sum(sums).tolist()
     if count == 0:
         return {}
     return {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
@@ -585,11 +585,11 @@ def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv, num_cl
 # ----------------------------------------------------------------------------------------------
 
 
-def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> dict:
+def benchmark(args, env: tr.DistEnv, model, optimizer, scaler, config: dict) -> dict:
     num_classes = config["num_classes"]
-    batch = tu.synthetic_batch(args.batch_size // env.world_size, args.img_size, num_classes, env.device, env.rank,
+    batch = tr.synthetic_batch(args.batch_size // env.world_size, args.img_size, num_classes, env.device, env.rank,
                                MEAN, STD)
-    tu.set_lr(optimizer, config["peak_lr"])
+    tr.set_lr(optimizer, config["peak_lr"])
 
     def timed(steps: int, batches: Iterator[dict] | None = None) -> float:
         start = time.perf_counter()
@@ -607,15 +607,15 @@ def benchmark(args, env: tu.DistEnv, model, optimizer, scaler, config: dict) -> 
     images_per_sec = args.batch_size / step_time
     end_to_end = {}
     if args.data != "synthetic":  # also fed from the real input pipeline: is the run input-bound?
-        real = tu.batches_to_device(data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
+        real = tr.batches_to_device(data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
                                                        seed=args.seed, workers=args.workers, process_index=env.rank,
                                                        process_count=env.world_size), env.device, MEAN, STD)
         timed(3, real)  # warm up: workers starting, first decodes
         seconds = timed(args.benchmark_steps, real)
         end_to_end["end_to_end_img_per_sec"] = round(args.batch_size * args.benchmark_steps / seconds, 1)
         real.close()  # shuts the loader workers down
-    flops = tu.train_flops_per_sample(lambda: build_model(config), (3, args.img_size, args.img_size))
-    peak = tu.peak_flops(env.device)
+    flops = tr.train_flops_per_sample(lambda: build_model(config), (3, args.img_size, args.img_size))
+    peak = tr.peak_flops(env.device)
     result = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
               "precision": args.precision if env.device.type == "cuda" else "fp32", "compile": args.compile,
               "processes": env.world_size,
@@ -702,10 +702,10 @@ def class_names(config: dict, labels_file: str | None) -> list[str]:
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
     """Print one line per image: path, then the top-k (class name, softmax probability) pairs, tab-separated."""
-    state, path = tu.load_run_checkpoint(args.checkpoint, "howtotrain_vit.py", subdirs=("best", "checkpoints"))
+    state, path = tr.load_run_checkpoint(args.checkpoint, "howtotrain_vit.py", subdirs=("best", "checkpoints"))
     config = state["config"]
     model = build_model(config)
-    tu.check_state_dict(model, state["model"], str(path))
+    tr.check_state_dict(model, state["model"], str(path))
     model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
@@ -725,8 +725,8 @@ def predict(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]
                 print(f"warning: skipping unreadable image {file} ({type(e).__name__}: {e})", file=sys.stderr)
         if not batch:
             continue
-        with tu.autocast(device, "bf16"):
-            logits = model(tu.images_to_device(np.stack(batch), device, MEAN, STD)).float()
+        with tr.autocast(device, "bf16"):
+            logits = model(tr.images_to_device(np.stack(batch), device, MEAN, STD)).float()
         # Softmax over the logits: a distribution over the classes (for a sigmoid-trained model it ranks the classes
         # as the per-class sigmoids do).
         probs, indices = logits.softmax(-1).topk(top_k, dim=-1)

@@ -62,7 +62,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common import UserError, augment, convert, data, runtime
-from common import torch_utils as tu
+from common import torch_run as tr
 from common.run import ArgumentParser, check_finite_loss, exit_status, make_output_dir, run_record, saved_config
 from common.runlog import RunLog
 
@@ -114,10 +114,10 @@ def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
                    help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
     g.add_argument("--output-dir", "--output_dir", default=f"runs/localmim/{command}",
                    help="config.json, log.jsonl, command.txt and checkpoints go here")
-    g.add_argument("--workers", "--num_workers", type=int, default=tu.default_workers(),
+    g.add_argument("--workers", "--num_workers", type=int, default=tr.default_workers(),
                    help="data loader processes per process")
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, masks")
-    g.add_argument("--precision", choices=list(tu.AUTOCAST_DTYPES), default="bf16",
+    g.add_argument("--precision", choices=list(tr.AUTOCAST_DTYPES), default="bf16",
                    help="autocast dtype on GPUs; fp16 (the papers' V100 setting) adds the loss scaler; CPUs compute "
                         "in float32")
     g.add_argument("--batch-size", "--batch_size", type=int, default=64,
@@ -566,7 +566,7 @@ def read_encoder_state(source: str) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
-        state = tu.load_checkpoint(tu.find_checkpoint(path, subdirs=("checkpoints",)) if path.is_dir() else path)
+        state = tr.load_checkpoint(tr.find_checkpoint(path, subdirs=("checkpoints",)) if path.is_dir() else path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if any(k.startswith("encoder.") for k in state):  # this script's pretraining checkpoint
@@ -785,16 +785,16 @@ def mask_noise(seed: int, step: int, rows: int, patches: int, device: torch.devi
     masks do not depend on how the batch is split over processes and micro-batches (or on resuming). Drawn by
     `device`'s generator: on CPUs the numbers are those of the earlier host draw; CUDA's generator gives others
     (the same in every process), so a GPU run started before this change gets other masks after a resume."""
-    generator = torch.Generator(device).manual_seed(tu.step_seed(seed, step))
+    generator = torch.Generator(device).manual_seed(tr.step_seed(seed, step))
     noise = torch.rand(rows, patches, generator=generator, device=device)  # on the device: no blocking copy
     return noise[rank * local_rows:(rank + 1) * local_rows]
 
 
-def device_batches(args: argparse.Namespace, env: tu.DistEnv, start_step: int, global_batch: int) -> Iterator[dict]:
+def device_batches(args: argparse.Namespace, env: tr.DistEnv, start_step: int, global_batch: int) -> Iterator[dict]:
     host = data.train_batches(args.data, train_transform(args), global_batch=global_batch, seed=args.seed,
                               start_step=start_step, workers=args.workers, process_index=env.rank,
                               process_count=env.world_size)
-    return tu.batches_to_device(host, env.device, MEAN, STD)
+    return tr.batches_to_device(host, env.device, MEAN, STD)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -816,7 +816,7 @@ def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
     stage_sums = torch.zeros(len(active), device=images.device)
     chunks = list(zip(images.chunk(args.accum_iter), noise.chunk(args.accum_iter)))
     for index, (micro_images, micro_noise) in enumerate(chunks):
-        with no_sync(model, index == len(chunks) - 1), tu.autocast(images.device, args.precision):
+        with no_sync(model, index == len(chunks) - 1), tr.autocast(images.device, args.precision):
             loss, stage_losses = model(micro_images, micro_noise, active, no_grad_units)
             scaler.scale(loss / args.accum_iter).backward()
         stage_sums += stage_losses.detach()
@@ -826,7 +826,7 @@ def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: to
 
 
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
-                    step: int, args: argparse.Namespace, env: tu.DistEnv, regularisers: dict) -> torch.Tensor:
+                    step: int, args: argparse.Namespace, env: tr.DistEnv, regularisers: dict) -> torch.Tensor:
     """Fine-tuning / linear-probe step: random erasing and mixup/cutmix (per micro-batch, as MAE's loader batches) on
     the device, loss scaled by 1/accum, optional clipping. Returns the summed loss over the local samples."""
     optimizer.zero_grad(set_to_none=True)
@@ -836,7 +836,7 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         # Erasing, mixup/cutmix and drop path draw from a seed of (step, the micro-batch's place in the global batch:
         # process r's i-th is r * accum + i): N processes with accumulation a make the update of any other split
         # of the same N x a (and a resumed run that of an uninterrupted one).
-        seed = tu.step_seed(args.seed, step, env.rank * args.accum_iter + index)
+        seed = tr.step_seed(args.seed, step, env.rank * args.accum_iter + index)
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -845,7 +845,7 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
         targets = labels
         if regularisers.get("mixup"):
             images, targets = regularisers["mixup"](images, labels)
-        with no_sync(model, index == len(chunks) - 1), tu.autocast(env.device, args.precision):
+        with no_sync(model, index == len(chunks) - 1), tr.autocast(env.device, args.precision):
             loss = regularisers["criterion"](model(images).float(), targets)
             scaler.scale(loss / args.accum_iter).backward()
         loss_sum += loss.detach() * len(labels)
@@ -862,7 +862,7 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
 # ----------------------------------------------------------------------------------------------
 
 
-def record_command(out: Path, argv: list[str], env: tu.DistEnv) -> None:
+def record_command(out: Path, argv: list[str], env: tr.DistEnv) -> None:
     """Append this invocation to command.txt (what the study's record.sh wrote by hand): time, host, processes,
     working directory, git commit and the exact command."""
     if not env.is_main:
@@ -882,29 +882,29 @@ def record_command(out: Path, argv: list[str], env: tu.DistEnv) -> None:
 
 def start_state(out: Path, args: argparse.Namespace) -> dict | None:
     """The last checkpoint's state when resuming (None for a new run), after `common.run.start_run`'s checks."""
-    return tu.start_run(out, resume=args.resume, recipe=f"localmim_freezeout.py {args.command}", settings=vars(args))
+    return tr.start_run(out, resume=args.resume, recipe=f"localmim_freezeout.py {args.command}", settings=vars(args))
 
 
 def check_finite(value: torch.Tensor, step: int, out: Path) -> None:
-    check_finite_loss(tu.all_reduce_sum(value.clone()).tolist(), step, out / "checkpoints")
+    check_finite_loss(tr.all_reduce_sum(value.clone()).tolist(), step, out / "checkpoints")
 
 
-def save_run(out: Path, env: tu.DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+def save_run(out: Path, env: tr.DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
              epoch_done: bool, epoch: int, args: argparse.Namespace, eval_metrics: dict | None = None) -> None:
     """checkpoints/<step>.pt (the last: model, optimizer, scaler, step, config) and, every --save-every epochs and at
-    the end, epochs/<epoch>.pt (weights and config). Refuses a diverged state (`tu.check_savable`)."""
-    plain = tu.unwrap(model)
-    tu.check_savable(state["step"], plain, optimizer, eval_metrics=eval_metrics, output_dir=out / "checkpoints")
+    the end, epochs/<epoch>.pt (weights and config). Refuses a diverged state (`tr.check_savable`)."""
+    plain = tr.unwrap(model)
+    tr.check_savable(state["step"], plain, optimizer, eval_metrics=eval_metrics, output_dir=out / "checkpoints")
     if env.is_main:
         state = dict(state, optimizer=optimizer.state_dict())
-        tu.save_checkpoint(out / "checkpoints", state["step"], dict(state, model=plain.state_dict()))
+        tr.save_checkpoint(out / "checkpoints", state["step"], dict(state, model=plain.state_dict()))
         if epoch_done and (epoch % args.save_every == 0 or epoch == args.epochs):
-            tu.save_checkpoint(out / "epochs", epoch, {"model": plain.state_dict(), "config": state["config"],
+            tr.save_checkpoint(out / "epochs", epoch, {"model": plain.state_dict(), "config": state["config"],
                                                        "step": state["step"]}, keep=10**9)
-    tu.barrier()
+    tr.barrier()
 
 
-def stop_requested(args: argparse.Namespace, env: tu.DistEnv, preemption: runtime.Preemption, done: int,
+def stop_requested(args: argparse.Namespace, env: tr.DistEnv, preemption: runtime.Preemption, done: int,
                    start_step: int) -> bool:
     """--stop-after, or SIGTERM: checked every step in one process; over many, where the processes must agree (a
     collective), every --log-interval steps."""
@@ -914,10 +914,10 @@ def stop_requested(args: argparse.Namespace, env: tu.DistEnv, preemption: runtim
         return preemption.requested
     if done % args.log_interval:
         return False
-    return tu.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
+    return tr.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
 
 
-def wrap_ddp(model: nn.Module, env: tu.DistEnv, compile_model: bool) -> nn.Module:
+def wrap_ddp(model: nn.Module, env: tr.DistEnv, compile_model: bool) -> nn.Module:
     """DDP over the parameters that currently require gradients (rebuilt when FreezeOut freezes a layer), compiled
     with `compile_model`. No static_graph: the set of trained parameters changes with each freeze.
 
@@ -936,7 +936,7 @@ def wrap_ddp(model: nn.Module, env: tu.DistEnv, compile_model: bool) -> nn.Modul
 # ----------------------------------------------------------------------------------------------
 
 
-def pretrain_config(args: argparse.Namespace, env: tu.DistEnv, spec: data.DataSpec | None) -> dict[str, Any]:
+def pretrain_config(args: argparse.Namespace, env: tr.DistEnv, spec: data.DataSpec | None) -> dict[str, Any]:
     batch = effective_batch(args, env.world_size)
     steps_per_epoch = data.steps_per_epoch(spec.train_size, batch) if spec and spec.train_size else 0
     taps, scales = stage_layout(args.arch["layers"], args.all_stages)
@@ -948,8 +948,8 @@ def pretrain_config(args: argparse.Namespace, env: tu.DistEnv, spec: data.DataSp
 
 
 def pretrain(args: argparse.Namespace, argv: list[str]) -> dict:
-    env = tu.init_distributed()
-    args.compile = tu.wants_compile(args.compile, env.device)  # config.json records what ran
+    env = tr.init_distributed()
+    args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
     try:
         if args.benchmark_input:
             return benchmark_input(args, env)
@@ -957,10 +957,10 @@ def pretrain(args: argparse.Namespace, argv: list[str]) -> dict:
             return benchmark(args, env)
         return run_pretrain(args, argv, env)
     finally:
-        tu.cleanup_distributed()
+        tr.cleanup_distributed()
 
 
-def run_pretrain(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -> dict:
+def run_pretrain(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
     spec = data.describe(args.data)
     if spec.source == "synthetic" or not spec.train_size:
         raise UserError(f"pretraining needs data of known size (synthetic batches are for --benchmark): {args.data}")
@@ -975,10 +975,10 @@ def run_pretrain(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -> 
     config["freezeout_fractions"], config["freeze_steps"] = list(plan.fractions), list(plan.freeze_steps)
     optimizer = torch.optim.AdamW(freezeout_param_groups(model, plan, args.weight_decay), lr=config["peak_lr"],
                                   betas=(0.9, 0.95), fused=env.device.type == "cuda")
-    scaler = tu.grad_scaler(env.device, args.precision)
+    scaler = tr.grad_scaler(env.device, args.precision)
     start_step, log_sums = 0, {}
     if state:
-        tu.check_state_dict(model, state["model"], str(out / "checkpoints"))
+        tr.check_state_dict(model, state["model"], str(out / "checkpoints"))
         model.load_state_dict(state["model"])
         apply_freezeout(optimizer, state["step"])  # the same groups as when it was saved, then their state
         optimizer.load_state_dict(state["optimizer"])
@@ -993,7 +993,7 @@ def run_pretrain(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -> 
         log.close()
 
 
-def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, config: dict, plan: FreezePlan,
+def pretrain_loop(args, env: tr.DistEnv, model: LocalMIM, optimizer, scaler, config: dict, plan: FreezePlan,
                   start_step: int, log_sums: dict, log: RunLog) -> dict:
     total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
     if env.is_main:
@@ -1027,7 +1027,7 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
             done = step + 1
             if done % args.log_interval == 0 or done == total:
                 check_finite(window, done, out)
-                sums = tu.all_reduce_sum(window.clone()) / env.world_size
+                sums = tr.all_reduce_sum(window.clone()) / env.world_size
                 stage_losses, steps = (sums[:-2] / sums[-2]).tolist(), sums[-2].item()
                 seconds = time.perf_counter() - window_start
                 last = {"loss": sum(stage_losses), "lr": lr, "epoch": done / per_epoch,
@@ -1043,7 +1043,7 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
             if epoch_done:
                 check_finite(epoch_sums, done, out)
                 seconds = time.perf_counter() - epoch_start
-                sums = tu.all_reduce_sum(epoch_sums.clone()) / env.world_size
+                sums = tr.all_reduce_sum(epoch_sums.clone()) / env.world_size
                 record = {"epoch": done // per_epoch, "train_loss": (sums[:-2] / sums[-2]).sum().item(),
                           "frozen_layers": plan.frozen_layers(step), "layers": len(plan.fractions),
                           "active_stages": sum(plan.active_stages(step)), "step_ms": 1000 * seconds / sums[-2].item(),
@@ -1057,7 +1057,7 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
             if epoch_done or stop:
                 save_run(out, env, model, optimizer, {
                     "scaler": scaler.state_dict(), "step": done, "config": config,
-                    "log_sums": {"window": tu.sums_for_checkpoint(window), "epoch": tu.sums_for_checkpoint(epoch_sums)},
+                    "log_sums": {"window": tr.sums_for_checkpoint(window), "epoch": tr.sums_for_checkpoint(epoch_sums)},
                 }, epoch_done, done // per_epoch, args)
                 epoch_start = time.perf_counter()  # step_ms counts training steps only
             if stop and done < total:
@@ -1076,14 +1076,14 @@ def pretrain_loop(args, env: tu.DistEnv, model: LocalMIM, optimizer, scaler, con
 
 
 def supervised(args: argparse.Namespace, argv: list[str]) -> dict:
-    env = tu.init_distributed()
-    args.compile = tu.wants_compile(args.compile, env.device)  # config.json records what ran
+    env = tr.init_distributed()
+    args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
     try:
         if args.benchmark_input:
             return benchmark_input(args, env)
         return run_supervised(args, argv, env)
     finally:
-        tu.cleanup_distributed()
+        tr.cleanup_distributed()
 
 
 def make_supervised_optimizer(model: VisionTransformer, args: argparse.Namespace, lr: float, device: torch.device):
@@ -1109,7 +1109,7 @@ def regularisers(args: argparse.Namespace, num_classes: int, device: torch.devic
             "erase": RandomErasing(args.reprob, mode="pixel", device=str(device)) if args.reprob > 0 else None}
 
 
-def run_supervised(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -> dict:
+def run_supervised(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
     spec = data.describe(args.data)
     if not spec.train_size:
         raise UserError(f"{args.command} needs data of known size: {args.data}")
@@ -1129,10 +1129,10 @@ def run_supervised(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -
     config["loaded"] = load_encoder(model, args.pretrained, config) if not state else state["config"]["loaded"]
     model.to(env.device)
     optimizer = make_supervised_optimizer(model, args, config["peak_lr"], env.device)
-    scaler = tu.grad_scaler(env.device, args.precision)
+    scaler = tr.grad_scaler(env.device, args.precision)
     start_step, best, log_sums = 0, 0.0, {}
     if state:
-        tu.check_state_dict(model, state["model"], str(out / "checkpoints"))
+        tr.check_state_dict(model, state["model"], str(out / "checkpoints"))
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -1149,7 +1149,7 @@ def run_supervised(args: argparse.Namespace, argv: list[str], env: tu.DistEnv) -
         log.close()
 
 
-def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dict, start_step: int, best: float,
+def supervised_loop(args, env: tr.DistEnv, model, optimizer, scaler, config: dict, start_step: int, best: float,
                     log_sums: dict, log: RunLog) -> dict:
     total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
     batches = device_batches(args, env, start_step, config["effective_batch"])
@@ -1165,7 +1165,7 @@ def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dic
         for step in progress:
             lr = layer_lr(step, t=1.0, peak_lr=config["peak_lr"], min_lr=args.min_lr, total_steps=total,
                           warmup_steps=config["warmup_steps"])
-            tu.set_lr(optimizer, lr)  # times each group's lr_scale (layer decay)
+            tr.set_lr(optimizer, lr)  # times each group's lr_scale (layer decay)
             batch = next(batches)
             loss_sum = supervised_step(ddp, optimizer, scaler, batch, step, args, env, regs)
             counts = torch.tensor([args.batch_size * args.accum_iter, batch["skipped"]], dtype=torch.float32,
@@ -1175,7 +1175,7 @@ def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dic
             epoch_done = done % per_epoch == 0
             if done % args.log_interval == 0 or epoch_done:
                 check_finite(window, done, out)
-                sums = tu.all_reduce_sum(window.clone())
+                sums = tr.all_reduce_sum(window.clone())
                 last = {"loss": (sums[0] / sums[1]).item(), "lr": lr, "epoch": done / per_epoch}
                 if sums[2] > 0:
                     last["skipped_images"] = round(sums[2].item())
@@ -1195,7 +1195,7 @@ def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dic
             if epoch_done or stop:
                 save_run(out, env, model, optimizer, {
                     "scaler": scaler.state_dict(), "step": done, "max_accuracy": best, "config": config,
-                    "log_sums": {"window": tu.sums_for_checkpoint(window)}}, epoch_done, done // per_epoch, args,
+                    "log_sums": {"window": tr.sums_for_checkpoint(window)}}, epoch_done, done // per_epoch, args,
                     results)
             if stop and done < total:
                 if env.is_main:
@@ -1208,7 +1208,7 @@ def supervised_loop(args, env: tu.DistEnv, model, optimizer, scaler, config: dic
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv) -> dict:
+def evaluate(model: nn.Module, args: argparse.Namespace, env: tr.DistEnv) -> dict:
     """Cross-entropy, top-1 and top-5 on the val split. --dist-eval: each process takes its shard and the sums are
     all-reduced; otherwise every process evaluates the whole split (MAE's default)."""
     model.eval()
@@ -1217,17 +1217,17 @@ def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv) -> dic
     sums = torch.zeros(4, device=env.device)  # images, loss, top-1, top-5
     host = data.eval_batches(args.data, eval_transform(args), global_batch=args.batch_size * processes,
                              workers=args.workers, process_index=index, process_count=processes)
-    for batch in tu.batches_to_device(host, env.device, MEAN, STD):
+    for batch in tr.batches_to_device(host, env.device, MEAN, STD):
         labels = batch["label"]
         valid = labels >= 0  # padding and unreadable images carry -1
-        with tu.autocast(env.device, args.precision):
+        with tr.autocast(env.device, args.precision):
             logits = model(batch["image"]).float()
         losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
         hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
         sums += torch.stack([valid.sum(), (losses * valid).sum(), (hits[:, 0] & valid).sum(),
                              (hits.any(-1) & valid).sum()]).float()
     model.train()
-    count, loss, top1, top5 = (tu.all_reduce_sum(sums) if shard else sums).tolist()
+    count, loss, top1, top5 = (tr.all_reduce_sum(sums) if shard else sums).tolist()
     if count == 0:
         return {}
     return {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
@@ -1240,13 +1240,13 @@ def evaluate(model: nn.Module, args: argparse.Namespace, env: tu.DistEnv) -> dic
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, batches: Iterator[dict], env: tu.DistEnv,
+def extract_features(encoder: nn.Module, batches: Iterator[dict], env: tr.DistEnv,
                      args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised CLS features and labels, gathered over all processes. Labels travel with their images (the
     study's kNN paired shuffled features with file-order labels and logged chance accuracy)."""
     features, labels = [], []
-    for batch in tu.batches_to_device(batches, env.device, MEAN, STD):
-        with tu.autocast(env.device, args.precision):
+    for batch in tr.batches_to_device(batches, env.device, MEAN, STD):
+        with tr.autocast(env.device, args.precision):
             features.append(F.normalize(encoder(batch["image"]).float(), dim=-1))
         labels.append(batch["label"])
     features = torch.cat(features) if features else torch.zeros(0, encoder.embed_dim, device=env.device)
@@ -1279,7 +1279,7 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 
 def knn(args: argparse.Namespace, argv: list[str]) -> dict:
-    env = tu.init_distributed()
+    env = tr.init_distributed()
     try:
         spec = data.describe(args.data)
         if not spec.train_size or not spec.val_size:
@@ -1315,7 +1315,7 @@ def knn(args: argparse.Namespace, argv: list[str]) -> dict:
             print(json.dumps(result))
         return result
     finally:
-        tu.cleanup_distributed()
+        tr.cleanup_distributed()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1352,7 +1352,7 @@ def timed_steps(model: nn.Module, optimizer, scaler, images: torch.Tensor, noise
     return time.perf_counter() - start
 
 
-def benchmark_input(args: argparse.Namespace, env: tu.DistEnv) -> dict:
+def benchmark_input(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     """--benchmark-input: the host input pipeline alone (the command's train transform), nothing written."""
     return data.benchmark_input(args.data, train_transform(args), global_batch=effective_batch(args, env.world_size),
                                 workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
@@ -1360,14 +1360,14 @@ def benchmark_input(args: argparse.Namespace, env: tu.DistEnv) -> dict:
                                 model=args.model, image_size=args.input_size)
 
 
-def benchmark(args: argparse.Namespace, env: tu.DistEnv) -> list[dict]:
+def benchmark(args: argparse.Namespace, env: tr.DistEnv) -> list[dict]:
     """One JSON line per --benchmark-frozen fraction: img/s, step time, peak memory, MFU (the step's counted FLOPs
     against the device's bf16 peak), and FreezeOut's theoretical saving (1 - FLOPs frozen / FLOPs unfrozen) next to
     the measured one (1 - step time / step time of the first fraction)."""
     config = pretrain_config(args, env, None)
     batch = args.batch_size * args.accum_iter
     full_flops = step_flops(config, forced_plan(config, 0.0), batch)
-    peak = tu.peak_flops(env.device)
+    peak = tr.peak_flops(env.device)
     results: list[dict] = []
     for fraction in args.benchmark_frozen:
         torch.manual_seed(args.seed)
@@ -1376,7 +1376,7 @@ def benchmark(args: argparse.Namespace, env: tu.DistEnv) -> list[dict]:
         optimizer = torch.optim.AdamW(freezeout_param_groups(model, plan, args.weight_decay), lr=1e-4,
                                       betas=(0.9, 0.95), fused=env.device.type == "cuda")
         apply_freezeout(optimizer, 0)
-        scaler = tu.grad_scaler(env.device, args.precision)
+        scaler = tr.grad_scaler(env.device, args.precision)
         ddp = wrap_ddp(model, env, args.compile)
         generator = torch.Generator(env.device).manual_seed(args.seed + env.rank)
         images = torch.randn(batch, 3, args.input_size, args.input_size, device=env.device, generator=generator)
@@ -1423,7 +1423,7 @@ def export(args: argparse.Namespace) -> Path:
     how to create it. A linear probe's BatchNorm (no affine) is folded into its linear layer."""
     from safetensors.torch import save_file
 
-    state, path = tu.load_run_checkpoint(args.run_dir, "localmim_freezeout.py")
+    state, path = tr.load_run_checkpoint(args.run_dir, "localmim_freezeout.py")
     config, weights = state["config"], state["model"]
     if config["command"] == "pretrain":
         tensors = read_encoder_state(str(path))

@@ -2,7 +2,7 @@
 
 Crop, flip, RandAugment / 3-Augment, color jitter. Every transform ends in `ToUint8HWC`: the batch crosses to the
 accelerator as uint8 (4x fewer bytes than float32) and is normalised there (`common.jax_augment` for the JAX
-recipes, `common.torch_utils.images_to_device` for the PyTorch ones). Transforms draw from python `random`, numpy
+recipes, `common.torch_run.images_to_device` for the PyTorch ones). Transforms draw from python `random`, numpy
 and torch's global RNGs, as timm's do; `common.data` seeds all three per sample so that a batch is a function of
 (seed, step). Nothing here imports JAX.
 """

@@ -212,9 +212,9 @@ def final_state(recipe: Recipe, run_dir: Path):
         from common import checkpoint
 
         return checkpoint.load_state_and_config(run_dir)[0]
-    from common import torch_utils as tu
+    from common import torch_run as tr
 
-    state = tu.load_checkpoint(tu.find_checkpoint(run_dir))
+    state = tr.load_checkpoint(tr.find_checkpoint(run_dir))
     return {k: v for k, v in state.items() if k != "config"}
 
 

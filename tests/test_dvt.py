@@ -31,7 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import dvt
-from common import torch_utils as tu
+from common import torch_run as tr
 from common.runlog import read_log
 
 TINY = ["--data", "digits", "--img-size", "32", "--grids", "2,3,4", "--embed-dim", "32", "--depth", "2",
@@ -60,7 +60,7 @@ def train(*args) -> int:
 
 
 def final_state(run_dir: Path) -> dict:
-    return tu.load_checkpoint(tu.find_checkpoint(run_dir))
+    return tr.load_checkpoint(tr.find_checkpoint(run_dir))
 
 
 def last_json(out: str) -> dict:
@@ -416,7 +416,7 @@ def test_training_lowers_every_exits_loss(digits_run):
     assert evals[-1]["val_top1"] == evals[-1]["val_top1_exit3"]
     config = json.loads((digits_run / "config.json").read_text())
     assert config["num_classes"] == 10 and len(config["params_per_exit"]) == 3
-    assert tu.checkpoint_steps(digits_run / "best")
+    assert tr.checkpoint_steps(digits_run / "best")
 
 
 def test_budget_meets_its_target_and_eval_runs_the_real_early_exit(digits_run, capsys):
@@ -485,7 +485,7 @@ def test_transfer_starts_from_a_run_with_new_heads(digits_run, tmp_path):
     torch.manual_seed(0)
     model = dvt.build_model(dict(vars(args), num_classes=10))
     dvt.init_weights_from(model, str(digits_run))
-    reported = tu.load_checkpoint(tu.find_checkpoint(digits_run / "best"))["model"]
+    reported = tr.load_checkpoint(tr.find_checkpoint(digits_run / "best"))["model"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, reported[key]), key
     seven = dvt.build_model(dict(vars(args), num_classes=7))
@@ -545,7 +545,7 @@ def test_augmenter_mixes_as_timm_and_erases_each_image_by_its_global_index():
     timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
     for step in range(4):
         mixed, targets = mixing(images, labels, seed=0, step=step, first_index=0)
-        np.random.seed(tu.step_seed(0, step))
+        np.random.seed(tr.step_seed(0, step))
         expected, expected_targets = timm_mixup(images.clone(), labels)
         torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6, msg=f"images at step {step}")
         torch.testing.assert_close(targets, expected_targets, rtol=0, atol=1e-6, msg=f"targets at step {step}")
@@ -592,7 +592,7 @@ def test_resume_after_stop_equals_uninterrupted_run(tmp_path):
     """Mixup/cutmix, random erasing, drop path, the T2T performers' dropout and the EMA on: all continue exactly."""
     assert train(*RESUME, "--output-dir", tmp_path / "straight") == 0
     assert train(*RESUME, "--stop-after", "2", "--output-dir", tmp_path / "stopped") == 0
-    assert tu.checkpoint_steps(tmp_path / "stopped" / "checkpoints") == [2]
+    assert tr.checkpoint_steps(tmp_path / "stopped" / "checkpoints") == [2]
     assert train(*RESUME, "--resume", "--output-dir", tmp_path / "stopped") == 0
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
     assert straight["step"] == resumed["step"] == 6

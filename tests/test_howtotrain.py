@@ -22,7 +22,7 @@ from PIL import Image
 
 import howtotrain_vit as recipe
 from common import augment, data
-from common import torch_utils as tu
+from common import torch_run as tr
 from common.runlog import read_log
 
 TINY = ["--data", "digits", "--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--depth", "2",
@@ -43,7 +43,7 @@ def train(*args) -> int:
 
 
 def final_state(run_dir: Path) -> dict:
-    return tu.load_checkpoint(tu.find_checkpoint(run_dir))
+    return tr.load_checkpoint(tr.find_checkpoint(run_dir))
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -108,15 +108,15 @@ def test_lr_schedule_matches_its_formula():
     kw = dict(peak_lr=1e-3, total_steps=1000, warmup_steps=100)
     for decay in ("cosine", "linear"):
         for step in (0, 1, 50, 99, 100, 101, 333, 550, 999, 1000):
-            assert tu.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(
+            assert tr.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(
                 big_vision_lr(step, 1e-3, 1000, 100, decay), rel=1e-6, abs=1e-9), (decay, step)  # optax: float32
     # Anchors computed by hand: warmup from 0, the peak at the end of warmup, half-way down, and 0 at the end.
-    assert tu.warmup_decay_lr(0, **kw) == 0.0
-    assert tu.warmup_decay_lr(25, **kw) == pytest.approx(2.5e-4)
-    assert tu.warmup_decay_lr(100, **kw) == pytest.approx(1e-3)
-    assert tu.warmup_decay_lr(550, **kw) == pytest.approx(5e-4)
-    assert tu.warmup_decay_lr(775, decay="linear", **kw) == pytest.approx(2.5e-4)
-    assert tu.warmup_decay_lr(1000, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert tr.warmup_decay_lr(0, **kw) == 0.0
+    assert tr.warmup_decay_lr(25, **kw) == pytest.approx(2.5e-4)
+    assert tr.warmup_decay_lr(100, **kw) == pytest.approx(1e-3)
+    assert tr.warmup_decay_lr(550, **kw) == pytest.approx(5e-4)
+    assert tr.warmup_decay_lr(775, decay="linear", **kw) == pytest.approx(2.5e-4)
+    assert tr.warmup_decay_lr(1000, **kw) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_weight_decay_and_lr_follow_the_paper_conventions():
@@ -171,9 +171,9 @@ def test_gradient_clipping_bounds_the_global_norm():
     torch.manual_seed(0)
     model = recipe.create_model(args.model, recipe.model_kwargs(args, 10), pre_logits=True, head_bias=-math.log(10))
     optimizer = recipe.make_optimizer(model, args, 1e-3, torch.device("cpu"))
-    env = tu.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    env = tr.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
     batch = {"image": torch.randn(8, 3, 16, 16), "label": torch.arange(8)}
-    metrics = recipe.train_step(model, optimizer, tu.grad_scaler(env.device, "fp32"), batch, 0, args, env, 10)
+    metrics = recipe.train_step(model, optimizer, tr.grad_scaler(env.device, "fp32"), batch, 0, args, env, 10)
     clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
     assert metrics["grad_norm"].item() > 0.01, "make the gradients larger than the clip for this test to mean anything"
     assert clipped == pytest.approx(0.01, rel=1e-4)
@@ -198,7 +198,7 @@ def test_digits_learns_beyond_chance(digits_run):
     assert evals[-1]["val_top1"] > 50, f"10 classes, chance is 10%: got {evals[-1]['val_top1']:.1f}%"
     config = json.loads((digits_run / "config.json").read_text())
     assert config["num_classes"] == 10 and config["class_names"] == [str(i) for i in range(10)]
-    assert tu.checkpoint_steps(digits_run / "best"), "the best checkpoint is kept"
+    assert tr.checkpoint_steps(digits_run / "best"), "the best checkpoint is kept"
 
 
 def test_logged_lr_follows_the_schedule(digits_run):
@@ -298,7 +298,7 @@ def test_resume_after_stop_equals_uninterrupted_run(tmp_path):
     worker, so that the loader's per-sample seeding cannot stand in for the train step's own RNG."""
     assert train(*RESUME, "--output-dir", tmp_path / "straight") == 0
     assert train(*RESUME, "--stop-after", "3", "--output-dir", tmp_path / "stopped") == 0
-    assert tu.checkpoint_steps(tmp_path / "stopped" / "checkpoints") == [3]
+    assert tr.checkpoint_steps(tmp_path / "stopped" / "checkpoints") == [3]
     assert train(*RESUME, "--resume", "--output-dir", tmp_path / "stopped") == 0
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
     assert straight["step"] == resumed["step"] == 8

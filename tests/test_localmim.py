@@ -23,7 +23,7 @@ from PIL import Image
 
 import localmim_freezeout as recipe
 from common import convert, data
-from common import torch_utils as tu
+from common import torch_run as tr
 from common.runlog import read_log
 
 ARCH = ["--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4", "--depth", "4", "--embed-dim", "32",
@@ -40,7 +40,7 @@ def run(*args) -> int:
 
 
 def final_state(run_dir: Path) -> dict:
-    return tu.load_checkpoint(tu.find_checkpoint(run_dir))
+    return tr.load_checkpoint(tr.find_checkpoint(run_dir))
 
 
 def assert_user_error(code: int, capsys, *words: str) -> None:
@@ -54,7 +54,7 @@ def assert_user_error(code: int, capsys, *words: str) -> None:
 
 def tiny_config(**overrides) -> dict:
     args = recipe.parse_args(["pretrain", *TINY])
-    config = recipe.pretrain_config(args, tu.DistEnv(0, 0, 1, torch.device("cpu")), None)
+    config = recipe.pretrain_config(args, tr.DistEnv(0, 0, 1, torch.device("cpu")), None)
     return {**config, **overrides}
 
 
@@ -204,7 +204,7 @@ def test_frozen_layers_never_change_and_get_no_gradient():
     torch.manual_seed(0)
     model = recipe.LocalMIM(config)
     optimizer = torch.optim.AdamW(recipe.freezeout_param_groups(model, plan, 0.05), lr=1e-2, betas=(0.9, 0.95))
-    scaler = tu.grad_scaler(torch.device("cpu"), "fp32")
+    scaler = tr.grad_scaler(torch.device("cpu"), "fp32")
     names = {name: plan.layer_of(name) for name, p in model.named_parameters() if p.requires_grad}
     units = [model.encoder.patch_embed, *model.encoder.blocks]
     grad_flags: list[bool] = []
@@ -265,7 +265,7 @@ def test_encoder_is_timms_vision_transformer():
     torch.testing.assert_close(reference(images), expected[:, 0])  # CLS features for kNN and the linear probe
 
     b16 = recipe.pretrain_config(recipe.parse_args(["pretrain", "--model", "MIM_vit_base_patch16"]),
-                                 tu.DistEnv(0, 0, 1, torch.device("cpu")), None)
+                                 tr.DistEnv(0, 0, 1, torch.device("cpu")), None)
     assert convert.timm_model_name(recipe.vit_kwargs(b16, num_classes=0)) == "vit_base_patch16_224"
     with torch.device("meta"):
         ours = recipe.LocalMIM(b16).encoder.state_dict()
@@ -299,8 +299,8 @@ def test_pretraining_lowers_the_loss_and_logs_freezeout(digits_run):
     assert config["freeze_steps"][-1] == config["total_steps"] == 4 * 44 and config["effective_batch"] == 32
     command = (digits_run / "command.txt").read_text()
     assert "localmim_freezeout.py pretrain" in command and "--freezeout" in command
-    assert tu.checkpoint_steps(digits_run / "epochs") == [2, 4]
-    assert tu.checkpoint_steps(digits_run / "checkpoints") == [176]
+    assert tr.checkpoint_steps(digits_run / "epochs") == [2, 4]
+    assert tr.checkpoint_steps(digits_run / "checkpoints") == [176]
 
 
 def knn_top1(source: str, out: Path) -> float:
@@ -490,7 +490,7 @@ def test_resume_after_stop_equals_uninterrupted_run(small_folder, tmp_path):
     args = [*short_run(small_folder), "--batch-size", "16"]
     assert run("pretrain", *args, "--output-dir", tmp_path / "straight") == 0
     assert run("pretrain", *args, "--stop-after", "4", "--output-dir", tmp_path / "stopped") == 0
-    assert tu.checkpoint_steps(tmp_path / "stopped" / "checkpoints") == [4]
+    assert tr.checkpoint_steps(tmp_path / "stopped" / "checkpoints") == [4]
     assert run("pretrain", *args, "--resume", "--output-dir", tmp_path / "stopped") == 0
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
     assert straight["step"] == resumed["step"] == 9
@@ -529,7 +529,7 @@ def test_non_finite_loss_stops_without_saving(small_folder, tmp_path, capsys, mo
     out = tmp_path / "run"
     code = run("pretrain", *short_run(small_folder), "--batch-size", "16", "--save-every", "1", "--output-dir", out)
     assert_user_error(code, capsys, "diverged")
-    assert tu.checkpoint_steps(out / "checkpoints") == [3], "epoch 1 (3 steps) is the last good checkpoint"
+    assert tr.checkpoint_steps(out / "checkpoints") == [3], "epoch 1 (3 steps) is the last good checkpoint"
     assert all(torch.isfinite(v).all() for v in final_state(out)["model"].values())
 
 

@@ -1,25 +1,25 @@
-"""common.torch_utils fast paths that must not change CPU runs: compile only on CUDA by default, cached constants."""
+"""common.torch_run fast paths that must not change CPU runs: compile only on CUDA by default, cached constants."""
 
 import numpy as np
 import pytest
 import torch
 
-from common import torch_utils as tu
+from common import torch_run as tr
 
 
 @pytest.mark.parametrize("flag,device,expected", [
     (None, "cuda", True), (None, "cpu", False), (False, "cuda", False), (True, "cpu", True)])
 def test_compile_is_on_by_default_with_cuda_only_and_the_flag_wins(flag, device, expected):
-    assert tu.wants_compile(flag, torch.device(device)) is expected, f"--compile {flag} on {device}"
+    assert tr.wants_compile(flag, torch.device(device)) is expected, f"--compile {flag} on {device}"
 
 
 def test_images_to_device_normalises_as_before_and_makes_its_constants_once():
     images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    got = tu.images_to_device(images, torch.device("cpu"), mean, std)
+    got = tr.images_to_device(images, torch.device("cpu"), mean, std)
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
     want = (x - torch.tensor(mean).view(1, -1, 1, 1) * 255.0) / (torch.tensor(std).view(1, -1, 1, 1) * 255.0)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    first = tu._normalisation_constants(torch.device("cpu"), mean, std)
-    tu.images_to_device(images, torch.device("cpu"), mean, std)
-    assert tu._normalisation_constants(torch.device("cpu"), mean, std)[0] is first[0], "constants made again"
+    first = tr._normalisation_constants(torch.device("cpu"), mean, std)
+    tr.images_to_device(images, torch.device("cpu"), mean, std)
+    assert tr._normalisation_constants(torch.device("cpu"), mean, std)[0] is first[0], "constants made again"

@@ -1,18 +1,43 @@
-"""PyTorch plumbing shared by the PyTorch recipes: torchrun/DDP setup, uint8 batches to device tensors, the
-warmup + decay learning-rate schedule, atomic checkpoints, FLOP counting and mixed precision.
+"""The PyTorch half of the run layer (`common.run` is the framework-free half): torchrun/DDP setup and wrapping,
+uint8 batches to device tensors, atomic checkpoints of model + optimizer + scaler + EMA, the verbs of a visible
+training loop (`Window`, `Preemption.stop_after`, `save`, `progress`), classification eval, the `--benchmark`
+skeleton, FLOP counting and mixed precision.
 
-Nothing here knows about one recipe. The JAX recipes use `common.dist`, `common.checkpoint` and
-`common.schedules` for the same jobs.
+A recipe's loop reads (howtotrain_vit.py, dvt.py, localmim_freezeout.py):
+
+    for step in tr.progress(start_step, total_steps, env):
+        batch = next(batches)
+        metrics = train_step(model, optimizer, scaler, batch, step)
+        window.add(torch.stack([metrics["loss_sum"], metrics["correct"], batch_skipped]))
+        done = step + 1
+        if run.due(done, args.log_interval, total_steps):
+            sums = window.totals(done, output_dir)            # one host sync; a NaN loss stops here
+            log.write(done, loss=..., img_per_sec=window.images_per_sec(batch_size))
+            window.reset()
+        stop = preemption.stop_after(done, start_step=start_step, stop_after=args.stop_after,
+                                     every=args.log_interval)
+        if run.due(done, eval_interval, total_steps) or stop:
+            results = evaluate(...) if run.due(done, eval_interval, total_steps) else {}
+            tr.save(output_dir, done, env, model=model, optimizer=optimizer, scaler=scaler, eval_metrics=results,
+                    extra={"best_top1": best_top1, "log_window": window.state(), "config": config})
+        if stop: break
+
+Nothing here knows about one recipe. The JAX recipes use `common.dist`, `common.checkpoint` and `common.loop` for
+the same jobs.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import re
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,9 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import torch.nn.functional as F
 from torch import nn
 
-from common import UserError, run, runtime
+from common import UserError, data, run, runtime
 
 # ----------------------------------------------------------------------------------------------
 # Processes: torchrun / DDP over one or many nodes, or a single process
@@ -400,3 +426,208 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """Loss scaling for fp16 on GPUs; a disabled scaler (a pass-through) otherwise."""
     return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision == "fp16")
+
+
+# ----------------------------------------------------------------------------------------------
+# The verbs of a training loop; the loop itself stays in the recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def add_launcher_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that launchers pass and a recipe takes without using: `python -m torch.distributed.launch` appends
+    `--local-rank=N` (`--local_rank` before torch 2.0); the rank comes from the environment (LOCAL_RANK), as torchrun
+    sets it."""
+    parser.add_argument("--local-rank", "--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def wrap(model: nn.Module, env: DistEnv, *, compile_model: bool, static_graph: bool = False,
+         broadcast_buffers: bool = True) -> nn.Module:
+    """DDP over the processes (gradient buckets as views: no copy of the gradients), then torch.compile when asked.
+    `static_graph`: every parameter is used in every step, so DDP may skip the search for unused ones."""
+    if env.distributed:
+        device_ids = [env.device] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
+                                                    static_graph=static_graph, broadcast_buffers=broadcast_buffers)
+    return torch.compile(model) if compile_model else model
+
+
+def train_batches(data_source: str, transform: Callable, env: DistEnv, *, global_batch: int, seed: int,
+                  start_step: int, workers: int, image_size: int, num_classes: int, mean: tuple[float, ...],
+                  std: tuple[float, ...], repeats: int = 1) -> Iterator[dict]:
+    """This process's shard of each global training batch, on the device (`common.data.train_batches`: batch k
+    depends on (seed, k) only, so a resumed run continues the sequence). `synthetic` repeats one device-made batch."""
+    if data.describe(data_source).source == "synthetic":
+        fixed = synthetic_batch(global_batch // env.world_size, image_size, num_classes, env.device, seed + env.rank,
+                                mean, std)
+        return iter(lambda: fixed, None)
+    host_batches = data.train_batches(data_source, transform, global_batch=global_batch, seed=seed, repeats=repeats,
+                                      start_step=start_step, workers=workers, process_index=env.rank,
+                                      process_count=env.world_size)
+    return batches_to_device(host_batches, env.device, mean, std)
+
+
+def progress(start_step: int, total_steps: int, env: DistEnv, desc: str = "train") -> Iterator[int]:
+    """The steps still to train, with a tqdm bar on the main process (on stderr)."""
+    from tqdm import tqdm
+
+    return tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=desc,
+                disable=not env.is_main or None, dynamic_ncols=True, file=sys.stderr)
+
+
+class Window:
+    """Sums since the last log record (losses, hit counts, images skipped: whatever the recipe adds), kept on the
+    device so that a step needs no host sync, and saved in checkpoints (`state`) so that a run resumed between two
+    records logs what the uninterrupted run logs."""
+
+    def __init__(self, zeros: torch.Tensor, saved: Mapping[str, Any] | None = None):
+        saved = saved or {}
+        self.sums = saved.get("sums", zeros).to(zeros.device)
+        self.steps = saved.get("steps", 0)
+        self.start = time.perf_counter()
+
+    def add(self, values: torch.Tensor) -> None:
+        """One step's contribution (same shape as the sums)."""
+        self.sums = self.sums + values
+        self.steps += 1
+
+    def totals(self, step: int, output_dir: str | os.PathLike) -> torch.Tensor:
+        """The sums over all processes (one host sync). A non-finite sum (a NaN or inf loss in the window) is a
+        UserError that leaves the last checkpoint alone (`common.run.check_finite_loss`)."""
+        sums = all_reduce_sum(self.sums.clone())
+        run.check_finite_loss(sums.flatten().tolist(), step, Path(output_dir) / "checkpoints")
+        return sums
+
+    def images_per_sec(self, global_batch: int) -> float:
+        """Training images per second since the window started (time spent in `paused` blocks excluded)."""
+        return self.steps * global_batch / max(time.perf_counter() - self.start, 1e-9)
+
+    def reset(self) -> None:
+        self.sums = torch.zeros_like(self.sums)
+        self.steps, self.start = 0, time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside the block (evaluation, a checkpoint) does not count towards img/s."""
+        start = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - start
+
+    def state(self) -> dict[str, Any]:
+        """For a checkpoint; call on every process (an all-reduce): `sums_for_checkpoint`."""
+        return {"sums": sums_for_checkpoint(self.sums), "steps": self.steps}
+
+
+class Preemption(runtime.Preemption):
+    """SIGTERM as a stop request (`common.runtime.Preemption`), plus --stop-after. Over several processes they must
+    stop at the same step, so truth is agreed by an all-reduce, asked only every `every` steps (a host sync)."""
+
+    def __init__(self, env: DistEnv):
+        super().__init__()
+        self.env = env
+
+    def stop_after(self, done: int, *, start_step: int, stop_after: int | None, every: int) -> bool:
+        """Whether to save and stop after step `done`: --stop-after N steps of this run, or SIGTERM."""
+        if run.stopping(stop_after, start_step, done):
+            return True
+        if not self.env.distributed:
+            return self.requested
+        if done % every:
+            return False
+        return all_reduce_sum(torch.tensor(float(self.requested), device=self.env.device)).item() > 0
+
+
+def save(output_dir: str | os.PathLike, step: int, env: DistEnv, *, model: nn.Module,
+         optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None, ema: nn.Module | None = None,
+         eval_metrics: dict | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """`output_dir/checkpoints/<step>.pt`: model, optimizer, scaler and EMA state plus `extra` (config, best metric,
+    the log window...). A diverged state (non-finite or blown-up weights or optimizer state, a non-finite eval loss)
+    is refused first, so the previous checkpoint stays. Call on every process (collectives); rank 0 writes."""
+    folder = Path(output_dir) / "checkpoints"
+    plain = unwrap(model)
+    check_savable(step, plain, optimizer, ema, eval_metrics=eval_metrics, output_dir=folder)
+    if env.is_main:
+        save_checkpoint(folder, step, {
+            "model": plain.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "ema": ema.state_dict() if ema is not None else None, "step": step, **(extra or {})})
+    barrier()
+    return folder / f"{step}.pt"
+
+
+def restore(state: Mapping[str, Any], output_dir: str | os.PathLike, *, model: nn.Module,
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None,
+            ema: nn.Module | None = None) -> None:
+    """Load a checkpoint written by `save` into the run's objects (the model's names and shapes checked first)."""
+    check_state_dict(model, state["model"], str(Path(output_dir) / "checkpoints" / f"{state['step']}.pt"))
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, batches: Iterator[dict], env: DistEnv, *, precision: str,
+                        per_sample_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                        prefix: str = "val", all_reduce: bool = True) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 (percent) over device batches whose padding rows carry label -1, summed over the
+    processes (`all_reduce`; False when every process evaluated the whole split). `per_sample_loss(logits, labels)`
+    defaults to cross-entropy. {} when there was nothing to evaluate."""
+    per_sample_loss = per_sample_loss or (lambda logits, labels: F.cross_entropy(logits, labels, reduction="none"))
+    model.eval()
+    sums = torch.zeros(4, device=env.device)  # images, loss, top-1, top-5
+    for batch in batches:
+        labels = batch["label"]
+        valid = labels >= 0
+        with autocast(env.device, precision):
+            logits = model(batch["image"]).float()
+        losses = per_sample_loss(logits, labels.clamp(min=0))
+        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
+        sums += torch.stack([valid.sum(), (losses * valid).sum(), (hits[:, 0] & valid).sum(),
+                             (hits.any(-1) & valid).sum()]).float()
+    model.train()
+    count, loss, top1, top5 = (all_reduce_sum(sums) if all_reduce else sums).tolist()
+    if count == 0:
+        return {}
+    return {f"{prefix}_loss": loss / count, f"{prefix}_top1": 100 * top1 / count, f"{prefix}_top5": 100 * top5 / count,
+            f"{prefix}_images": int(count)}
+
+
+def benchmark(step: Callable[[dict | None], torch.Tensor], env: DistEnv, *, steps: int, global_batch: int,
+              train_flops_per_image: float, real_batches: Iterator[dict] | None = None,
+              **report: Any) -> dict[str, Any]:
+    """Time `steps` calls of `step(batch)` (a train step; None: on the recipe's device-made batch; it returns a
+    tensor to wait on) after a first call (compile) and 3 warm-up calls; with `real_batches` (the input pipeline on
+    real data) also `steps` calls fed from it, as end_to_end_img_per_sec (lower than img_per_sec: input-bound).
+    Prints one JSON line, img/s, step time, peak memory and MFU, `report` first, img_per_sec last of the speeds."""
+    def timed(calls: int, batches: Iterator[dict] | None = None) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = step(next(batches) if batches is not None else None)
+        out.float().sum().item()  # waits for the device
+        return time.perf_counter() - start
+
+    first_step = timed(1)
+    timed(3)  # warm up
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
+    step_time = timed(steps) / steps
+    images_per_sec = global_batch / step_time
+    end_to_end = {}
+    if real_batches is not None:
+        timed(3, real_batches)  # warm up: workers starting, first decodes
+        end_to_end["end_to_end_img_per_sec"] = round(global_batch * steps / timed(steps, real_batches), 1)
+        real_batches.close()  # shuts the loader workers down
+    cuda = env.device.type == "cuda"
+    peak = peak_flops(env.device)
+    result = {**report, "batch_size": global_batch, "processes": env.world_size,
+              "device": torch.cuda.get_device_name(env.device) if cuda else "cpu", **end_to_end,
+              "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
+              "first_step_s": round(first_step, 1),
+              "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2) if cuda else None,
+              "train_gflops_per_img": float(f"{train_flops_per_image / 1e9:.4g}"),
+              "mfu": round(train_flops_per_image * images_per_sec / (peak * env.world_size), 3) if peak else None}
+    if env.is_main:
+        print(json.dumps(result))
+    return result
