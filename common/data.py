@@ -3,7 +3,7 @@
 One `--data` string picks the source:
     synthetic                  random batches made on the device by the recipe (only `describe` answers here)
     digits                     scikit-learn's 1797 8x8 handwritten digits, upscaled to 32x32 RGB (offline)
-    cifar10, cifar100          torchvision's python-pickle format in $VIT_RECIPES_DATA or ~/.cache/vit-recipes
+    cifar10, cifar100          torchvision's CIFAR10/100 (python version) in $VIT_RECIPES_DATA or ~/.cache/vit-recipes
     /path/to/imagenet          ImageNet layout: train/<class>/<image>, optionally val/<class>/<image>
     /path/to/shards            webdataset shards + info.json written by scripts/make_shards.py (a URL prefix works too)
     'train-{000000..000099}.tar', 'pipe:...', URLs of .tar shards: raw webdataset shards (train only, give num_classes)
@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -238,42 +237,28 @@ def _digits_splits() -> tuple[_ArraySplit, _ArraySplit, list[str]]:
             _ArraySplit(images[val], digits.target[val], "digits/val"), [str(i) for i in range(10)])
 
 
-# torchvision's on-disk layout of the CIFAR python versions.
-_CIFAR = {
-    "cifar10": dict(folder="cifar-10-batches-py", train=[f"data_batch_{i}" for i in range(1, 6)],
-                    val=["test_batch"], meta="batches.meta", names="label_names", labels="labels"),
-    "cifar100": dict(folder="cifar-100-python", train=["train"], val=["test"], meta="meta",
-                     names="fine_label_names", labels="fine_labels"),
-}
-
-
 def _cifar_splits(name: str, root: Path) -> tuple[_ArraySplit, _ArraySplit, list[str]]:
-    """Read the python-pickle batches directly (no md5 check, so a locally made file of the format works);
-    download with torchvision when the folder is absent."""
-    layout = _CIFAR[name]
-    folder = root / layout["folder"]
-    if not folder.is_dir():
-        import torchvision
+    """torchvision's CIFAR10/CIFAR100 under `root` (downloaded there when absent). The md5 of the official files is
+    checked when torchvision downloads the archive, not on every load, so a locally made file of the format works."""
+    import torchvision
 
-        dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    official = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+
+    class Cifar(official):  # no md5 per file (None: present is enough); the downloaded archive's is still checked
+        train_list = [[filename, None] for filename, _ in official.train_list]
+        test_list = [[filename, None] for filename, _ in official.test_list]
+        meta = dict(official.meta, md5=None)
+
+    def split(train: bool) -> torchvision.datasets.CIFAR10:
         try:
-            dataset_class(str(root), train=True, download=True)
+            return Cifar(str(root), train=train, download=True)
         except Exception as e:  # offline, disk full, ...
-            raise UserError(f"{name} is not in {folder} and could not be downloaded ({e}); set "
-                            "VIT_RECIPES_DATA to a folder that holds it") from None
+            raise UserError(f"{name} is not in {root} and could not be downloaded ({e}); set VIT_RECIPES_DATA to a "
+                            "folder that holds it") from None
 
-    def read(filename: str) -> dict:
-        with open(folder / filename, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-
-    def split(filenames: list[str], tag: str) -> _ArraySplit:
-        batches = [read(f) for f in filenames]
-        images = np.concatenate([np.asarray(b["data"], np.uint8).reshape(-1, 3, 32, 32) for b in batches])
-        labels = np.concatenate([np.asarray(b[layout["labels"]]) for b in batches])
-        return _ArraySplit(images.transpose(0, 2, 3, 1).copy(), labels, f"{name}/{tag}")
-
-    class_names = list(read(layout["meta"])[layout["names"]])
-    return split(layout["train"], "train"), split(layout["val"], "val"), class_names
+    train, val = split(True), split(False)
+    return (_ArraySplit(train.data, np.asarray(train.targets), f"{name}/train"),
+            _ArraySplit(val.data, np.asarray(val.targets), f"{name}/val"), list(train.classes))
 
 
 def _splits(kind: str, data: str):

@@ -325,3 +325,26 @@ def test_cifar10_from_a_local_pickle_file(tmp_path, monkeypatch):
     test = batches["test_batch"]
     np.testing.assert_array_equal(batch["image"], test["data"].reshape(4, 3, 32, 32).transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(batch["label"], test["labels"])
+
+
+def test_cifar100_from_a_local_pickle_file(tmp_path, monkeypatch):
+    """cifar100 through torchvision's CIFAR100: fine labels, the fine class names, the test split as val."""
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    splits = {name: {"data": rng.integers(0, 256, (rows, 3072), dtype=np.uint8),
+                     "fine_labels": rng.integers(0, 100, rows).tolist(),
+                     "coarse_labels": rng.integers(0, 20, rows).tolist()} for name, rows in (("train", 6), ("test", 2))}
+    for name, split in splits.items():
+        with open(folder / name, "wb") as f:
+            pickle.dump(split, f)
+    names = [f"class{i:02d}" for i in range(100)]
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": names, "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
+    monkeypatch.setenv("VIT_RECIPES_DATA", str(tmp_path))
+
+    assert data.describe("cifar100") == data.DataSpec(100, 6, 2, names, "cifar100")
+    (batch,) = data.eval_batches("cifar100", augment.eval_transform(32, crop_ratio=1.0), global_batch=2, workers=0)
+    test = splits["test"]
+    np.testing.assert_array_equal(batch["image"], test["data"].reshape(2, 3, 32, 32).transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(batch["label"], test["fine_labels"])
