@@ -31,7 +31,8 @@ TRAINING_COMMANDS = {"deit3_jax.py": [[]], "deit_jax.py": [[]],
                      "howtotrain_vit.py": [["train"]], "dvt.py": [["train"]],
                      "localmim_freezeout.py": [["pretrain"], ["finetune"], ["linprobe"]]}
 CANONICAL = ("--data --output-dir --resume --stop-after --seed --workers --model --image-size --batch-size "
-             "--grad-accum --epochs --warmup-epochs --training-steps --lr --lr-ref-batch --min-lr --weight-decay --drop-path "
+             "--grad-accum --epochs --warmup-epochs --training-steps --lr --lr-ref-batch --min-lr --weight-decay "
+             "--drop-path "
              "--auto-augment --mixup --cutmix --label-smoothing --random-erasing --test-crop-ratio --precision "
              "--benchmark --benchmark-input --eval-only --wandb --tensorboard").split()
 # Canonical flags a script does not have, each because its recipe has no such thing.
