@@ -25,10 +25,10 @@ from common import augment, data
 from common import torch_run as tr
 from common.runlog import read_log
 
-TINY = ["--data", "digits", "--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--depth", "2",
-        "--embed-dim", "32", "--num-heads", "2", "--workers", "0", "--batch-size", "32", "--eval-batch-size", "120",
-        "--log-interval", "1", "--augreg", "none", "--random-crop", "none", "--hflip", "0", "--test-crop-ratio", "1",
-        "--lr-scaling", "none"]
+TINY = ["--data", "digits", "--model", "vit_tiny_patch16_224", "--image-size", "16", "--patch-size", "4",
+        "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--workers", "0", "--batch-size", "32",
+        "--eval-batch-size", "120", "--log-interval", "1", "--augreg", "none", "--random-crop", "none", "--hflip", "0",
+        "--test-crop-ratio", "1", "--lr-scaling", "none"]
 
 # The paper's augmentation levels (§3.3; big_vision configs/vit_i1k.py): (RandAugment layers, magnitude, mixup alpha).
 PAPER_AUGREG = {"none": (0, 0, 0.0), "light1": (2, 0, 0.0), "light2": (2, 10, 0.2), "medium1": (2, 15, 0.2),
@@ -108,15 +108,15 @@ def test_lr_schedule_matches_its_formula():
     kw = dict(peak_lr=1e-3, total_steps=1000, warmup_steps=100)
     for decay in ("cosine", "linear"):
         for step in (0, 1, 50, 99, 100, 101, 333, 550, 999, 1000):
-            assert tr.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(
+            assert recipe.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(
                 big_vision_lr(step, 1e-3, 1000, 100, decay), rel=1e-6, abs=1e-9), (decay, step)  # optax: float32
     # Anchors computed by hand: warmup from 0, the peak at the end of warmup, half-way down, and 0 at the end.
-    assert tr.warmup_decay_lr(0, **kw) == 0.0
-    assert tr.warmup_decay_lr(25, **kw) == pytest.approx(2.5e-4)
-    assert tr.warmup_decay_lr(100, **kw) == pytest.approx(1e-3)
-    assert tr.warmup_decay_lr(550, **kw) == pytest.approx(5e-4)
-    assert tr.warmup_decay_lr(775, decay="linear", **kw) == pytest.approx(2.5e-4)
-    assert tr.warmup_decay_lr(1000, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert recipe.warmup_decay_lr(0, **kw) == 0.0
+    assert recipe.warmup_decay_lr(25, **kw) == pytest.approx(2.5e-4)
+    assert recipe.warmup_decay_lr(100, **kw) == pytest.approx(1e-3)
+    assert recipe.warmup_decay_lr(550, **kw) == pytest.approx(5e-4)
+    assert recipe.warmup_decay_lr(775, decay="linear", **kw) == pytest.approx(2.5e-4)
+    assert recipe.warmup_decay_lr(1000, **kw) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_weight_decay_and_lr_follow_the_paper_conventions():
@@ -334,7 +334,7 @@ GRID = {"ti16": ("vit_tiny_patch16_224", "light1"), "s32": ("vit_small_patch32_2
         "s16": ("vit_small_patch16_224", "medium2"), "b32": ("vit_base_patch32_224", "medium2"),
         "b16": ("vit_base_patch16_224", "medium2"), "l16": ("vit_large_patch16_224", "medium2")}
 PAPER = dict(epochs=300, batch_size=4096, lr=1e-3, lr_ref_batch=4096, weight_decay=1e-4, clip_grad=1.0,
-             warmup_steps=10_000, decay="cosine", loss="sigmoid", label_smoothing=0.0, reg=0.0, img_size=224,
+             warmup_steps=10_000, decay="cosine", loss="sigmoid", label_smoothing=0.0, reg=0.0, image_size=224,
              random_crop="rrc", hflip=0.5, test_crop_ratio=0.875, pre_logits=True, adam_b1=0.9, adam_b2=0.999)
 ROWS = {f"in1k_{short}_{level}_300ep": dict(PAPER, model=model, augreg=level) for short, (model, level) in GRID.items()}
 ROWS["imagenet_36ep"] = dict(PAPER, model="vit_small_patch16_224", augreg="medium2", epochs=36, batch_size=256)
