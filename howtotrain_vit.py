@@ -89,7 +89,7 @@ AUGREG_LEVELS = {
     "strong2": AugLevel(2, 20, 0.8),
 }
 PAPER_REG_RATE = 0.1  # paper §3: dropout 0.1 and stochastic depth 0.1 together, or neither
-MIXUP_SWITCH = "level"  # bare --mixup (the study's switch): the level's alpha, else the paper's smallest, 0.2
+MIXUP_SWITCH = object()  # bare --mixup (the study's switch): the level's alpha, else the paper's least, 0.2
 MEAN = STD = (0.5, 0.5, 0.5)  # big_vision value_range(-1, 1)
 PAPER_BATCH = 4096  # paper §3 ("Pre-training"): the batch at which the paper gives lr 1e-3
 
@@ -237,7 +237,7 @@ def resolve_train_args(args: argparse.Namespace) -> None:
             if args.augreg == "light0" else ""
         raise UserError(f"unknown --augreg level {args.augreg!r}; choose one of {', '.join(AUGREG_LEVELS)}{note}")
     level = AUGREG_LEVELS[args.augreg]
-    if args.mixup == MIXUP_SWITCH:
+    if args.mixup is MIXUP_SWITCH:
         args.mixup = level.mixup or AUGREG_LEVELS["light2"].mixup
     for name in ("randaug_layers", "randaug_magnitude", "mixup"):
         if getattr(args, name) is None:
@@ -253,11 +253,18 @@ def resolve_train_args(args: argparse.Namespace) -> None:
         raise UserError("RandAugment layers and magnitude and the mixup alpha must be >= 0")
     if args.mlp_dim is not None and args.embed_dim is None:
         raise UserError("--mlp-dim needs --embed-dim (timm sizes the MLP as a ratio of the width)")
-    if isinstance(args.resume, str):  # the study's --resume PATH: this run's folder or a checkpoint in it
-        out, path = Path(args.output_dir).resolve(), Path(args.resume).resolve()
-        if path != out and out not in path.parents:
-            raise UserError(f"--resume {args.resume} is not in --output-dir {args.output_dir}: give the run folder "
-                            "(or a checkpoint in it) as --output-dir")
+    if isinstance(args.resume, str):
+        check_resume_path(args.resume, Path(args.output_dir), eval_only=args.eval_only)
+
+
+def check_resume_path(resume: str, output_dir: Path, *, eval_only: bool) -> None:
+    """The study's --resume PATH: this run's folder or its last checkpoint (with --eval-only, any checkpoint of it)."""
+    out, path = output_dir.resolve(), Path(resume).resolve()
+    if path != out and out not in path.parents:
+        raise UserError(f"--resume {resume} is not in --output-dir {output_dir}: give the run folder (or a "
+                        "checkpoint in it) as --output-dir")
+    if not eval_only and tr.find_checkpoint(path) != tr.find_checkpoint(out):
+        raise UserError(f"--resume {resume}: a run continues from its last checkpoint, {tr.find_checkpoint(out)}")
 
 
 def randaug_policy(layers: int, magnitude: int) -> str | None:
@@ -289,6 +296,7 @@ def model_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
     if args.mlp_dim is not None:
         kwargs["mlp_ratio"] = args.mlp_dim / args.embed_dim
     return kwargs
+
 
 def create_model(name: str, kwargs: dict[str, Any], *, pre_logits: bool, head_bias: float) -> nn.Module:
     try:
@@ -472,10 +480,6 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     state = None if args.benchmark else tr.start_run(out, resume=bool(args.resume), recipe=config["trained_by"],
                                                      settings=vars(args))
     if state:
-        if isinstance(args.resume, str) and tr.find_checkpoint(args.resume).resolve() != \
-                (out / "checkpoints" / f"{state['step']}.pt").resolve():
-            raise UserError(f"--resume {args.resume}: a run continues from its last checkpoint, "
-                            f"{out / 'checkpoints' / str(state['step'])}.pt")
         tr.restore(state, out, model=model, optimizer=optimizer, scaler=scaler)
         start_step, best_top1, saved_window = state["step"], state["best_top1"], state["log_window"]
     # Every parameter is used in every step (drop path scales, it does not skip): a static graph. DDP's static_graph
