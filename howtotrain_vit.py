@@ -124,7 +124,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dummy", dest="data", action="store_const", const="synthetic", default=argparse.SUPPRESS,
                    help="= --data synthetic")
     g.add_argument("--output-dir", "-o", "--output_parent_dir", default="runs/howtotrain",
-                   help="the run folder: config.json, log.jsonl and checkpoints go here")
+                   help="the run folder: config.json, log.jsonl and checkpoints go here (the study's "
+                        "--output_parent_dir names this folder itself, not a parent of dated runs)")
     g.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
                    help="continue from the last checkpoint in --output-dir; PATH, if given, must be that folder or "
                         "its last checkpoint")
@@ -155,7 +156,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-a", "--arch", default="vit_small_patch16_224",
                    help="a timm model name, a paper name (" + " ".join(PAPER_MODELS) + ") or the study's "
                         "lucidrain_vit")
-    g.add_argument("--image-size", "--img-size", "--image_size", type=int, default=224)
+    g.add_argument("--image-size", "--img-size", "--image_size", type=int, default=224, help="train resolution")
     g.add_argument("--patch-size", "--patch_size", type=int, help="override the model's patch size")
     g.add_argument("--depth", type=int, help="override the model's number of blocks")
     g.add_argument("--embed-dim", "--dim", type=int, help="override the model's width")
@@ -326,6 +327,16 @@ def build_model(config: dict[str, Any]) -> nn.Module:
     """The model of a run, from its config (train and predict both use this)."""
     return create_model(config["model"], config["model_kwargs"], pre_logits=config["pre_logits"],
                         head_bias=head_bias(config["loss"], config["num_classes"]))
+
+
+def load_trained(path: str | Path, subdirs: tuple[str, ...] = ("checkpoints",)) -> tuple[nn.Module, dict, Path]:
+    """The model of a run (a folder, looked up in `subdirs`, or a checkpoint file) with the checkpoint's weights, the
+    checkpoint (its config, step) and its file: --eval-only and predict."""
+    state, file = tr.load_run_checkpoint(path, SCRIPT, subdirs=subdirs)
+    model = build_model(state["config"])
+    tr.check_state_dict(model, state["model"], str(file))
+    model.load_state_dict(state["model"])
+    return model, state, file
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device: torch.device) -> torch.optim.AdamW:
@@ -562,12 +573,9 @@ def evaluate(model: nn.Module, args: argparse.Namespace, env: tr.DistEnv, config
 def evaluate_run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     """--eval-only: the run's last checkpoint (or --resume PATH) on --data's val split, one log record and one JSON
     line; config.json and the checkpoints stay as they are."""
-    state, path = tr.load_run_checkpoint(args.resume if isinstance(args.resume, str) else args.output_dir, SCRIPT)
+    model, state, path = load_trained(args.resume if isinstance(args.resume, str) else args.output_dir)
     config = state["config"]
     data.describe(args.data, num_classes=config["num_classes"])  # the run's classes, or an error: line
-    model = build_model(config)
-    tr.check_state_dict(model, state["model"], str(path))
-    model.load_state_dict(state["model"])
     results = evaluate(model.to(env.device), args, env, config)
     log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard, main=env.is_main)
     with contextlib.closing(log):
@@ -673,11 +681,8 @@ def class_names(config: dict, labels_file: str | None) -> list[str]:
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
     """Print one line per image: path, then the top-k (class name, softmax probability) pairs, tab-separated."""
-    state, path = tr.load_run_checkpoint(args.checkpoint, SCRIPT, subdirs=("best", "checkpoints"))
+    model, state, _ = load_trained(args.checkpoint, subdirs=("best", "checkpoints"))
     config = state["config"]
-    model = build_model(config)
-    tr.check_state_dict(model, state["model"], str(path))
-    model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     names = class_names(config, args.labels_file)
