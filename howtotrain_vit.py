@@ -541,6 +541,7 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
                         best_top1 = max(best_top1, results["val_top1"])
                         log.write(done, **results, best_top1=best_top1, epoch=epoch)
                         run.say(run.eval_line(done, results), main=env.is_main)
+                    window.totals(done, out)  # a NaN loss since the last log record: stop, save nothing
                     tr.save(out, done, env, model=model, optimizer=optimizer, scaler=scaler, eval_metrics=results,
                             extra={"best_top1": best_top1, "config": config, "log_window": window.state()})
                     if env.is_main and results and results["val_top1"] >= best_top1:  # predict's weights
@@ -577,9 +578,10 @@ def evaluate_run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     config = state["config"]
     data.describe(args.data, num_classes=config["num_classes"])  # the run's classes, or an error: line
     results = evaluate(model.to(env.device), args, env, config)
-    log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard, main=env.is_main)
-    with contextlib.closing(log):
-        log.write(state["step"], **results)
+    if results:  # (synthetic data has no val split)
+        with contextlib.closing(RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                                       main=env.is_main)) as log:
+            log.write(state["step"], **results)
     if env.is_main:
         print(json.dumps(dict(results, step=state["step"], checkpoint=str(path))))
     return results
