@@ -3,8 +3,16 @@ in PyTorch with timm's ViTs.
 
     python howtotrain_vit.py train --model vit_base_patch16_224 --augreg medium2 --data /path/to/imagenet
     torchrun --nproc_per_node=8 howtotrain_vit.py train ...              # DDP; add --nnodes/--rdzv-* for many nodes
+    python howtotrain_vit.py train --output-dir RUN --eval-only         # evaluate a run's last checkpoint
     python howtotrain_vit.py history runs/howtotrain/in1k_b16_medium2_300ep   # loss / accuracy / lr curves -> PNG
     python howtotrain_vit.py predict runs/howtotrain/in1k_b16_medium2_300ep photos/   # top-k labels
+
+The PyTorch study of the paper that users start from (an extension of the PyTorch ImageNet example) runs unchanged:
+    python howtotrain_vit.py train --data DIR --arch lucidrain_vit --epochs 36 --batch-size 256 \
+        --output_parent_dir OUT --mixup
+with its spellings (-a/--arch, -o/--output_parent_dir, -j, -b, --wd, --warmup_period, --randaug_num_ops, -e,
+--dummy, --resume PATH, and vit-pytorch's --dim --heads --mlp_dim ...) as aliases of this recipe's flags; everything
+it does not set is the paper's recipe, not the study's defaults.
 
 The recipe in one paragraph (paper §3, and its official config big_vision/configs/vit_i1k.py): a plain ViT
 (class token, learnable position embedding, a tanh pre-logits layer, zero-initialised head) trained with Adam
@@ -14,8 +22,8 @@ inception crop + flip, and "AugReg": RandAugment and mixup at one of seven level
 dropout 0.1 and stochastic depth 0.1 (`--reg`). The paper's grid points are full command lines in
 `scripts/howtotrain/`.
 
-File order: flags and presets, model, data, loss and train step, loop, evaluation, benchmark, history, predict,
-main.
+File order: flags and presets, model and optimizer, data, loss and train step, the loop, evaluation, benchmark,
+history, predict, main.
 """
 
 from __future__ import annotations
@@ -26,9 +34,7 @@ import contextlib
 import json
 import math
 import sys
-import time
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,12 +46,13 @@ from PIL import Image
 from timm.layers import lecun_normal_
 from timm.optim import param_groups_weight_decay
 from torch import nn
-from tqdm import tqdm
 
-from common import UserError, augment, data, runtime
+from common import UserError, augment, data, run
 from common import torch_run as tr
-from common.run import ArgumentParser, check_finite_loss, exit_status, run_record
+from common.run import ArgumentParser, check_positive, exit_status, run_record
 from common.runlog import RunLog, plot_runs, read_log
+
+SCRIPT = "howtotrain_vit.py"
 
 # ----------------------------------------------------------------------------------------------
 # Flags and presets.
@@ -57,6 +64,12 @@ PAPER_MODELS = {
     "B/32": "vit_base_patch32_224", "B/16": "vit_base_patch16_224", "L/16": "vit_large_patch16_224",
     "R+Ti/16": "vit_tiny_r_s16_p8_224", "R26+S/32": "vit_small_r26_s32_224", "R50+L/32": "vit_large_r50_s32_224",
 }
+# The PyTorch study's default `--arch lucidrain_vit`, vit-pytorch's ViT(patch_size=16, dim=1024, depth=6, heads=16,
+# mlp_dim=2048, dropout=0.1, emb_dropout=0.1), as a timm ViT and the flags that reshape it (each overridable). Its
+# head stays this recipe's (pre-logits, zero init); vit-pytorch also drops attention weights, which neither the
+# paper nor this recipe does.
+PORT_MODELS = {"lucidrain_vit": ("vit_large_patch16_224", dict(patch_size=16, embed_dim=1024, depth=6, num_heads=16,
+                                                               mlp_dim=2048, dropout=0.1, emb_dropout=0.1))}
 
 
 class AugLevel(NamedTuple):
@@ -76,14 +89,14 @@ AUGREG_LEVELS = {
     "strong2": AugLevel(2, 20, 0.8),
 }
 PAPER_REG_RATE = 0.1  # paper §3: dropout 0.1 and stochastic depth 0.1 together, or neither
-
+MIXUP_SWITCH = object()  # bare --mixup (the study's switch): the level's alpha, else the paper's least, 0.2
 MEAN = STD = (0.5, 0.5, 0.5)  # big_vision value_range(-1, 1)
 PAPER_BATCH = 4096  # paper §3 ("Pre-training"): the batch at which the paper gives lr 1e-3
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="How to train your ViT? (Steiner et al. 2021), in PyTorch",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_flags(commands.add_parser("train", help="train a ViT", description="train a ViT the AugReg way",
                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
@@ -103,12 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_train_flags(p: argparse.ArgumentParser) -> None:
     # Defaults: the 36-epoch ImageNet-1k run at batch 256 that users of the PyTorch study start from; everything
-    # else is the paper's. scripts/howtotrain/ holds the paper's 300-epoch, batch-4096 grid points.
+    # else is the paper's. scripts/howtotrain/ holds the paper's 300-epoch, batch-4096 grid points. The second
+    # spellings are the study's (and the PyTorch ImageNet example's).
     g = p.add_argument_group("run")
     g.add_argument("--data", default="digits",
                    help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
-    g.add_argument("--output-dir", default="runs/howtotrain", help="config.json, log.jsonl and checkpoints go here")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--dummy", dest="data", action="store_const", const="synthetic", default=argparse.SUPPRESS,
+                   help="= --data synthetic")
+    g.add_argument("--output-dir", "-o", "--output_parent_dir", default="runs/howtotrain",
+                   help="the run folder: config.json, log.jsonl and checkpoints go here (the study's "
+                        "--output_parent_dir names this folder itself, not a parent of dated runs)")
+    g.add_argument("--resume", nargs="?", const=True, default=False, metavar="PATH",
+                   help="continue from the last checkpoint in --output-dir; PATH, if given, must be that folder or "
+                        "its last checkpoint")
+    g.add_argument("--eval-only", "-e", "--evaluate", action="store_true",
+                   help="evaluate the run's last checkpoint (or --resume PATH, a checkpoint of the run) on the val "
+                        "split, print and log the metrics, train nothing")
     g.add_argument("--stop-after", type=int, default=0,
                    help="save and exit after this many steps of this invocation (0: run to the end); for job time "
                         "limits, continue with --resume")
@@ -117,7 +140,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--benchmark-input", action="store_true",
                    help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
                         "batches, print JSON and exit")
-    g.add_argument("--workers", type=int, default=tr.default_workers(), help="data loader processes per process")
+    g.add_argument("--workers", "-j", type=int, default=tr.default_workers(), help="data loader processes per process")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines (big_vision: 50)")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
     g.add_argument("--precision", choices=list(tr.AUTOCAST_DTYPES), default="bf16",
@@ -127,16 +150,19 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, dropout, mixup")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    tr.add_launcher_flags(g)
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_small_patch16_224",
-                   help="a timm model name, or a paper name: " + " ".join(PAPER_MODELS))
-    g.add_argument("--img-size", "--image-size", type=int, default=224)
-    g.add_argument("--patch-size", type=int, help="override the model's patch size")
+    g.add_argument("--model", "-a", "--arch", default="vit_small_patch16_224",
+                   help="a timm model name, a paper name (" + " ".join(PAPER_MODELS) + ") or the study's "
+                        "lucidrain_vit")
+    g.add_argument("--image-size", "--img-size", "--image_size", type=int, default=224, help="train resolution")
+    g.add_argument("--patch-size", "--patch_size", type=int, help="override the model's patch size")
     g.add_argument("--depth", type=int, help="override the model's number of blocks")
-    g.add_argument("--embed-dim", type=int, help="override the model's width")
-    g.add_argument("--num-heads", type=int, help="override the model's number of heads")
-    g.add_argument("--num-classes", type=int, default=-1, help="-1: from the data")
+    g.add_argument("--embed-dim", "--dim", type=int, help="override the model's width")
+    g.add_argument("--num-heads", "--heads", type=int, help="override the model's number of heads")
+    g.add_argument("--mlp-dim", "--mlp_dim", type=int, help="override the MLP's hidden width (needs --embed-dim)")
+    g.add_argument("--num-classes", "--num_classes", type=int, default=-1, help="-1: from the data")
     g.add_argument("--pre-logits", action=argparse.BooleanOptionalAction, default=True,
                    help="tanh pre-logits layer before the head (big_vision vit_i1k.py: rep_size=True)")
 
@@ -147,10 +173,14 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         " as (RandAugment layers, magnitude, mixup alpha); medium2 is the paper's pick for S/16")
     g.add_argument("--reg", type=float, default=0.0,
                    help=f"dropout and stochastic depth rate together (paper: 0 or {PAPER_REG_RATE})")
-    g.add_argument("--randaug-layers", type=int, help="overrides the level's (0: no RandAugment)")
-    g.add_argument("--randaug-magnitude", type=int, help="overrides the level's")
-    g.add_argument("--mixup", type=float, help="mixup alpha, overrides the level's (0: off)")
+    g.add_argument("--randaug-layers", "--randaug_num_ops", type=int, help="overrides the level's (0: no RandAugment)")
+    g.add_argument("--randaug-magnitude", "--randaug_magnitude", type=int, help="overrides the level's")
+    g.add_argument("--mixup", type=float, nargs="?", const=MIXUP_SWITCH, metavar="ALPHA",
+                   help="mixup alpha, overrides the level's (0: off); bare --mixup (the study's switch) keeps the "
+                        "level's alpha, or 0.2 (light2's) where the level has none")
     g.add_argument("--dropout", type=float, help="overrides --reg")
+    g.add_argument("--emb-dropout", "--emb_dropout", type=float,
+                   help="dropout after the position embedding (default: --dropout)")
     g.add_argument("--drop-path", type=float, help="stochastic depth, overrides --reg")
     g.add_argument("--random-crop", choices=["rrc", "none"], default="rrc",
                    help="rrc: inception crop, 5-100%% of the area (big_vision); none: resize + center crop")
@@ -161,23 +191,25 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", choices=["sigmoid", "softmax"], default="sigmoid",
                    help="sigmoid cross-entropy (paper; head bias -log(classes)) or softmax cross-entropy")
     g.add_argument("--label-smoothing", type=float, default=0.0)
-    g.add_argument("--batch-size", type=int, default=256,
+    g.add_argument("--batch-size", "-b", type=int, default=256,
                    help="global batch over all processes (paper: 4096; the PyTorch study: 256)")
     g.add_argument("--eval-batch-size", type=int, default=256, help="global")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak lr at --lr-ref-batch (paper: 1e-3 at 4096)")
+    g.add_argument("--lr", "--learning-rate", type=float, default=1e-3,
+                   help="peak lr at --lr-ref-batch (paper: 1e-3 at 4096; the study's 5e-4 is for its own model)")
     g.add_argument("--lr-ref-batch", type=int, default=PAPER_BATCH)
     g.add_argument("--lr-scaling", choices=["sqrt", "linear", "none"], default="sqrt",
                    help="how the peak lr follows --batch-size / --lr-ref-batch; sqrt (Adam's square-root rule) is "
                         "not the paper's, which trains at 4096 only")
-    g.add_argument("--weight-decay", type=float, default=1e-4,
+    g.add_argument("--weight-decay", "--wd", type=float, default=1e-4,
                    help="decoupled, big_vision's convention: each step w -= wd * schedule(t) * w, NOT multiplied by "
                         "the lr. PyTorch's AdamW multiplies by the lr, so it gets weight_decay = wd / peak lr "
-                        "(1e-4 / 1e-3 = 0.1, the 'wd_0.1' of the released checkpoints' names)")
+                        "(1e-4 / 1e-3 = 0.1, the 'wd_0.1' of the released checkpoints' names; the study's --wd 0.05 "
+                        "is AdamW's, i.e. 0.05 x lr here)")
     g.add_argument("--adam-b1", type=float, default=0.9)
     g.add_argument("--adam-b2", type=float, default=0.999)
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    g.add_argument("--warmup-steps", type=int, default=10_000, help="linear warmup from 0")
+    g.add_argument("--warmup-steps", "--warmup_period", type=int, default=10_000, help="linear warmup from 0")
     g.add_argument("--decay", choices=["cosine", "linear"], default="cosine", help="decay to 0 after the warmup")
     g.add_argument("--epochs", type=float, default=36, help="paper: 300 on ImageNet-1k")
     g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides --epochs")
@@ -192,6 +224,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_train_args(args: argparse.Namespace) -> None:
     """Model name, AugReg level -> components (each overridable by its own flag), and sanity checks."""
+    if args.model in PORT_MODELS:
+        args.model, shape = PORT_MODELS[args.model]
+        for name, value in shape.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
     args.model = PAPER_MODELS.get(args.model, args.model)
     if not timm.is_model(args.model):
         raise UserError(f"unknown model {args.model!r}: give a timm model name (e.g. vit_base_patch16_224) or a "
@@ -201,17 +238,34 @@ def resolve_train_args(args: argparse.Namespace) -> None:
             if args.augreg == "light0" else ""
         raise UserError(f"unknown --augreg level {args.augreg!r}; choose one of {', '.join(AUGREG_LEVELS)}{note}")
     level = AUGREG_LEVELS[args.augreg]
+    if args.mixup is MIXUP_SWITCH:
+        args.mixup = level.mixup or AUGREG_LEVELS["light2"].mixup
     for name in ("randaug_layers", "randaug_magnitude", "mixup"):
         if getattr(args, name) is None:
             setattr(args, name, getattr(level, name))
     for name in ("dropout", "drop_path"):
         if getattr(args, name) is None:
             setattr(args, name, args.reg)
-    for name in ("batch_size", "eval_batch_size", "grad_accum", "log_interval", "lr_ref_batch", "benchmark_steps"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.emb_dropout is None:
+        args.emb_dropout = args.dropout
+    check_positive(**{name: getattr(args, name) for name in ("batch_size", "eval_batch_size", "grad_accum",
+                                                             "log_interval", "lr_ref_batch", "benchmark_steps")})
     if args.randaug_layers < 0 or args.randaug_magnitude < 0 or args.mixup < 0:
         raise UserError("RandAugment layers and magnitude and the mixup alpha must be >= 0")
+    if args.mlp_dim is not None and args.embed_dim is None:
+        raise UserError("--mlp-dim needs --embed-dim (timm sizes the MLP as a ratio of the width)")
+    if isinstance(args.resume, str):
+        check_resume_path(args.resume, Path(args.output_dir), eval_only=args.eval_only)
+
+
+def check_resume_path(resume: str, output_dir: Path, *, eval_only: bool) -> None:
+    """The study's --resume PATH: this run's folder or its last checkpoint (with --eval-only, any checkpoint of it)."""
+    out, path = output_dir.resolve(), Path(resume).resolve()
+    if path != out and out not in path.parents:
+        raise UserError(f"--resume {resume} is not in --output-dir {output_dir}: give the run folder (or a "
+                        "checkpoint in it) as --output-dir")
+    if not eval_only and tr.find_checkpoint(path) != tr.find_checkpoint(out):
+        raise UserError(f"--resume {resume}: a run continues from its last checkpoint, {tr.find_checkpoint(out)}")
 
 
 def randaug_policy(layers: int, magnitude: int) -> str | None:
@@ -236,10 +290,12 @@ def peak_lr(args: argparse.Namespace) -> float:
 def model_kwargs(args: argparse.Namespace, num_classes: int) -> dict[str, Any]:
     """timm.create_model keyword arguments. Dropout as the original ViT code: after the position embedding, after
     attention and in the MLP (timm pos_drop_rate, proj_drop_rate); stochastic depth linear from 0 to the rate."""
-    kwargs = dict(num_classes=num_classes, img_size=args.img_size, pos_drop_rate=args.dropout,
+    kwargs = dict(num_classes=num_classes, img_size=args.image_size, pos_drop_rate=args.emb_dropout,
                   proj_drop_rate=args.dropout, drop_path_rate=args.drop_path)
     overrides = dict(patch_size=args.patch_size, depth=args.depth, embed_dim=args.embed_dim, num_heads=args.num_heads)
     kwargs.update({key: value for key, value in overrides.items() if value is not None})
+    if args.mlp_dim is not None:
+        kwargs["mlp_ratio"] = args.mlp_dim / args.embed_dim
     return kwargs
 
 
@@ -273,6 +329,16 @@ def build_model(config: dict[str, Any]) -> nn.Module:
                         head_bias=head_bias(config["loss"], config["num_classes"]))
 
 
+def load_trained(path: str | Path, subdirs: tuple[str, ...] = ("checkpoints",)) -> tuple[nn.Module, dict, Path]:
+    """The model of a run (a folder, looked up in `subdirs`, or a checkpoint file) with the checkpoint's weights, the
+    checkpoint (its config, step) and its file: --eval-only and predict."""
+    state, file = tr.load_run_checkpoint(path, SCRIPT, subdirs=subdirs)
+    model = build_model(state["config"])
+    tr.check_state_dict(model, state["model"], str(file))
+    model.load_state_dict(state["model"])
+    return model, state, file
+
+
 def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device: torch.device) -> torch.optim.AdamW:
     """Adam with decoupled weight decay on weight matrices only (big_vision wd_mults '.*/kernel$': no biases, norms,
     class token or position embedding). The paper's wd is not scaled by the lr, AdamW's is: divide by the peak lr."""
@@ -282,6 +348,25 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device
                              fused=device.type == "cuda")
 
 
+def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int,
+                    decay: str = "cosine") -> float:
+    """big_vision's schedule (utils.create_learning_rate_schedule), per optimizer step.
+
+    `step` counts the updates already made (0 for the first). With progress p = clip((step - warmup) /
+    (total - warmup), 0, 1):
+        cosine: lr = peak * (1 + cos(pi p)) / 2          linear: lr = peak * (1 - p)
+    and during warmup lr is multiplied by step / warmup (linear warmup from 0).
+    """
+    if decay not in ("cosine", "linear"):
+        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    lr = peak_lr * (0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress)
+    if warmup_steps > 0:
+        lr *= min(1.0, step / warmup_steps)
+    return lr
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: uint8 batches from common.data (exact resume by step); normalisation and mixup on the device.
 # ----------------------------------------------------------------------------------------------
@@ -289,14 +374,14 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device
 
 def train_transform(args: argparse.Namespace):
     # big_vision: decode_jpeg_and_inception_crop(224) (area 5-100%, bilinear) | flip_lr | randaug(n, m).
-    return augment.train_transform(args.img_size, random_crop=args.random_crop, scale=(0.05, 1.0), hflip=args.hflip,
+    return augment.train_transform(args.image_size, random_crop=args.random_crop, scale=(0.05, 1.0), hflip=args.hflip,
                                    auto_augment=randaug_policy(args.randaug_layers, args.randaug_magnitude),
                                    interpolation="bilinear")
 
 
-def eval_transform(img_size: int, crop_ratio: float):
+def eval_transform(image_size: int, crop_ratio: float):
     # big_vision: resize_small(256) | central_crop(224), i.e. crop ratio 0.875.
-    return augment.eval_transform(img_size, crop_ratio=crop_ratio, interpolation="bilinear")
+    return augment.eval_transform(image_size, crop_ratio=crop_ratio, interpolation="bilinear")
 
 
 def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float,
@@ -361,7 +446,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     scaler.update()
     return {"loss_sum": loss_sum, "correct": correct, "grad_norm": grad_norm}
 
-
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
@@ -370,17 +454,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 def train(args: argparse.Namespace) -> dict:
     env = tr.init_distributed()
     try:
-        return run(args, env)
+        if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
+            return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+                                        workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
+                                        process_index=env.rank, process_count=env.world_size, model=args.model,
+                                        image_size=args.image_size)
+        return evaluate_run(args, env) if args.eval_only else run_training(args, env)
     finally:
         tr.cleanup_distributed()
 
 
-def run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
-    if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
-        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
-                                    workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
-                                    process_index=env.rank, process_count=env.world_size, model=args.model,
-                                    image_size=args.img_size)
+def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
@@ -390,194 +474,117 @@ def run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     total_steps = args.training_steps or int(args.epochs * steps_per_epoch) or (10_000 if args.benchmark else 0)
     if total_steps <= 0:
         raise UserError(f"{args.data} has no known size: give --training-steps")
-    lr = peak_lr(args)
-    config = dict(vars(args), **run_record("howtotrain_vit.py train", args), num_classes=spec.num_classes,
-                  class_names=spec.class_names,
-                  model_kwargs=model_kwargs(args, spec.num_classes), peak_lr=lr,
-                  adamw_weight_decay=args.weight_decay / lr, total_steps=total_steps,
+    peak = peak_lr(args)
+    config = dict(vars(args), **run_record(f"{SCRIPT} train", args), num_classes=spec.num_classes,
+                  class_names=spec.class_names, model_kwargs=model_kwargs(args, spec.num_classes), peak_lr=peak,
+                  adamw_weight_decay=args.weight_decay / peak, total_steps=total_steps,
                   steps_per_epoch=steps_per_epoch, world_size=env.world_size, device=str(env.device),
                   randaug=randaug_policy(args.randaug_layers, args.randaug_magnitude), mean=MEAN, std=STD)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_model(config).to(env.device)
     config["params"] = sum(p.numel() for p in model.parameters())
-    optimizer = make_optimizer(model, args, lr, env.device)
+    optimizer = make_optimizer(model, args, peak, env.device)
     scaler = tr.grad_scaler(env.device, args.precision)
 
     out = Path(args.output_dir)
-    start_step, best_top1, log_window = 0, -1.0, {}
-    state = None if args.benchmark else tr.start_run(out, resume=args.resume, recipe=config["trained_by"],
+    start_step, best_top1, saved_window = 0, -1.0, None
+    state = None if args.benchmark else tr.start_run(out, resume=bool(args.resume), recipe=config["trained_by"],
                                                      settings=vars(args))
     if state:
-        path = out / "checkpoints" / f"{state['step']}.pt"
-        tr.check_state_dict(model, state["model"], str(path))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, best_top1, log_window = state["step"], state["best_top1"], state["log_window"]
-
-    if env.distributed:
-        device_ids = [env.device] if env.device.type == "cuda" else None
-        # Every parameter is used in every step (drop path scales, it does not skip): a static graph. DDP's
-        # static_graph breaks no_sync (an internal assert in torch 2.14 with --grad-accum 2), so only without it.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True,
-                                                    static_graph=args.grad_accum == 1)
-    if args.compile:
-        model = torch.compile(model)
+        tr.restore(state, out, model=model, optimizer=optimizer, scaler=scaler)
+        start_step, best_top1, saved_window = state["step"], state["best_top1"], state["log_window"]
+    # Every parameter is used in every step (drop path scales, it does not skip): a static graph. DDP's static_graph
+    # breaks no_sync (an internal assert in torch 2.14 with --grad-accum 2), so only without it.
+    model = tr.wrap(model, env, compile_model=args.compile, static_graph=args.grad_accum == 1)
     if args.benchmark:
         return benchmark(args, env, model, optimizer, scaler, config)
-    log = None
-    if env.is_main:  # rank 0 writes config.json and log.jsonl
-        log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
-                     main=True)
-    try:
-        return loop(args, env, model, optimizer, scaler, config, spec, start_step, best_top1, log_window, log)
-    finally:
-        if log:
-            log.close()
 
-
-def loop(args, env: tr.DistEnv, model, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
-         best_top1: float, log_window: dict, log: RunLog | None) -> dict:
-    total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
-    out = Path(args.output_dir)
-    if env.is_main:
-        print(f"{config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), peak lr "
-              f"{config['peak_lr']:.3g}, AdamW weight decay {config['adamw_weight_decay']:.3g}, {env.world_size} "
-              f"process(es) on {env.device.type}, starting at step {start_step}", file=sys.stderr)
-    if spec.source == "synthetic":
-        fixed = tr.synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
-                                   args.seed + env.rank, MEAN, STD)
-        batches = iter(lambda: fixed, None)
-    else:
-        host_batches = data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
-                                          seed=args.seed, start_step=start_step, workers=args.workers,
-                                          process_index=env.rank, process_count=env.world_size)
-        batches = tr.batches_to_device(host_batches, env.device, MEAN, STD)
-
-    # Sums since the last log record (loss, correct top-1, unreadable images skipped), kept in the checkpoint so that
-    # a run resumed between two records logs what the uninterrupted run logs.
-    window = log_window.get("sums", torch.zeros(3)).to(env.device)
-    window_steps = log_window.get("steps", 0)
-    nonfinite = torch.zeros((), device=env.device)
-    window_start, last = time.perf_counter(), {}
-
-    def check_finite(step: int) -> None:
-        if tr.all_reduce_sum(nonfinite.clone()).item() > 0:
-            check_finite_loss([math.nan], step, out / "checkpoints")
-
-    def save(step: int, results: dict) -> None:
-        check_finite(step)
-        plain = tr.unwrap(model)
-        tr.check_savable(step, plain, optimizer, eval_metrics=results, output_dir=out / "checkpoints")
-        window_sums = tr.sums_for_checkpoint(window)
-        if env.is_main:
-            tr.save_checkpoint(out / "checkpoints", step, {
-                "model": plain.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "step": step, "best_top1": best_top1, "config": config,
-                "log_window": {"sums": window_sums, "steps": window_steps}})
-            if results.get("val_top1", -1.0) >= best_top1 and results:  # kept for predict: weights and config only
-                tr.save_checkpoint(out / "best", step, {"model": plain.state_dict(), "step": step,
-                                                        "val_top1": results["val_top1"], "config": config})
-        tr.barrier()
-
-    def stop_requested(done: int) -> bool:
-        """--stop-after, or SIGTERM: checked every step in one process; every --log-interval steps over many, where
-        the processes must agree (a collective), to stop at the same step."""
-        if args.stop_after and done - start_step >= args.stop_after:
-            return True
-        if not env.distributed:
-            return preemption.requested
-        if done % args.log_interval:
-            return False
-        return tr.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
-
-    preemption = runtime.Preemption()
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
-                    disable=not env.is_main, dynamic_ncols=True, file=sys.stderr)
-    try:
-        for step in progress:
+    batches = tr.train_batches(args.data, train_transform(args), env, global_batch=args.batch_size, seed=args.seed,
+                               start_step=start_step, workers=args.workers, image_size=args.image_size,
+                               num_classes=spec.num_classes, mean=MEAN, std=STD)
+    window = tr.Window(torch.zeros(3, device=env.device), saved_window)  # loss, correct top-1, unreadable images
+    log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                 main=env.is_main)  # rank 0 writes config.json and log.jsonl
+    run.say(f"{config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), peak lr {peak:.3g}, "
+            f"AdamW weight decay {config['adamw_weight_decay']:.3g}, {env.world_size} process(es) on "
+            f"{env.device.type}, starting at step {start_step}", main=env.is_main)
+    last = {}
+    with tr.Preemption(env) as preemption, contextlib.closing(log):
+        for step in tr.progress(start_step, total_steps, env):
             batch = next(batches)
-            lr = tr.warmup_decay_lr(step, peak_lr=config["peak_lr"], total_steps=total_steps,
-                                    warmup_steps=args.warmup_steps, decay=args.decay)
+            lr = warmup_decay_lr(step, peak_lr=peak, total_steps=total_steps, warmup_steps=args.warmup_steps,
+                                 decay=args.decay)
             tr.set_lr(optimizer, lr)
             metrics = train_step(model, optimizer, scaler, batch, step, args, env, spec.num_classes)
-            nonfinite += ~torch.isfinite(metrics["loss_sum"])
-            window += torch.stack([metrics["loss_sum"], metrics["correct"],
-                                   torch.tensor(float(batch["skipped"]), device=env.device)])
-            window_steps += 1
+            window.add(torch.stack([metrics["loss_sum"], metrics["correct"],
+                                    torch.tensor(float(batch["skipped"]), device=env.device)]))
             done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
-                check_finite(done)
-                totals = tr.all_reduce_sum(window.clone())
-                samples = window_steps * args.batch_size
-                last = {"loss": totals[0].item() / samples, "train_top1": 100 * totals[1].item() / samples, "lr": lr,
+            epoch = done / steps_per_epoch if steps_per_epoch else 0.0
+            if run.due(done, args.log_interval, total_steps):
+                loss_sum, correct, skipped = window.totals(done, out).tolist()  # a NaN loss stops here
+                images = window.steps * args.batch_size
+                last = {"loss": loss_sum / images, "train_top1": 100 * correct / images, "lr": lr,
                         "grad_norm": metrics["grad_norm"].item(),
-                        "img_per_sec": samples / (time.perf_counter() - window_start),
-                        "epoch": done / steps_per_epoch if steps_per_epoch else 0.0}
-                if totals[2] > 0:
-                    last["skipped_images"] = round(totals[2].item())
-                if log:
-                    log.write(done, **last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_sec']:.0f}")
-                window.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            stop = stop_requested(done)
-            if done % eval_interval == 0 or done == total_steps:
-                eval_start = time.perf_counter()
-                results = evaluate(tr.unwrap(model), args, env, spec.num_classes)
-                best_top1 = max(best_top1, results.get("val_top1", -1.0))
-                if results and log:
-                    log.write(done, **results, best_top1=best_top1,
-                              epoch=done / steps_per_epoch if steps_per_epoch else 0.0)
-                if results and env.is_main:
-                    tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()),
-                               file=sys.stderr)
-                save(done, results)
-                window_start += time.perf_counter() - eval_start  # img/s counts training time only
-            elif stop:
-                save(done, {})
+                        "img_per_sec": window.images_per_sec(args.batch_size), "epoch": epoch}
+                if skipped:
+                    last["skipped_images"] = round(skipped)
+                log.write(done, **last)
+                window.reset()
+            stop = preemption.stop_after(done, start_step=start_step, stop_after=args.stop_after,
+                                         every=args.log_interval)
+            evaluating = run.due(done, eval_interval, total_steps)
+            if evaluating or stop:
+                with window.paused():  # img/s counts training time only
+                    results = evaluate(tr.unwrap(model), args, env, config) if evaluating else {}
+                    if results:
+                        best_top1 = max(best_top1, results["val_top1"])
+                        log.write(done, **results, best_top1=best_top1, epoch=epoch)
+                        run.say(run.eval_line(done, results), main=env.is_main)
+                    window.totals(done, out)  # a NaN loss since the last log record: stop, save nothing
+                    tr.save(out, done, env, model=model, optimizer=optimizer, scaler=scaler, eval_metrics=results,
+                            extra={"best_top1": best_top1, "config": config, "log_window": window.state()})
+                    if env.is_main and results and results["val_top1"] >= best_top1:  # predict's weights
+                        tr.save_checkpoint(out / "best", done, {"model": tr.unwrap(model).state_dict(), "step": done,
+                                                                "val_top1": results["val_top1"], "config": config})
             if stop and done < total_steps:
-                if env.is_main:
-                    tqdm.write(f"stopping at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with "
-                               "--resume", file=sys.stderr)
+                run.say(f"stopping at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with --resume",
+                        main=env.is_main)
                 break
-    finally:
-        preemption.close()
-        progress.close()
     return dict(last, best_top1=best_top1)
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation.
+# Evaluation: the training loss on one-hot labels, top-1 and top-5 over the val split.
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, args: argparse.Namespace, env: tr.DistEnv, num_classes: int) -> dict:
-    """Loss (the training criterion on one-hot labels), top-1 and top-5 over the val split, summed over processes."""
-    model.eval()
-    sums = torch.zeros(4, device=env.device)  # images, loss, top-1, top-5
-    host_batches = data.eval_batches(args.data, eval_transform(args.img_size, args.test_crop_ratio),
-                                     global_batch=args.eval_batch_size, workers=args.workers, process_index=env.rank,
-                                     process_count=env.world_size)
-    for batch in tqdm(tr.batches_to_device(host_batches, env.device, MEAN, STD), desc="eval", leave=False,
-                      disable=not env.is_main, file=sys.stderr):
-        labels = batch["label"]
-        valid = labels >= 0  # padding slots and unreadable images carry -1
-        with tr.autocast(env.device, args.precision):
-            logits = model(batch["image"]).float()
-        losses = per_sample_loss(logits, one_hot(labels.clamp(min=0), num_classes, 0.0), args.loss)
-        top5 = logits.topk(min(5, num_classes), dim=-1).indices
-        hits = top5 == labels[:, None]
-        sums += torch.stack([valid.sum(), (losses * valid).sum(), (hits[:, 0] & valid).sum(),
-                             (hits.any(-1) & valid).sum()]).float()
-    model.train()
-    count, loss, top1, top5 = tr.all_reduce_sum(sums).tolist()
-    if count == 0:
-        return {}
-    return {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
-            "val_images": int(count)}
+def evaluate(model: nn.Module, args: argparse.Namespace, env: tr.DistEnv, config: dict) -> dict:
+    batches = data.eval_batches(args.data, eval_transform(config["image_size"], config["test_crop_ratio"]),
+                                global_batch=args.eval_batch_size, workers=args.workers, process_index=env.rank,
+                                process_count=env.world_size)
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return per_sample_loss(logits, one_hot(labels, config["num_classes"], 0.0), config["loss"])
+
+    return tr.evaluate_classifier(model, tr.batches_to_device(batches, env.device, MEAN, STD), env,
+                                  precision=args.precision, per_sample_loss=loss)
+
+
+def evaluate_run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
+    """--eval-only: the run's last checkpoint (or --resume PATH) on --data's val split, one log record and one JSON
+    line; config.json and the checkpoints stay as they are."""
+    model, state, path = load_trained(args.resume if isinstance(args.resume, str) else args.output_dir)
+    config = state["config"]
+    data.describe(args.data, num_classes=config["num_classes"])  # the run's classes, or an error: line
+    results = evaluate(model.to(env.device), args, env, config)
+    if results:  # (synthetic data has no val split)
+        with contextlib.closing(RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                                       main=env.is_main)) as log:
+            log.write(state["step"], **results)
+    if env.is_main:
+        print(json.dumps(dict(results, step=state["step"], checkpoint=str(path))))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,48 +594,22 @@ def evaluate(model: nn.Module, args: argparse.Namespace, env: tr.DistEnv, num_cl
 
 def benchmark(args, env: tr.DistEnv, model, optimizer, scaler, config: dict) -> dict:
     num_classes = config["num_classes"]
-    batch = tr.synthetic_batch(args.batch_size // env.world_size, args.img_size, num_classes, env.device, env.rank,
+    fixed = tr.synthetic_batch(args.batch_size // env.world_size, args.image_size, num_classes, env.device, env.rank,
                                MEAN, STD)
+    real = None if args.data == "synthetic" else tr.train_batches(  # is the run input-bound?
+        args.data, train_transform(args), env, global_batch=args.batch_size, seed=args.seed, start_step=0,
+        workers=args.workers, image_size=args.image_size, num_classes=num_classes, mean=MEAN, std=STD)
     tr.set_lr(optimizer, config["peak_lr"])
 
-    def timed(steps: int, batches: Iterator[dict] | None = None) -> float:
-        start = time.perf_counter()
-        for step in range(steps):
-            metrics = train_step(model, optimizer, scaler, next(batches) if batches else batch, step, args, env,
-                                 num_classes)
-        metrics["loss_sum"].item()  # waits for the device
-        return time.perf_counter() - start
+    def step(batch: dict | None) -> torch.Tensor:
+        return train_step(model, optimizer, scaler, fixed if batch is None else batch, 0, args, env,
+                          num_classes)["loss_sum"]
 
-    compile_seconds = timed(1)
-    timed(3)  # warm up
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)
-    step_time = timed(args.benchmark_steps) / args.benchmark_steps
-    images_per_sec = args.batch_size / step_time
-    end_to_end = {}
-    if args.data != "synthetic":  # also fed from the real input pipeline: is the run input-bound?
-        real = tr.batches_to_device(data.train_batches(args.data, train_transform(args), global_batch=args.batch_size,
-                                                       seed=args.seed, workers=args.workers, process_index=env.rank,
-                                                       process_count=env.world_size), env.device, MEAN, STD)
-        timed(3, real)  # warm up: workers starting, first decodes
-        seconds = timed(args.benchmark_steps, real)
-        end_to_end["end_to_end_img_per_sec"] = round(args.batch_size * args.benchmark_steps / seconds, 1)
-        real.close()  # shuts the loader workers down
-    flops = tr.train_flops_per_sample(lambda: build_model(config), (3, args.img_size, args.img_size))
-    peak = tr.peak_flops(env.device)
-    result = {"model": args.model, "img_size": args.img_size, "batch_size": args.batch_size,
-              "precision": args.precision if env.device.type == "cuda" else "fp32", "compile": args.compile,
-              "processes": env.world_size,
-              "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
-              **end_to_end, "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
-              "first_step_s": round(compile_seconds, 1),
-              "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
-              if env.device.type == "cuda" else None,
-              "train_gflops_per_img": float(f"{flops / 1e9:.4g}"),
-              "mfu": round(flops * images_per_sec / (peak * env.world_size), 3) if peak else None}
-    if env.is_main:
-        print(json.dumps(result))
-    return result
+    flops = tr.train_flops_per_sample(lambda: build_model(config), (3, args.image_size, args.image_size))
+    return tr.benchmark(step, env, steps=args.benchmark_steps, global_batch=args.batch_size,
+                        train_flops_per_image=flops, real_batches=real, model=args.model,
+                        image_size=args.image_size, compile=args.compile,
+                        precision=args.precision if env.device.type == "cuda" else "fp32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -702,15 +683,12 @@ def class_names(config: dict, labels_file: str | None) -> list[str]:
 @torch.no_grad()
 def predict(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]]]:
     """Print one line per image: path, then the top-k (class name, softmax probability) pairs, tab-separated."""
-    state, path = tr.load_run_checkpoint(args.checkpoint, "howtotrain_vit.py", subdirs=("best", "checkpoints"))
+    model, state, _ = load_trained(args.checkpoint, subdirs=("best", "checkpoints"))
     config = state["config"]
-    model = build_model(config)
-    tr.check_state_dict(model, state["model"], str(path))
-    model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     names = class_names(config, args.labels_file)
-    transform = eval_transform(config["img_size"], config["test_crop_ratio"])
+    transform = eval_transform(config["image_size"], config["test_crop_ratio"])
     files = image_files(args.images)
     top_k = min(args.top_k, config["num_classes"])
     rows = []

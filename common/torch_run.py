@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import sys
@@ -239,25 +238,6 @@ def flip_global_batch(tensor: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # Learning rate
 # ----------------------------------------------------------------------------------------------
-
-
-def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int,
-                    decay: str = "cosine") -> float:
-    """big_vision's schedule (utils.create_learning_rate_schedule), per optimizer step.
-
-    `step` counts the updates already made (0 for the first). With progress p = clip((step - warmup) /
-    (total - warmup), 0, 1):
-        cosine: lr = peak * (1 + cos(pi p)) / 2          linear: lr = peak * (1 - p)
-    and during warmup lr is multiplied by step / warmup (linear warmup from 0).
-    """
-    if decay not in ("cosine", "linear"):
-        raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    progress = min(max(progress, 0.0), 1.0)
-    lr = peak_lr * (0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress)
-    if warmup_steps > 0:
-        lr *= min(1.0, step / warmup_steps)
-    return lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

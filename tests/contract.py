@@ -81,7 +81,7 @@ TORCH_RECIPES = [
            ("train", "--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--depth", "1",
             "--embed-dim", "32", "--num-heads", "2", *TORCH_VIT, "--training-steps", "8", "--warmup-steps", "2",
             "--eval-interval", "2"),
-           "torch", lr_flag="--lr", wider=("--embed-dim", "48"), every_step=("--eval-interval", "1")),
+           "torch", lr_flag="--lr", wider=("--embed-dim", "48"), every_step=("--eval-interval", "1"), eval_only=True),
     Recipe("dvt", "dvt.py",
            ("train", "--model", "dvt_deit_s", "--img-size", "16", "--grids", "2,3,4", "--embed-dim", "32", "--depth",
             "1", "--num-heads", "2", "--token-dim", "16", *TORCH_VIT, "--training-steps", "8", "--warmup-epochs",

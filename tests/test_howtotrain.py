@@ -25,10 +25,10 @@ from common import augment, data
 from common import torch_run as tr
 from common.runlog import read_log
 
-TINY = ["--data", "digits", "--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size", "4", "--depth", "2",
-        "--embed-dim", "32", "--num-heads", "2", "--workers", "0", "--batch-size", "32", "--eval-batch-size", "120",
-        "--log-interval", "1", "--augreg", "none", "--random-crop", "none", "--hflip", "0", "--test-crop-ratio", "1",
-        "--lr-scaling", "none"]
+TINY = ["--data", "digits", "--model", "vit_tiny_patch16_224", "--image-size", "16", "--patch-size", "4",
+        "--depth", "2", "--embed-dim", "32", "--num-heads", "2", "--workers", "0", "--batch-size", "32",
+        "--eval-batch-size", "120", "--log-interval", "1", "--augreg", "none", "--random-crop", "none", "--hflip", "0",
+        "--test-crop-ratio", "1", "--lr-scaling", "none"]
 
 # The paper's augmentation levels (§3.3; big_vision configs/vit_i1k.py): (RandAugment layers, magnitude, mixup alpha).
 PAPER_AUGREG = {"none": (0, 0, 0.0), "light1": (2, 0, 0.0), "light2": (2, 10, 0.2), "medium1": (2, 15, 0.2),
@@ -108,15 +108,15 @@ def test_lr_schedule_matches_its_formula():
     kw = dict(peak_lr=1e-3, total_steps=1000, warmup_steps=100)
     for decay in ("cosine", "linear"):
         for step in (0, 1, 50, 99, 100, 101, 333, 550, 999, 1000):
-            assert tr.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(
+            assert recipe.warmup_decay_lr(step, decay=decay, **kw) == pytest.approx(
                 big_vision_lr(step, 1e-3, 1000, 100, decay), rel=1e-6, abs=1e-9), (decay, step)  # optax: float32
     # Anchors computed by hand: warmup from 0, the peak at the end of warmup, half-way down, and 0 at the end.
-    assert tr.warmup_decay_lr(0, **kw) == 0.0
-    assert tr.warmup_decay_lr(25, **kw) == pytest.approx(2.5e-4)
-    assert tr.warmup_decay_lr(100, **kw) == pytest.approx(1e-3)
-    assert tr.warmup_decay_lr(550, **kw) == pytest.approx(5e-4)
-    assert tr.warmup_decay_lr(775, decay="linear", **kw) == pytest.approx(2.5e-4)
-    assert tr.warmup_decay_lr(1000, **kw) == pytest.approx(0.0, abs=1e-12)
+    assert recipe.warmup_decay_lr(0, **kw) == 0.0
+    assert recipe.warmup_decay_lr(25, **kw) == pytest.approx(2.5e-4)
+    assert recipe.warmup_decay_lr(100, **kw) == pytest.approx(1e-3)
+    assert recipe.warmup_decay_lr(550, **kw) == pytest.approx(5e-4)
+    assert recipe.warmup_decay_lr(775, decay="linear", **kw) == pytest.approx(2.5e-4)
+    assert recipe.warmup_decay_lr(1000, **kw) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_weight_decay_and_lr_follow_the_paper_conventions():
@@ -334,7 +334,7 @@ GRID = {"ti16": ("vit_tiny_patch16_224", "light1"), "s32": ("vit_small_patch32_2
         "s16": ("vit_small_patch16_224", "medium2"), "b32": ("vit_base_patch32_224", "medium2"),
         "b16": ("vit_base_patch16_224", "medium2"), "l16": ("vit_large_patch16_224", "medium2")}
 PAPER = dict(epochs=300, batch_size=4096, lr=1e-3, lr_ref_batch=4096, weight_decay=1e-4, clip_grad=1.0,
-             warmup_steps=10_000, decay="cosine", loss="sigmoid", label_smoothing=0.0, reg=0.0, img_size=224,
+             warmup_steps=10_000, decay="cosine", loss="sigmoid", label_smoothing=0.0, reg=0.0, image_size=224,
              random_crop="rrc", hflip=0.5, test_crop_ratio=0.875, pre_logits=True, adam_b1=0.9, adam_b2=0.999)
 ROWS = {f"in1k_{short}_{level}_300ep": dict(PAPER, model=model, augreg=level) for short, (model, level) in GRID.items()}
 ROWS["imagenet_36ep"] = dict(PAPER, model="vit_small_patch16_224", augreg="medium2", epochs=36, batch_size=256)
@@ -377,3 +377,60 @@ def test_presets_are_executable_bash():
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
     args = recipe.parse_args(["train", *preset_argv(PRESETS / "digits_demo.sh")])
     assert (args.data, args.output_dir, args.workers) == ("digits", "runs/howtotrain/digits_demo", 0)
+
+
+# ---------------------------------------------------------------------------------------------- the PyTorch study's CLI
+
+# The command line of the PyTorch study of the paper (an extension of the PyTorch ImageNet example), unchanged but
+# for the data, and a tiny vit-pytorch shape in its own flags.
+PORT = ["--data", "digits", "--arch", "lucidrain_vit", "--epochs", "36", "--batch-size", "256", "--mixup"]
+PORT_TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--mlp_dim", "64", "--image_size", "16", "--patch_size",
+             "4", "-j", "0", "--training-steps", "2", "--log-interval", "1"]
+
+
+def test_the_studys_flags_are_aliases_of_the_recipes():
+    args = recipe.parse_args(["train", "-a", "B/16", "-o", "out", "-j", "3", "-b", "512", "--learning-rate", "5e-4",
+                              "--wd", "0.05", "--warmup_period", "500", "--randaug_num_ops", "3",
+                              "--randaug_magnitude", "9", "--seed", "7", "--dummy", "-e", "--resume", "out"])
+    assert (args.model, args.output_dir, args.workers, args.batch_size, args.lr, args.weight_decay) == (
+        "vit_base_patch16_224", "out", 3, 512, 5e-4, 0.05)
+    assert (args.warmup_steps, args.randaug_layers, args.randaug_magnitude, args.seed) == (500, 3, 9, 7)
+    assert (args.data, args.eval_only, args.resume) == ("synthetic", True, "out")
+    assert recipe.parse_args(["train", "--resume"]).resume is True
+    # Bare --mixup (the study's switch): the level's alpha, or 0.2 where the level has none; a value is an alpha.
+    assert recipe.parse_args(["train", "--mixup"]).mixup == 0.5  # medium2
+    assert recipe.parse_args(["train", "--augreg", "light1", "--mixup"]).mixup == 0.2
+    assert recipe.parse_args(["train", "--augreg", "light1", "--mixup", "0.8"]).mixup == 0.8
+
+
+def test_lucidrain_vit_is_the_studys_vit_pytorch_shape():
+    """vit-pytorch ViT(image_size=224, patch_size=16, dim=1024, depth=6, heads=16, mlp_dim=2048, dropout=0.1,
+    emb_dropout=0.1) as a timm ViT, built on the meta device (no memory)."""
+    args = recipe.parse_args(["train", "--arch", "lucidrain_vit"])
+    with torch.device("meta"):
+        model = recipe.create_model(args.model, recipe.model_kwargs(args, 1000), pre_logits=False, head_bias=0.0)
+    assert (model.patch_embed.patch_size, model.embed_dim, len(model.blocks)) == ((16, 16), 1024, 6)
+    block = model.blocks[0]
+    assert (block.attn.num_heads, block.mlp.fc1.out_features, block.mlp.drop1.p, model.pos_drop.p) == (16, 2048, 0.1,
+                                                                                                      0.1)
+    assert model.patch_embed.img_size == (224, 224) and model.head.out_features == 1000
+
+
+def test_the_studys_command_line_trains_resumes_and_evaluates(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(*PORT, "--output_parent_dir", out, *PORT_TINY, "--stop-after", "1") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_kwargs"]["mlp_ratio"] == 2.0 and config["mixup"] == 0.5 and config["dropout"] == 0.1
+    # The study resumes from a checkpoint's path: this run's last one (or its folder) continues it.
+    assert train(*PORT, "-o", out, *PORT_TINY, "--resume", out / "checkpoints" / "1.pt") == 0
+    assert tr.checkpoint_steps(out / "checkpoints") == [2]
+    assert_user_error(train(*PORT, "-o", out, *PORT_TINY, "--resume", tmp_path), capsys, "--resume", "--output-dir")
+    before = {p: p.read_bytes() for p in out.rglob("*.pt")}
+    capsys.readouterr()
+    assert train(*PORT, "-o", out, *PORT_TINY, "-e") == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    logged = [r for r in read_log(out) if "val_top1" in r]
+    assert printed["step"] == 2 and printed["val_top1"] == logged[-1]["val_top1"] == logged[-2]["val_top1"], \
+        "-e evaluates the last checkpoint: the metrics of the run's final evaluation"
+    assert {p: p.read_bytes() for p in out.rglob("*.pt")} == before, "-e changed a checkpoint"
+    assert train(*PORT, "-o", out, *PORT_TINY, "-e", "--resume", out / "best") == 0

@@ -19,7 +19,7 @@ python howtotrain_vit.py train \
     --data digits \
     --output-dir "$OUT" \
     --model vit_tiny_patch16_224 \
-    --img-size 16 \
+    --image-size 16 \
     --patch-size 4 \
     --depth 4 \
     --embed-dim 64 \

@@ -25,7 +25,7 @@ $LAUNCH howtotrain_vit.py train \
     --data "$DATA" \
     --output-dir "$OUT" \
     --model vit_base_patch16_224 \
-    --img-size 224 \
+    --image-size 224 \
     --pre-logits \
     --augreg medium2 \
     --reg 0.0 \

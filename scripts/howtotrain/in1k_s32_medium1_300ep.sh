@@ -27,7 +27,7 @@ $LAUNCH howtotrain_vit.py train \
     --data "$DATA" \
     --output-dir "$OUT" \
     --model vit_small_patch32_224 \
-    --img-size 224 \
+    --image-size 224 \
     --pre-logits \
     --augreg medium1 \
     --reg 0.0 \
