@@ -175,9 +175,14 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help=f"dropout and stochastic depth rate together (paper: 0 or {PAPER_REG_RATE})")
     g.add_argument("--randaug-layers", "--randaug_num_ops", type=int, help="overrides the level's (0: no RandAugment)")
     g.add_argument("--randaug-magnitude", "--randaug_magnitude", type=int, help="overrides the level's")
+    g.add_argument("--auto-augment", "--aa", metavar="POLICY",
+                   help="a timm policy string (e.g. rand-m9-mstd0.5-inc1) or none, instead of the level's RandAugment")
     g.add_argument("--mixup", type=float, nargs="?", const=MIXUP_SWITCH, metavar="ALPHA",
                    help="mixup alpha, overrides the level's (0: off); bare --mixup (the study's switch) keeps the "
                         "level's alpha, or 0.2 (light2's) where the level has none")
+    g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="cutmix alpha (0: off; AugReg uses none): with mixup too, each batch takes one of the two, "
+                        "as timm's Mixup does")
     g.add_argument("--dropout", type=float, help="overrides --reg")
     g.add_argument("--emb-dropout", "--emb_dropout", type=float,
                    help="dropout after the position embedding (default: --dropout)")
@@ -210,7 +215,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-b2", type=float, default=0.999)
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     g.add_argument("--warmup-steps", "--warmup_period", type=int, default=10_000, help="linear warmup from 0")
-    g.add_argument("--decay", choices=["cosine", "linear"], default="cosine", help="decay to 0 after the warmup")
+    g.add_argument("--warmup-epochs", type=float, help="the warmup in epochs instead, overrides --warmup-steps")
+    g.add_argument("--decay", choices=["cosine", "linear"], default="cosine", help="decay after the warmup")
+    g.add_argument("--min-lr", type=float, default=0.0, help="where the decay ends (paper: 0)")
     g.add_argument("--epochs", type=float, default=36, help="paper: 300 on ImageNet-1k")
     g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides --epochs")
 
@@ -250,8 +257,8 @@ def resolve_train_args(args: argparse.Namespace) -> None:
         args.emb_dropout = args.dropout
     check_positive(**{name: getattr(args, name) for name in ("batch_size", "eval_batch_size", "grad_accum",
                                                              "log_interval", "lr_ref_batch", "benchmark_steps")})
-    if args.randaug_layers < 0 or args.randaug_magnitude < 0 or args.mixup < 0:
-        raise UserError("RandAugment layers and magnitude and the mixup alpha must be >= 0")
+    if args.randaug_layers < 0 or args.randaug_magnitude < 0 or args.mixup < 0 or args.cutmix < 0:
+        raise UserError("RandAugment layers and magnitude and the mixup and cutmix alphas must be >= 0")
     if args.mlp_dim is not None and args.embed_dim is None:
         raise UserError("--mlp-dim needs --embed-dim (timm sizes the MLP as a ratio of the width)")
     if isinstance(args.resume, str):
@@ -268,12 +275,14 @@ def check_resume_path(resume: str, output_dir: Path, *, eval_only: bool) -> None
         raise UserError(f"--resume {resume}: a run continues from its last checkpoint, {tr.find_checkpoint(out)}")
 
 
-def randaug_policy(layers: int, magnitude: int) -> str | None:
-    """timm RandAugment string. timm clips magnitudes at 10 unless told otherwise (mmax); TF's RandAugment, which
-    the paper used, does not: magnitude 15 rotates up to 45 degrees."""
-    if layers == 0:
+def randaug_policy(args: argparse.Namespace) -> str | None:
+    """timm RandAugment string of the level (or --auto-augment's). timm clips magnitudes at 10 unless told otherwise
+    (mmax); TF's RandAugment, which the paper used, does not: magnitude 15 rotates up to 45 degrees."""
+    if args.auto_augment is not None:
+        return None if args.auto_augment == "none" else args.auto_augment
+    if args.randaug_layers == 0:
         return None
-    return f"rand-n{layers}-m{magnitude}-mmax{max(10, magnitude)}"
+    return f"rand-n{args.randaug_layers}-m{args.randaug_magnitude}-mmax{max(10, args.randaug_magnitude)}"
 
 
 def peak_lr(args: argparse.Namespace) -> float:
@@ -348,20 +357,21 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device
                              fused=device.type == "cuda")
 
 
-def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int,
-                    decay: str = "cosine") -> float:
+def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, decay: str = "cosine",
+                    min_lr: float = 0.0) -> float:
     """big_vision's schedule (utils.create_learning_rate_schedule), per optimizer step.
 
     `step` counts the updates already made (0 for the first). With progress p = clip((step - warmup) /
     (total - warmup), 0, 1):
-        cosine: lr = peak * (1 + cos(pi p)) / 2          linear: lr = peak * (1 - p)
-    and during warmup lr is multiplied by step / warmup (linear warmup from 0).
+        cosine: lr = min + (peak - min) (1 + cos(pi p)) / 2          linear: lr = min + (peak - min) (1 - p)
+    (min = 0 in the paper) and during warmup lr is multiplied by step / warmup (linear warmup from 0).
     """
     if decay not in ("cosine", "linear"):
         raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
-    lr = peak_lr * (0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress)
+    lr = min_lr + (peak_lr - min_lr) * (0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine"
+                                        else 1.0 - progress)
     if warmup_steps > 0:
         lr *= min(1.0, step / warmup_steps)
     return lr
@@ -375,7 +385,7 @@ def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps
 def train_transform(args: argparse.Namespace):
     # big_vision: decode_jpeg_and_inception_crop(224) (area 5-100%, bilinear) | flip_lr | randaug(n, m).
     return augment.train_transform(args.image_size, random_crop=args.random_crop, scale=(0.05, 1.0), hflip=args.hflip,
-                                   auto_augment=randaug_policy(args.randaug_layers, args.randaug_magnitude),
+                                   auto_augment=randaug_policy(args),
                                    interpolation="bilinear")
 
 
@@ -398,6 +408,30 @@ def mixup(images: torch.Tensor, targets: torch.Tensor, alpha: float,
     lam = max(ratio, 1.0 - ratio)
     return (lam * images + (1 - lam) * tr.roll_global_batch(images),
             lam * targets + (1 - lam) * tr.roll_global_batch(targets))
+
+
+def cutmix(images: torch.Tensor, targets: torch.Tensor, alpha: float,
+           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's batch-mode cutmix (not in AugReg): one box of area ~ (1 - lam) pasted from the neighbour in the global
+    batch (as `mixup`), the targets mixed by the box's true area. `rng` draws the same on every process."""
+    height, width = images.shape[-2:]
+    lam = rng.beta(alpha, alpha)
+    cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+    center_y, center_x = rng.integers(height), rng.integers(width)
+    top, bottom = np.clip([center_y - cut_h // 2, center_y + cut_h // 2], 0, height)
+    left, right = np.clip([center_x - cut_w // 2, center_x + cut_w // 2], 0, width)
+    mixed = images.clone()
+    mixed[..., top:bottom, left:right] = tr.roll_global_batch(images)[..., top:bottom, left:right]
+    lam = 1 - (bottom - top) * (right - left) / (height * width)
+    return mixed, lam * targets + (1 - lam) * tr.roll_global_batch(targets)
+
+
+def mix(images: torch.Tensor, targets: torch.Tensor, args: argparse.Namespace,
+        rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (the paper's), or cutmix when asked; with both, each batch takes one of them with even odds (timm)."""
+    if args.cutmix > 0 and (args.mixup <= 0 or rng.random() < 0.5):
+        return cutmix(images, targets, args.cutmix, rng)
+    return mixup(images, targets, args.mixup, rng)
 
 
 def one_hot(labels: torch.Tensor, num_classes: int, smoothing: float) -> torch.Tensor:
@@ -426,7 +460,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     torch.manual_seed(tr.step_seed(args.seed, step, env.rank))
     images, labels = batch["image"], batch["label"]
     targets = one_hot(labels, num_classes, args.label_smoothing)
-    images, targets = mixup(images, targets, args.mixup, np.random.default_rng([args.seed, step]))  # same on all ranks
+    images, targets = mix(images, targets, args, np.random.default_rng([args.seed, step]))  # the same on all ranks
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device)
@@ -479,7 +513,7 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
                   class_names=spec.class_names, model_kwargs=model_kwargs(args, spec.num_classes), peak_lr=peak,
                   adamw_weight_decay=args.weight_decay / peak, total_steps=total_steps,
                   steps_per_epoch=steps_per_epoch, world_size=env.world_size, device=str(env.device),
-                  randaug=randaug_policy(args.randaug_layers, args.randaug_magnitude), mean=MEAN, std=STD)
+                  randaug=randaug_policy(args), mean=MEAN, std=STD)
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_model(config).to(env.device)
     config["params"] = sum(p.numel() for p in model.parameters())
@@ -500,6 +534,7 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
         return benchmark(args, env, model, optimizer, scaler, config)
 
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
+    warmup_steps = args.warmup_steps if args.warmup_epochs is None else round(args.warmup_epochs * steps_per_epoch)
     batches = tr.train_batches(args.data, train_transform(args), env, global_batch=args.batch_size, seed=args.seed,
                                start_step=start_step, workers=args.workers, image_size=args.image_size,
                                num_classes=spec.num_classes, mean=MEAN, std=STD)
@@ -513,8 +548,8 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     with tr.Preemption(env) as preemption, contextlib.closing(log):
         for step in tr.progress(start_step, total_steps, env):
             batch = next(batches)
-            lr = warmup_decay_lr(step, peak_lr=peak, total_steps=total_steps, warmup_steps=args.warmup_steps,
-                                 decay=args.decay)
+            lr = warmup_decay_lr(step, peak_lr=peak, total_steps=total_steps, warmup_steps=warmup_steps,
+                                 decay=args.decay, min_lr=args.min_lr)
             tr.set_lr(optimizer, lr)
             metrics = train_step(model, optimizer, scaler, batch, step, args, env, spec.num_classes)
             window.add(torch.stack([metrics["loss_sum"], metrics["correct"],

@@ -119,6 +119,40 @@ def test_lr_schedule_matches_its_formula():
     assert recipe.warmup_decay_lr(1000, **kw) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_min_lr_and_warmup_epochs_reshape_the_schedule():
+    """--min-lr raises the end of the decay (min + (peak - min) * factor: the paper's is min 0); --warmup-epochs gives
+    the warmup in epochs of the data."""
+    kw = dict(peak_lr=1e-3, total_steps=1000, warmup_steps=100, min_lr=1e-5)
+    assert recipe.warmup_decay_lr(1000, **kw) == pytest.approx(1e-5)
+    assert recipe.warmup_decay_lr(550, **kw) == pytest.approx(1e-5 + (1e-3 - 1e-5) / 2)
+    assert recipe.warmup_decay_lr(50, **kw) == pytest.approx(5e-4)
+    args = recipe.parse_args(["train", "--warmup-epochs", "2.5", "--auto-augment", "rand-m9-mstd0.5-inc1"])
+    assert args.warmup_epochs == 2.5 and recipe.randaug_policy(args) == "rand-m9-mstd0.5-inc1"
+    assert recipe.randaug_policy(recipe.parse_args(["train", "--aa", "none"])) is None
+    assert recipe.randaug_policy(recipe.parse_args(["train"])) == "rand-n2-m15-mmax15"  # medium2, the default
+
+
+def test_cutmix_pastes_the_neighbours_box_and_mixes_targets_by_its_area():
+    """timm's batch cutmix against the global batch rolled by one: inside one box every image holds its neighbour's
+    pixels, outside its own, and the targets mix by the box's true area (lam = 1 - area / image)."""
+    images = torch.arange(4 * 3 * 8 * 8, dtype=torch.float32).reshape(4, 3, 8, 8)
+    targets = torch.eye(4)
+    rolled = images.roll(1, 0)
+    boxes = 0
+    for seed in range(50):
+        mixed, mixed_targets = recipe.cutmix(images, targets, 1.0, np.random.default_rng(seed))
+        from_neighbour = (mixed == rolled) & (mixed != images)
+        area = from_neighbour[0, 0].float().mean().item()
+        assert ((mixed == images) | from_neighbour).all(), "every pixel is its own or its neighbour's"
+        assert from_neighbour.all(0).all(0).float().mean().item() == pytest.approx(area), "one box for all images"
+        torch.testing.assert_close(mixed_targets, (1 - area) * targets + area * targets.roll(1, 0))
+        boxes += area > 0
+    assert boxes > 40, "cutmix pastes a box in nearly every batch"
+    args = recipe.parse_args(["train", "--mixup", "0", "--cutmix", "1.0"])
+    mixed, _ = recipe.mix(images, targets, args, np.random.default_rng(3))
+    assert not torch.equal(mixed, images) and (mixed.unique().numel() == images.unique().numel())
+
+
 def test_weight_decay_and_lr_follow_the_paper_conventions():
     args = recipe.parse_args(["train", "--batch-size", "4096"])
     assert recipe.peak_lr(args) == pytest.approx(1e-3)
