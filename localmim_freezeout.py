@@ -94,6 +94,7 @@ DEFAULT_BATCH_PER_PROCESS = 64
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="LocalMIM with FreezeOut, fine-tuning, linear probe and kNN",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_launcher_flags(parser)  # torch.distributed.launch puts --local-rank=N before the command
     commands = parser.add_subparsers(dest="command", required=True)
     helps = {"pretrain": "LocalMIM pretraining (optionally with FreezeOut)",
              "finetune": "MAE fine-tuning of a pretrained encoder (layer decay, mixup/cutmix, RandAugment)",

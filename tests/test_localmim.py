@@ -643,3 +643,85 @@ def test_help_prints(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         recipe.main([command, "--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- the study's command line
+
+# The FreezeOut study's pretraining line, verbatim (MAE-style flags, --world_size, --log_dir; the legacy launcher adds
+# --local-rank=0). The test changes only the values that make it tiny and adds the tiny model's overrides.
+STUDY_PRETRAIN = ("pretrain --epochs 100 --batch_size 256 --warmup_epochs 10 --blr 2e-4 --world_size 4 --accum_iter 2 "
+                  "--model MIM_vit_base_patch16 --data_path DIR --output_dir OUT --log_dir OUT --how_scale cubic "
+                  "--t_0 0.85 --not_scale_lr --non_layerwise_lr --all_stages --dont_freeze_pe --hog_nbins 9 "
+                  "--mask_ratio 0.75 --weight_decay 0.05")
+TINY_STUDY = ["--depth", "4", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8", "--input_size", "16",
+              "--decoder-dim", "16", "--decoder-heads", "2", "--num_workers", "0", "--stop-after", "2"]
+
+
+def study_line(out: Path, world_size: int = 1) -> list[str]:
+    words = shlex.split(STUDY_PRETRAIN.replace("DIR", "digits").replace("OUT", str(out)))
+    tiny = {"--epochs": "1", "--batch_size": "8", "--world_size": str(world_size)}
+    return [tiny.get(flag, word) for flag, word in zip(["", *words], words)] + TINY_STUDY
+
+
+def assert_study_run(out: Path) -> None:
+    state = final_state(out)
+    config = state["config"]
+    assert state["step"] == 2 and tr.checkpoint_steps(out / "checkpoints") == [2]
+    assert (config["effective_batch"], config["grad_accum"], config["world_size"]) == (16, 2, 1)
+    assert config["peak_lr"] == pytest.approx(2e-4 * 16 / 256), "--blr is MAE's base lr at batch 256"
+    assert config["freezeout"] and config["t0"] == 0.85 and config["how_scale"] == "cubic"
+    assert config["not_scale_lr"] and config["non_layerwise_lr"] and config["all_stages"] and config["dont_freeze_pe"]
+    assert config["tensorboard"] == str(out), "--log_dir is TensorBoard's folder"
+
+
+def test_the_studys_pretraining_line_runs_unchanged(tmp_path):
+    assert run(*study_line(tmp_path / "run")) == 0
+    assert_study_run(tmp_path / "run")
+
+
+def test_the_studys_line_under_the_legacy_launcher(tmp_path):
+    """`python -m torch.distributed.launch --nproc_per_node=1` sets RANK/WORLD_SIZE/LOCAL_RANK and appends
+    --local-rank=0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=1",
+                           f"--master_port={port}", "localmim_freezeout.py", *study_line(tmp_path / "run")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=recipe_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_study_run(tmp_path / "run")
+
+
+def test_world_size_that_disagrees_with_the_processes_is_refused(tmp_path, capsys):
+    assert_user_error(run(*study_line(tmp_path / "run", world_size=4)), capsys, "--world-size 4", "1 process")
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_is_global_or_per_process_and_lr_scales_with_it():
+    def parsed(*flags: str):
+        return recipe.parse_args(["pretrain", *flags])
+
+    global_batch = parsed("--batch-size", "2048", "--lr", "2e-4")
+    assert recipe.effective_batch(global_batch, 8) == 2048 and recipe.micro_batch(global_batch, 8) == 256
+    per_process = parsed("--batch_size", "256", "--grad-accum", "2", "--blr", "2e-4")
+    assert recipe.effective_batch(per_process, 4) == 2048 and recipe.micro_batch(per_process, 4) == 256
+    assert recipe.peak_lr(global_batch, 1) == recipe.peak_lr(per_process, 4) == pytest.approx(1.6e-3)
+    assert recipe.peak_lr(parsed("--lr", "4e-3", "--lr-ref-batch", "0"), 8) == 4e-3, "--lr-ref-batch 0: absolute"
+    assert recipe.effective_batch(parsed(), 2) == 2 * recipe.DEFAULT_BATCH_PER_PROCESS
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "16", "--batch_size", "8"], ["--batch-size"]),
+    (["--batch-size", "16", "--grad-accum", "3"], ["--batch-size 16", "--grad-accum 3"]),
+    (["--batch-size-per-process", "0"], ["--batch-size-per-process"]),
+])
+def test_batch_flags_that_cannot_work_are_refused(flags, words, capsys):
+    assert_user_error(recipe.main(["pretrain", *flags]), capsys, *words)
+
+
+def test_eval_only_evaluates_the_pretrained_encoder_and_writes_nothing(tmp_path, capsys):
+    assert run("linprobe", *ARCH, "--data", "digits", "--pretrained", "random", "--eval-only", "--output-dir",
+               tmp_path / "none") == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_images"] == 359 and 0 <= result["val_top1"] <= 100
+    assert not (tmp_path / "none").exists()
