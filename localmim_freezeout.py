@@ -965,20 +965,7 @@ def pretrain_config(args: argparse.Namespace, env: tr.DistEnv, spec: data.DataSp
     return dict(common_config(args, env, spec), taps=taps, scales=scales)
 
 
-def pretrain(args: argparse.Namespace, argv: list[str]) -> dict | list:
-    env = tr.init_distributed()
-    args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-    try:
-        if args.benchmark_input:
-            return benchmark_input(args, env)
-        if args.benchmark:
-            return benchmark(args, env)
-        return run_pretrain(args, argv, env)
-    finally:
-        tr.cleanup_distributed()
-
-
-def run_pretrain(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
+def pretrain(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
     spec = data.describe(args.data)
     if spec.source == "synthetic" or not spec.train_size:
         raise UserError(f"pretraining needs data of known size (synthetic batches are for --benchmark): {args.data}")
@@ -1081,19 +1068,6 @@ def epoch_record(sums: torch.Tensor, epoch: tr.Window, number: int, plan: Freeze
 # ----------------------------------------------------------------------------------------------
 
 
-def supervised(args: argparse.Namespace, argv: list[str]) -> dict:
-    env = tr.init_distributed()
-    args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-    try:
-        if args.benchmark_input:
-            return benchmark_input(args, env)
-        if args.eval_only:
-            return evaluate_only(args, env)
-        return run_supervised(args, argv, env)
-    finally:
-        tr.cleanup_distributed()
-
-
 def supervised_config(args: argparse.Namespace, env: tr.DistEnv, spec: data.DataSpec) -> dict[str, Any]:
     return dict(common_config(args, env, spec), num_classes=spec.num_classes, class_names=spec.class_names)
 
@@ -1122,7 +1096,7 @@ def regularisers(args: argparse.Namespace, num_classes: int, device: torch.devic
             if args.random_erasing > 0 else None}
 
 
-def run_supervised(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
+def supervised(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
     spec = data.describe(args.data)
     if not spec.train_size:
         raise UserError(f"{args.command} needs data of known size: {args.data}")
@@ -1268,44 +1242,40 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return 100 * top1 / len(test_labels), 100 * top5 / len(test_labels)
 
 
-def knn(args: argparse.Namespace, argv: list[str]) -> dict:
-    env = tr.init_distributed()
-    try:
-        spec = data.describe(args.data)
-        if not spec.train_size or not spec.val_size:
-            raise UserError(f"kNN needs a train and a val split of known size: {args.data}")
-        config = dict(vars(args), **arch_config(args), **run_record(f"{RECIPE} knn", args),
-                      num_classes=spec.num_classes, world_size=env.world_size)
-        torch.manual_seed(args.seed)
-        encoder = VisionTransformer(**vit_kwargs(config, num_classes=0))
-        config["loaded"] = load_encoder(encoder, args.pretrained, config)
-        out = make_output_dir(args.output_dir)
-        # A kNN evaluation written into a training run's folder adds its record to the log and leaves the run's
-        # config.json as it is.
-        own_config = saved_config(out).get("trained_by", config["trained_by"]) == config["trained_by"]
-        encoder.to(env.device).eval()
-        # The train split once, in eval transform (one epoch of the loader: the last partial batch is left out).
-        global_batch = effective_batch(args, env.world_size)
-        train_host = data.train_batches(args.data, eval_transform(args), global_batch=global_batch, seed=args.seed,
-                                        workers=args.workers, process_index=env.rank, process_count=env.world_size)
-        steps = data.steps_per_epoch(spec.train_size, global_batch)
-        bank, bank_labels = extract_features(encoder, (next(train_host) for _ in range(steps)), env, args)
-        val_host = data.eval_batches(args.data, eval_transform(args), global_batch=global_batch,
-                                     workers=args.workers, process_index=env.rank, process_count=env.world_size)
-        test, test_labels = extract_features(encoder, val_host, env, args)
-        result = {"bank_images": len(bank_labels), "val_images": len(test_labels)}
-        for k in args.nb_knn:
-            top1, top5 = knn_classify(bank, bank_labels, test, test_labels, k, args.temperature, spec.num_classes)
-            result.update({f"knn_top1_k{k}": top1, f"knn_top5_k{k}": top5})
-        if env.is_main:
-            record_command(out, argv, env)
-            log = RunLog(out, config if own_config else None, main=True)
-            log.write(0, **result)
-            log.close()
-            print(json.dumps(result))
-        return result
-    finally:
-        tr.cleanup_distributed()
+def knn(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
+    spec = data.describe(args.data)
+    if not spec.train_size or not spec.val_size:
+        raise UserError(f"kNN needs a train and a val split of known size: {args.data}")
+    config = dict(vars(args), **arch_config(args), **run_record(f"{RECIPE} knn", args),
+                  num_classes=spec.num_classes, world_size=env.world_size)
+    torch.manual_seed(args.seed)
+    encoder = VisionTransformer(**vit_kwargs(config, num_classes=0))
+    config["loaded"] = load_encoder(encoder, args.pretrained, config)
+    out = make_output_dir(args.output_dir)
+    # A kNN evaluation written into a training run's folder adds its record to the log and leaves the run's
+    # config.json as it is.
+    own_config = saved_config(out).get("trained_by", config["trained_by"]) == config["trained_by"]
+    encoder.to(env.device).eval()
+    # The train split once, in eval transform (one epoch of the loader: the last partial batch is left out).
+    global_batch = effective_batch(args, env.world_size)
+    train_host = data.train_batches(args.data, eval_transform(args), global_batch=global_batch, seed=args.seed,
+                                    workers=args.workers, process_index=env.rank, process_count=env.world_size)
+    steps = data.steps_per_epoch(spec.train_size, global_batch)
+    bank, bank_labels = extract_features(encoder, (next(train_host) for _ in range(steps)), env, args)
+    val_host = data.eval_batches(args.data, eval_transform(args), global_batch=global_batch,
+                                 workers=args.workers, process_index=env.rank, process_count=env.world_size)
+    test, test_labels = extract_features(encoder, val_host, env, args)
+    result = {"bank_images": len(bank_labels), "val_images": len(test_labels)}
+    for k in args.nb_knn:
+        top1, top5 = knn_classify(bank, bank_labels, test, test_labels, k, args.temperature, spec.num_classes)
+        result.update({f"knn_top1_k{k}": top1, f"knn_top5_k{k}": top5})
+    if env.is_main:
+        record_command(out, argv, env)
+        log = RunLog(out, config if own_config else None, main=True)
+        log.write(0, **result)
+        log.close()
+        print(json.dumps(result))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1431,16 +1401,22 @@ def export(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
-    def command() -> None:
+    def command() -> Any:
         args = parse_args(argv)
         if args.command == "export":
-            export(args)
-        elif args.command == "pretrain":
-            pretrain(args, argv)
-        elif args.command == "knn":
-            knn(args, argv)
-        else:
-            supervised(args, argv)
+            return export(args)
+        env = tr.init_distributed()
+        try:
+            if args.command == "knn":
+                return knn(args, argv, env)
+            args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
+            if args.benchmark_input:
+                return benchmark_input(args, env)
+            if args.command == "pretrain":
+                return benchmark(args, env) if args.benchmark else pretrain(args, argv, env)
+            return evaluate_only(args, env) if args.eval_only else supervised(args, argv, env)
+        finally:
+            tr.cleanup_distributed()
 
     return exit_status(command)
 

@@ -645,7 +645,7 @@ def test_help_prints(command, capsys):
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
 
 
-# ---------------------------------------------------------------------------------------------- the study's command line
+# ------------------------------------------------------------------------------------------- the study's command line
 
 # The FreezeOut study's pretraining line, verbatim (MAE-style flags, --world_size, --log_dir; the legacy launcher adds
 # --local-rank=0). The test changes only the values that make it tiny and adds the tiny model's overrides.
