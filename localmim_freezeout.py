@@ -23,9 +23,11 @@ then leaves the optimizer. The frozen prefix of the encoder runs under `torch.no
 the patch embedding, so no gradient has to flow back through it), and a stage whose tapped block is frozen is dropped
 with its decoder and target: the backward pass and the optimizer step really shrink.
 
-`--batch-size` is per process as in MAE's code: the effective batch is batch x processes x `--accum-iter`, so the
-study's command lines (underscore flags accepted) run unchanged. File order: flags and presets, model, FreezeOut,
-data, loss and train steps, loops, evaluation (kNN), benchmark, export, main.
+Batch and lr: `--batch-size` is the global batch (all processes x `--grad-accum`); MAE's per-process `--batch_size`
+(= `--batch-size-per-process`) is accepted instead, and `--lr` is MAE's base lr at batch 256 (`--blr`), so the
+study's command lines (underscore flags, `--world_size`, `--log_dir`, the launcher's `--local_rank`) run unchanged.
+File order: flags and presets, model, FreezeOut, data, loss and train steps, loops, evaluation (kNN), benchmark,
+export, main.
 """
 
 from __future__ import annotations
@@ -59,12 +61,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models.vision_transformer import Block, VisionTransformer
 from timm.optim import Lars, param_groups_layer_decay
 from torch import nn
-from tqdm import tqdm
 
-from common import UserError, augment, convert, data, runtime
+from common import UserError, augment, convert, data, run
 from common import torch_run as tr
-from common.run import ArgumentParser, check_finite_loss, exit_status, make_output_dir, run_record, saved_config
+from common.run import ArgumentParser, exit_status, make_output_dir, run_record, saved_config
 from common.runlog import RunLog
+
+RECIPE = "localmim_freezeout.py"
 
 # ----------------------------------------------------------------------------------------------
 # Flags and presets.
@@ -85,11 +88,13 @@ FREEZEOUT_SCALINGS = {"linear": lambda x: x, "squared": lambda x: x**2, "cubic":
 MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # the targets are computed on the normalised image, as upstream
 # Flags that switch FreezeOut on when given (the study's command lines have no separate switch).
 FREEZEOUT_FLAGS = ("how_scale", "t0", "not_scale_lr", "non_layerwise_lr", "dont_freeze_pe")
+DEFAULT_BATCH_PER_PROCESS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="LocalMIM with FreezeOut, fine-tuning, linear probe and kNN",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_launcher_flags(parser)  # torch.distributed.launch puts --local-rank=N before the command
     commands = parser.add_subparsers(dest="command", required=True)
     helps = {"pretrain": "LocalMIM pretraining (optionally with FreezeOut)",
              "finetune": "MAE fine-tuning of a pretrained encoder (layer decay, mixup/cutmix, RandAugment)",
@@ -100,8 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_run_flags(p, name)
         add_model_flags(p, name)
-        {"pretrain": add_pretrain_flags, "finetune": add_finetune_flags, "linprobe": add_linprobe_flags,
-         "knn": add_knn_flags}[name](p)
+        if name == "pretrain":
+            add_pretrain_flags(p)
+        elif name == "knn":
+            add_knn_flags(p)
+        else:
+            add_supervised_flags(p, name)
     p = commands.add_parser("export", help="write a run's encoder (or classifier) as a timm state dict")
     p.add_argument("run_dir", help="a run's --output-dir or one checkpoint file")
     p.add_argument("--out", help="output .pth path (default RUN_DIR/timm_model.pth); .safetensors is written beside it")
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_argument_group("run")
-    g.add_argument("--data", "--data_path", "--data-path", default="digits",
+    g.add_argument("--data", "--data-path", "--data_path", default="digits",
                    help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
     g.add_argument("--output-dir", "--output_dir", default=f"runs/localmim/{command}",
                    help="config.json, log.jsonl, command.txt and checkpoints go here")
@@ -120,9 +129,17 @@ def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--precision", choices=list(tr.AUTOCAST_DTYPES), default="bf16",
                    help="autocast dtype on GPUs; fp16 (the papers' V100 setting) adds the loss scaler; CPUs compute "
                         "in float32")
-    g.add_argument("--batch-size", "--batch_size", type=int, default=64,
-                   help="per process, as MAE's code: effective batch = batch x processes x --accum-iter")
-    g.add_argument("--crop-pct", type=float, default=224 / 256, help="eval: resize to size / crop-pct, center crop")
+    batch = g.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=int, default=None,
+                       help="global batch: all processes x --grad-accum (or give --batch-size-per-process)")
+    batch.add_argument("--batch-size-per-process", "--batch_size", type=int, default=None,
+                       help=f"MAE's --batch_size: per process and micro-batch, so that the global batch is it x "
+                            f"processes x --grad-accum (default {DEFAULT_BATCH_PER_PROCESS} without --batch-size)")
+    g.add_argument("--world-size", "--world_size", type=int, default=None,
+                   help="MAE's: the number of processes, refused when the launcher started another number")
+    g.add_argument("--test-crop-ratio", "--crop-pct", type=float, default=224 / 256,
+                   help="eval: resize to size / ratio, center crop")
+    tr.add_launcher_flags(p)
     if command == "knn":
         return
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
@@ -139,23 +156,28 @@ def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
                         "+ center crop (tiny images such as digits)")
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    g.add_argument("--tensorboard", "--log_dir", "--log-dir", nargs="?", const=True, default=None, metavar="DIR",
+                   help="also log to TensorBoard (if installed): into OUTPUT_DIR/tensorboard, or DIR (LocalMIM's "
+                        "--log_dir DIR)")
     g.add_argument("--benchmark-input", action="store_true",
-                   help="time the input pipeline alone (--data, --workers, --batch-size x processes x --accum-iter)"
-                        " over --benchmark-steps batches, print JSON and exit")
+                   help="time the input pipeline alone (--data, --workers, the global batch) over --benchmark-steps "
+                        "batches, print JSON and exit")
     g.add_argument("--benchmark-steps", type=int, default=20, help="batches or steps timed by a benchmark")
 
     g = p.add_argument_group("optimizer and schedule")
     defaults = {"pretrain": (1.5e-4, 0.05, 400, 40, 1e-6), "finetune": (1e-3, 0.05, 100, 5, 1e-6),
                 "linprobe": (0.1, 0.0, 90, 10, 0.0)}[command]  # MAE main_pretrain / main_finetune / main_linprobe
-    g.add_argument("--accum-iter", "--accum_iter", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", "--accum-iter", "--accum_iter", type=int, default=1,
+                   help="micro-batches per optimizer step")
     g.add_argument("--epochs", type=int, default=defaults[2])
     g.add_argument("--warmup-epochs", "--warmup_epochs", type=float, default=defaults[3],
                    help="linear warmup from 0, per iteration")
-    g.add_argument("--blr", type=float, default=defaults[0], help="base lr: lr = blr x effective batch / 256")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    g.add_argument("--lr", "--blr", type=float, default=defaults[0],
+                   help="peak lr at batch --lr-ref-batch: the lr used is LR x global batch / --lr-ref-batch (MAE's "
+                        "--blr); MAE's absolute --lr X is --lr X --lr-ref-batch 0")
+    g.add_argument("--lr-ref-batch", type=int, default=256, help="the batch --lr is given at; 0: --lr is absolute")
     g.add_argument("--min-lr", "--min_lr", type=float, default=defaults[4], help="end of the half-cosine")
-    g.add_argument("--weight-decay", "--weight_decay", type=float, default=defaults[1],
+    g.add_argument("--weight-decay", "--weight_decay", "--wd", type=float, default=defaults[1],
                    help="not on biases and norm parameters")
 
 
@@ -163,7 +185,7 @@ def add_model_flags(p: argparse.ArgumentParser, command: str) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_base_patch16",
                    help=f"{', '.join(MODELS)} (LocalMIM's MIM_ prefix is accepted)")
-    g.add_argument("--input-size", "--input_size", type=int, default=224)
+    g.add_argument("--image-size", "--input-size", "--input_size", type=int, default=224)
     g.add_argument("--patch-size", type=int, help="override the model's patch size")
     g.add_argument("--depth", type=int, help="override the model's number of blocks")
     g.add_argument("--embed-dim", type=int, help="override the model's width")
@@ -211,24 +233,25 @@ def add_pretrain_flags(p: argparse.ArgumentParser) -> None:
                    help="fractions of the blocks to freeze (with the patch embedding), one timing each")
 
 
-def add_finetune_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("fine-tuning (MAE main_finetune.py)")
-    g.add_argument("--layer-decay", "--layer_decay", type=float, default=0.75)
-    g.add_argument("--drop-path", "--drop_path", type=float, default=0.1)
-    g.add_argument("--clip-grad", "--clip_grad", type=float, default=None, help="global norm clip (default off)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
-    g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy ('none': off)")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability (pixel mode)")
+def add_supervised_flags(p: argparse.ArgumentParser, command: str) -> None:
+    if command == "finetune":
+        g = p.add_argument_group("fine-tuning (MAE main_finetune.py)")
+        g.add_argument("--layer-decay", "--layer_decay", type=float, default=0.75)
+        g.add_argument("--drop-path", "--drop_path", type=float, default=0.1, help="stochastic depth rate")
+        g.add_argument("--clip-grad", "--clip_grad", type=float, default=None, help="global norm clip (default off)")
+        g.add_argument("--label-smoothing", "--smoothing", type=float, default=0.1)
+        g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
+        g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
+        g.add_argument("--auto-augment", "--aa", default="rand-m9-mstd0.5-inc1",
+                       help="timm auto-augment policy ('none': off)")
+        g.add_argument("--random-erasing", "--reprob", type=float, default=0.25,
+                       help="random erasing probability (pixel mode)")
+    g = p.add_argument_group("evaluation")
     g.add_argument("--dist-eval", "--dist_eval", action="store_true",
                    help="each process evaluates its shard of the val set (default: every process evaluates all)")
-
-
-def add_linprobe_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("linear probe (MAE main_linprobe.py)")
-    g.add_argument("--dist-eval", "--dist_eval", action="store_true",
-                   help="each process evaluates its shard of the val set (default: every process evaluates all)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate on val and exit: the last checkpoint of the run in --output-dir, else the model "
+                        "--pretrained initialises; appends a record to the run's log.jsonl and writes nothing else")
 
 
 def add_knn_flags(p: argparse.ArgumentParser) -> None:
@@ -240,12 +263,12 @@ def add_knn_flags(p: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.command != "export":
-        resolve_args(args)
+        resolve_args(args, processes=int(os.environ.get("WORLD_SIZE", "1")))
     return args
 
 
-def resolve_args(args: argparse.Namespace) -> None:
-    """Model name -> architecture, FreezeOut defaults, sanity checks."""
+def resolve_args(args: argparse.Namespace, processes: int) -> None:
+    """Model name -> architecture, the batch over `processes`, FreezeOut defaults, sanity checks."""
     name = args.model.removeprefix("MIM_")
     if name not in MODELS:
         raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
@@ -255,16 +278,24 @@ def resolve_args(args: argparse.Namespace) -> None:
         if getattr(args, flag) is not None:
             arch[key] = getattr(args, flag)
     args.arch = arch
-    for name in ("batch_size", "input_size", "workers", "seed", "accum_iter", "epochs", "log_interval", "save_every",
-                 "benchmark_steps", "decoder_dim", "hog_nbins"):
+    if args.world_size is not None and args.world_size != processes:
+        raise UserError(f"--world-size {args.world_size} disagrees with the {processes} process(es) the launcher "
+                        "started (WORLD_SIZE)")
+    if args.batch_size is None and args.batch_size_per_process is None:
+        args.batch_size_per_process = DEFAULT_BATCH_PER_PROCESS
+    for name in ("batch_size", "batch_size_per_process", "image_size", "workers", "seed", "grad_accum", "epochs",
+                 "log_interval", "save_every", "benchmark_steps", "decoder_dim", "hog_nbins"):
         value = getattr(args, name, 1)
-        if value < (0 if name in ("workers", "seed") else 1):
+        if value is not None and value < (0 if name in ("workers", "seed") else 1):
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.input_size % arch["patch_size"]:
-        raise UserError(f"--input-size {args.input_size} is not a multiple of the patch size {arch['patch_size']}")
+    if args.batch_size and args.batch_size % (processes * grad_accum(args)):
+        raise UserError(f"--batch-size {args.batch_size} does not split over {processes} process(es) x --grad-accum "
+                        f"{grad_accum(args)}")
+    if args.image_size % arch["patch_size"]:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of the patch size {arch['patch_size']}")
     if args.command == "pretrain":
         resolve_pretrain_args(args)
-    if args.command in ("finetune", "linprobe", "knn") and not args.pretrained:
+    if args.command in ("finetune", "linprobe", "knn") and not args.pretrained and not getattr(args, "eval_only", 0):
         raise UserError(f"{args.command} needs --pretrained (a run dir, a checkpoint, or 'random')")
 
 
@@ -281,9 +312,8 @@ def resolve_pretrain_args(args: argparse.Namespace) -> None:
         raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     if any(not 0 <= round(f * args.arch["layers"]) < args.arch["layers"] for f in args.benchmark_frozen):
         raise UserError("--benchmark-frozen takes fractions in [0, 1) that leave at least the last block trainable")
-    stage_layout(args.arch["layers"], args.all_stages)  # raises on a depth without a layout
-    grid = args.input_size // args.arch["patch_size"]
-    for scale in stage_layout(args.arch["layers"], args.all_stages)[1]:
+    grid = args.image_size // args.arch["patch_size"]
+    for scale in stage_layout(args.arch["layers"], args.all_stages)[1]:  # raises on a depth without a layout
         cell = args.arch["patch_size"] / scale
         if cell != int(cell) or grid * scale != int(grid * scale):
             raise UserError(f"stage scale {scale} needs a patch size divisible by {1 / scale:g} and a patch grid "
@@ -304,13 +334,23 @@ def stage_layout(depth: int, all_stages: bool) -> tuple[list[int], list[float]]:
     return list(range(depth)), scales
 
 
-def effective_batch(args: argparse.Namespace, world_size: int) -> int:
-    return args.batch_size * world_size * args.accum_iter
+def grad_accum(args: argparse.Namespace) -> int:
+    return getattr(args, "grad_accum", 1)  # kNN has no accumulation
 
 
-def peak_lr(args: argparse.Namespace, world_size: int) -> float:
-    """MAE: an absolute --lr, else blr x effective batch / 256."""
-    return args.lr if args.lr is not None else args.blr * effective_batch(args, world_size) / 256
+def effective_batch(args: argparse.Namespace, processes: int) -> int:
+    """The global batch of an optimizer step: --batch-size, or MAE's per-process batch x processes x --grad-accum."""
+    return args.batch_size or args.batch_size_per_process * processes * grad_accum(args)
+
+
+def micro_batch(args: argparse.Namespace, processes: int) -> int:
+    """Images per process and micro-batch (MAE's --batch_size)."""
+    return args.batch_size_per_process or args.batch_size // (processes * grad_accum(args))
+
+
+def peak_lr(args: argparse.Namespace, processes: int) -> float:
+    """MAE's rule lr = blr x global batch / 256 (--lr-ref-batch), or the absolute --lr with --lr-ref-batch 0."""
+    return args.lr * effective_batch(args, processes) / args.lr_ref_batch if args.lr_ref_batch else args.lr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +368,7 @@ def vit_kwargs(config: dict[str, Any], num_classes: int, pooling: str = "cls") -
 
 
 def arch_config(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(model=args.model, image_size=args.input_size, mlp_ratio=4.0, **args.arch)
+    return dict(model=args.model, image_size=args.image_size, mlp_ratio=4.0, **args.arch)
 
 
 def mae_init_(vit: VisionTransformer) -> None:
@@ -770,31 +810,38 @@ def set_freezeout_lrs(optimizer: torch.optim.Optimizer, step: int, config: dict[
 def train_transform(args: argparse.Namespace):
     """MAE's: pretraining RandomResizedCrop(20-100%) + flip; fine-tuning RRC(8-100%) + flip + RandAugment (random
     erasing runs on the device); linear probe RRC(8-100%) + flip. Bicubic."""
-    policy = args.aa if args.command == "finetune" and args.aa != "none" else None
-    return augment.train_transform(args.input_size, random_crop=args.random_crop, hflip=args.hflip,
+    policy = args.auto_augment if args.command == "finetune" and args.auto_augment != "none" else None
+    return augment.train_transform(args.image_size, random_crop=args.random_crop, hflip=args.hflip,
                                    scale=(0.2, 1.0) if args.command == "pretrain" else (0.08, 1.0), auto_augment=policy)
 
 
 def eval_transform(args: argparse.Namespace):
-    return augment.eval_transform(args.input_size, crop_ratio=args.crop_pct)
+    return augment.eval_transform(args.image_size, crop_ratio=args.test_crop_ratio)
 
 
-def mask_noise(seed: int, step: int, rows: int, patches: int, device: torch.device, rank: int,
-               local_rows: int) -> torch.Tensor:
-    """This process's rows of the step's masking noise, drawn for the whole effective batch from (seed, step): the
-    masks do not depend on how the batch is split over processes and micro-batches (or on resuming). Drawn by
-    `device`'s generator: on CPUs the numbers are those of the earlier host draw; CUDA's generator gives others
-    (the same in every process), so a GPU run started before this change gets other masks after a resume."""
-    generator = torch.Generator(device).manual_seed(tr.step_seed(seed, step))
-    noise = torch.rand(rows, patches, generator=generator, device=device)  # on the device: no blocking copy
-    return noise[rank * local_rows:(rank + 1) * local_rows]
+def train_batches(args: argparse.Namespace, env: tr.DistEnv, config: dict[str, Any], start_step: int):
+    return tr.train_batches(args.data, train_transform(args), env, global_batch=config["effective_batch"],
+                            seed=args.seed, start_step=start_step, workers=args.workers, image_size=args.image_size,
+                            num_classes=config.get("num_classes") or 1, mean=MEAN, std=STD)
 
 
-def device_batches(args: argparse.Namespace, env: tr.DistEnv, start_step: int, global_batch: int) -> Iterator[dict]:
-    host = data.train_batches(args.data, train_transform(args), global_batch=global_batch, seed=args.seed,
-                              start_step=start_step, workers=args.workers, process_index=env.rank,
-                              process_count=env.world_size)
+def val_batches(args: argparse.Namespace, env: tr.DistEnv) -> Iterator[dict]:
+    """The val split on the device: this process's shard with --dist-eval, else all of it (MAE's default)."""
+    processes, index = (env.world_size, env.rank) if args.dist_eval else (1, 0)
+    host = data.eval_batches(args.data, eval_transform(args), workers=args.workers, process_index=index,
+                             global_batch=micro_batch(args, env.world_size) * processes, process_count=processes)
     return tr.batches_to_device(host, env.device, MEAN, STD)
+
+
+def mask_noise(seed: int, step: int, rows: int, patches: int, env: tr.DistEnv) -> torch.Tensor:
+    """This process's rows of the step's masking noise, drawn for the whole effective batch from (seed, step): the
+    masks do not depend on how the batch is split over processes and micro-batches (or on resuming). Drawn by the
+    device's generator: on CPUs the numbers are those of the earlier host draw; CUDA's generator gives others
+    (the same in every process), so a GPU run started before this change gets other masks after a resume."""
+    generator = torch.Generator(env.device).manual_seed(tr.step_seed(seed, step))
+    noise = torch.rand(rows, patches, generator=generator, device=env.device)  # on the device: no blocking copy
+    local_rows = rows // env.world_size
+    return noise[env.rank * local_rows:(env.rank + 1) * local_rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -810,15 +857,15 @@ def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
 def pretrain_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   images: torch.Tensor, noise: torch.Tensor, active: list[bool], no_grad_units: int,
                   args: argparse.Namespace) -> torch.Tensor:
-    """One optimizer step over --accum-iter micro-batches; no gradient clipping (MAE/LocalMIM pretraining). Returns
+    """One optimizer step over --grad-accum micro-batches; no gradient clipping (MAE/LocalMIM pretraining). Returns
     the per-stage losses summed over the micro-batches (a device tensor, no host sync)."""
     optimizer.zero_grad(set_to_none=True)
     stage_sums = torch.zeros(len(active), device=images.device)
-    chunks = list(zip(images.chunk(args.accum_iter), noise.chunk(args.accum_iter)))
+    chunks = list(zip(images.chunk(args.grad_accum), noise.chunk(args.grad_accum)))
     for index, (micro_images, micro_noise) in enumerate(chunks):
         with no_sync(model, index == len(chunks) - 1), tr.autocast(images.device, args.precision):
             loss, stage_losses = model(micro_images, micro_noise, active, no_grad_units)
-            scaler.scale(loss / args.accum_iter).backward()
+            scaler.scale(loss / args.grad_accum).backward()
         stage_sums += stage_losses.detach()
     scaler.step(optimizer)
     scaler.update()
@@ -831,12 +878,12 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
     the device, loss scaled by 1/accum, optional clipping. Returns the summed loss over the local samples."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=env.device)
-    chunks = list(zip(batch["image"].chunk(args.accum_iter), batch["label"].chunk(args.accum_iter)))
+    chunks = list(zip(batch["image"].chunk(args.grad_accum), batch["label"].chunk(args.grad_accum)))
     for index, (images, labels) in enumerate(chunks):
         # Erasing, mixup/cutmix and drop path draw from a seed of (step, the micro-batch's place in the global batch:
         # process r's i-th is r * accum + i): N processes with accumulation a make the update of any other split
         # of the same N x a (and a resumed run that of an uninterrupted one).
-        seed = tr.step_seed(args.seed, step, env.rank * args.accum_iter + index)
+        seed = tr.step_seed(args.seed, step, env.rank * args.grad_accum + index)
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
@@ -847,7 +894,7 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
             images, targets = regularisers["mixup"](images, labels)
         with no_sync(model, index == len(chunks) - 1), tr.autocast(env.device, args.precision):
             loss = regularisers["criterion"](model(images).float(), targets)
-            scaler.scale(loss / args.accum_iter).backward()
+            scaler.scale(loss / args.grad_accum).backward()
         loss_sum += loss.detach() * len(labels)
     if getattr(args, "clip_grad", None):
         scaler.unscale_(optimizer)
@@ -858,7 +905,8 @@ def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs: output folder, command line, checkpoints, stopping.
+# Runs: the command line (command.txt) and the weights of every --save-every epochs (epochs/<epoch>.pt); the rest is
+# common.torch_run's (checkpoints, resume, stopping, the log window).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -867,7 +915,6 @@ def record_command(out: Path, argv: list[str], env: tr.DistEnv) -> None:
     working directory, git commit and the exact command."""
     if not env.is_main:
         return
-    out.mkdir(parents=True, exist_ok=True)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
@@ -880,93 +927,51 @@ def record_command(out: Path, argv: list[str], env: tr.DistEnv) -> None:
                 f"{launcher} {shlex.join([Path(__file__).name, *argv])}\n\n")
 
 
-def start_state(out: Path, args: argparse.Namespace) -> dict | None:
-    """The last checkpoint's state when resuming (None for a new run), after `common.run.start_run`'s checks."""
-    return tr.start_run(out, resume=args.resume, recipe=f"localmim_freezeout.py {args.command}", settings=vars(args))
+def save_epoch_weights(out: str | Path, step: int, model: nn.Module, config: dict, env: tr.DistEnv) -> None:
+    """epochs/<epoch>.pt (weights and config; MAE's checkpoint-<epoch>.pth) at the end of every --save-every-th epoch
+    and of the last one. All are kept: the study fine-tunes and probes the intermediate epochs."""
+    epoch, into_epoch = divmod(step, config["steps_per_epoch"])
+    if env.is_main and not into_epoch and (epoch % config["save_every"] == 0 or epoch == config["epochs"]):
+        tr.save_checkpoint(Path(out) / "epochs", epoch, {"model": tr.unwrap(model).state_dict(), "config": config,
+                                                         "step": step}, keep=10**9)
 
 
-def check_finite(value: torch.Tensor, step: int, out: Path) -> None:
-    check_finite_loss(tr.all_reduce_sum(value.clone()).tolist(), step, out / "checkpoints")
+def open_run(out: Path, args: argparse.Namespace, argv: list[str], env: tr.DistEnv, config: dict,
+             start_step: int) -> RunLog:
+    """command.txt gets this invocation, config.json the run's config; the log drops records past `start_step`."""
+    record_command(out, argv, env)
+    return RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                  main=env.is_main)
 
 
-def save_run(out: Path, env: tr.DistEnv, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-             epoch_done: bool, epoch: int, args: argparse.Namespace, eval_metrics: dict | None = None) -> None:
-    """checkpoints/<step>.pt (the last: model, optimizer, scaler, step, config) and, every --save-every epochs and at
-    the end, epochs/<epoch>.pt (weights and config). Refuses a diverged state (`tr.check_savable`)."""
-    plain = tr.unwrap(model)
-    tr.check_savable(state["step"], plain, optimizer, eval_metrics=eval_metrics, output_dir=out / "checkpoints")
-    if env.is_main:
-        state = dict(state, optimizer=optimizer.state_dict())
-        tr.save_checkpoint(out / "checkpoints", state["step"], dict(state, model=plain.state_dict()))
-        if epoch_done and (epoch % args.save_every == 0 or epoch == args.epochs):
-            tr.save_checkpoint(out / "epochs", epoch, {"model": plain.state_dict(), "config": state["config"],
-                                                       "step": state["step"]}, keep=10**9)
-    tr.barrier()
-
-
-def stop_requested(args: argparse.Namespace, env: tr.DistEnv, preemption: runtime.Preemption, done: int,
-                   start_step: int) -> bool:
-    """--stop-after, or SIGTERM: checked every step in one process; over many, where the processes must agree (a
-    collective), every --log-interval steps."""
-    if args.stop_after and done - start_step >= args.stop_after:
-        return True
-    if not env.distributed:
-        return preemption.requested
-    if done % args.log_interval:
-        return False
-    return tr.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
-
-
-def wrap_ddp(model: nn.Module, env: tr.DistEnv, compile_model: bool) -> nn.Module:
-    """DDP over the parameters that currently require gradients (rebuilt when FreezeOut freezes a layer), compiled
-    with `compile_model`. No static_graph: the set of trained parameters changes with each freeze.
-
-    A freeze builds a new wrapper around the same module; dynamo keeps its compiled code per forward and recompiles
-    it for the new frozen set (it guards on requires_grad and on the active stages), instead of going back to
-    eager. FreezeOut's units past torch._dynamo's recompile_limit (8) run eagerly; not measured (no GPU in CI)."""
-    if env.distributed:
-        device_ids = [env.device] if env.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False,
-                                                    gradient_as_bucket_view=True)
-    return torch.compile(model) if compile_model else model
+def common_config(args: argparse.Namespace, env: tr.DistEnv, spec: data.DataSpec | None) -> dict[str, Any]:
+    """The flags, the architecture and what follows from the data and the processes: batch, lr, steps."""
+    batch = effective_batch(args, env.world_size)
+    steps_per_epoch = data.steps_per_epoch(spec.train_size, batch) if spec and spec.train_size else 0
+    return dict(vars(args), **arch_config(args), **run_record(f"{RECIPE} {args.command}", args),
+                effective_batch=batch, micro_batch=micro_batch(args, env.world_size),
+                peak_lr=peak_lr(args, env.world_size), steps_per_epoch=steps_per_epoch,
+                total_steps=args.epochs * steps_per_epoch, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+                world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
 
 
 # ----------------------------------------------------------------------------------------------
-# Pretraining loop.
+# Pretraining.
 # ----------------------------------------------------------------------------------------------
 
 
 def pretrain_config(args: argparse.Namespace, env: tr.DistEnv, spec: data.DataSpec | None) -> dict[str, Any]:
-    batch = effective_batch(args, env.world_size)
-    steps_per_epoch = data.steps_per_epoch(spec.train_size, batch) if spec and spec.train_size else 0
     taps, scales = stage_layout(args.arch["layers"], args.all_stages)
-    return dict(vars(args), **arch_config(args), **run_record(f"localmim_freezeout.py {args.command}", args),
-                effective_batch=batch, peak_lr=peak_lr(args, env.world_size), steps_per_epoch=steps_per_epoch,
-                total_steps=args.epochs * steps_per_epoch,
-                warmup_steps=round(args.warmup_epochs * steps_per_epoch), taps=taps, scales=scales,
-                world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
+    return dict(common_config(args, env, spec), taps=taps, scales=scales)
 
 
-def pretrain(args: argparse.Namespace, argv: list[str]) -> dict:
-    env = tr.init_distributed()
-    args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-    try:
-        if args.benchmark_input:
-            return benchmark_input(args, env)
-        if args.benchmark:
-            return benchmark(args, env)
-        return run_pretrain(args, argv, env)
-    finally:
-        tr.cleanup_distributed()
-
-
-def run_pretrain(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
+def pretrain(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
     spec = data.describe(args.data)
     if spec.source == "synthetic" or not spec.train_size:
         raise UserError(f"pretraining needs data of known size (synthetic batches are for --benchmark): {args.data}")
     config = pretrain_config(args, env, spec)
     out = Path(args.output_dir)
-    state = start_state(out, args)
+    state = tr.start_run(out, resume=args.resume, recipe=config["trained_by"], settings=vars(args))
     torch.manual_seed(args.seed)  # the same initial weights in every process
     model = build_pretrain_model(config).to(env.device)
     config["params"] = sum(p.numel() for p in model.parameters())
@@ -976,114 +981,95 @@ def run_pretrain(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> 
     optimizer = torch.optim.AdamW(freezeout_param_groups(model, plan, args.weight_decay), lr=config["peak_lr"],
                                   betas=(0.9, 0.95), fused=env.device.type == "cuda")
     scaler = tr.grad_scaler(env.device, args.precision)
-    start_step, log_sums = 0, {}
     if state:
-        tr.check_state_dict(model, state["model"], str(out / "checkpoints"))
-        model.load_state_dict(state["model"])
-        apply_freezeout(optimizer, state["step"])  # the same groups as when it was saved, then their state
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, log_sums = state["step"], state["log_sums"]
-    record_command(out, argv, env)
-    log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
-                 main=env.is_main)
+        apply_freezeout(optimizer, state["step"])  # the param groups the optimizer state was saved with
+        tr.restore(state, out, model=model, optimizer=optimizer, scaler=scaler)
+    log = open_run(out, args, argv, env, config, state["step"] if state else 0)
+    run.say(f"{config['params'] / 1e6:.1f}M params ({config['encoder_params'] / 1e6:.1f}M encoder), "
+            f"{config['total_steps']} steps ({config['steps_per_epoch']}/epoch), effective batch "
+            f"{config['effective_batch']}, lr {config['peak_lr']:.3g}, FreezeOut "
+            f"{'on: t_i ' + ' '.join(f'{t:.3f}' for t in plan.fractions) if args.freezeout else 'off'}, "
+            f"{env.world_size} process(es) on {env.device.type}", main=env.is_main)
     try:
-        return pretrain_loop(args, env, model, optimizer, scaler, config, plan, start_step, log_sums, log)
+        return pretrain_loop(args, env, model, optimizer, scaler, config, plan, state or {}, log)
     finally:
         log.close()
 
 
 def pretrain_loop(args, env: tr.DistEnv, model: LocalMIM, optimizer, scaler, config: dict, plan: FreezePlan,
-                  start_step: int, log_sums: dict, log: RunLog) -> dict:
-    total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
-    if env.is_main:
-        print(f"{config['params'] / 1e6:.1f}M params ({config['encoder_params'] / 1e6:.1f}M encoder), {total} steps "
-              f"({per_epoch}/epoch), effective batch {config['effective_batch']}, lr {config['peak_lr']:.3g}, "
-              f"FreezeOut {'on: t_i ' + ' '.join(f'{t:.3f}' for t in plan.fractions) if args.freezeout else 'off'}, "
-              f"{env.world_size} process(es) on {env.device.type}, starting at step {start_step}", file=sys.stderr)
-    batches = device_batches(args, env, start_step, config["effective_batch"])
-    local_rows = args.batch_size * args.accum_iter
-    ddp = wrap_ddp(model, env, args.compile)
-    zeros = torch.zeros(len(plan.taps) + 2, device=env.device)  # stage losses, steps, unreadable images skipped
-    window, epoch_sums = (log_sums.get(name, zeros).to(env.device) for name in ("window", "epoch"))
-    window_start = epoch_start = time.perf_counter()
-    last: dict[str, Any] = {}
-    preemption = runtime.Preemption()
-    progress = tqdm(range(start_step, total), initial=start_step, total=total, desc="pretrain",
-                    disable=not env.is_main or None, dynamic_ncols=True, file=sys.stderr)
-    try:
-        for step in progress:
+                  state: dict, log: RunLog) -> dict:
+    total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], args.output_dir
+    start_step, last = state.get("step", 0), {}
+    batches = train_batches(args, env, config, start_step)
+    # DDP (and the compiled graph) knows only the parameters that required gradients: a freeze wraps again. Dynamo
+    # keeps its code per forward and recompiles for the new frozen set (it guards on requires_grad and the active
+    # stages); FreezeOut's units past torch._dynamo's recompile_limit (8) run eagerly (not measured).
+    ddp = tr.wrap(model, env, compile_model=args.compile, broadcast_buffers=False)
+    zeros = torch.zeros(len(plan.taps) + 1, device=env.device)  # stage losses, unreadable images skipped
+    window, epoch = tr.Window(zeros, state.get("log_window")), tr.Window(zeros, state.get("epoch_window"))
+    with tr.Preemption(env) as preemption:
+        for step in tr.progress(start_step, total, env, desc="pretrain"):
             if apply_freezeout(optimizer, step):
-                ddp = wrap_ddp(model, env, args.compile)  # DDP only knows the parameters that required gradients
+                ddp = tr.wrap(model, env, compile_model=args.compile, broadcast_buffers=False)
             lr = set_freezeout_lrs(optimizer, step, config)
             batch = next(batches)
-            noise = mask_noise(args.seed, step, config["effective_batch"], model.grid**2, env.device, env.rank,
-                               local_rows)
+            noise = mask_noise(args.seed, step, config["effective_batch"], model.grid**2, env)
             stage_sums = pretrain_step(ddp, optimizer, scaler, batch["image"], noise, plan.active_stages(step),
                                        plan.no_grad_units(step), args)
-            counts = torch.tensor([1.0, batch["skipped"]], device=env.device)  # steps, unreadable images skipped
-            increment = torch.cat([stage_sums / args.accum_iter, counts])
-            window, epoch_sums = window + increment, epoch_sums + increment
+            skipped = torch.tensor([float(batch["skipped"])], device=env.device)  # unreadable images
+            values = torch.cat([stage_sums / args.grad_accum, skipped])
+            window.add(values)
+            epoch.add(values)
             done = step + 1
-            if done % args.log_interval == 0 or done == total:
-                check_finite(window, done, out)
-                sums = tr.all_reduce_sum(window.clone()) / env.world_size
-                stage_losses, steps = (sums[:-2] / sums[-2]).tolist(), sums[-2].item()
-                seconds = time.perf_counter() - window_start
-                last = {"loss": sum(stage_losses), "lr": lr, "epoch": done / per_epoch,
-                        "img_per_sec": steps * config["effective_batch"] / seconds,
-                        **{f"loss_stage{k}": v for k, v in enumerate(stage_losses)}}
-                if sums[-1] > 0:
-                    last["skipped_images"] = round(sums[-1].item() * env.world_size)
+            if run.due(done, args.log_interval, total):
+                last = dict(loss_record(window.totals(done, out), window.steps * env.world_size), lr=lr,
+                            epoch=done / per_epoch, img_per_sec=window.images_per_sec(config["effective_batch"]))
                 log.write(done, **last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
-                window, window_start = torch.zeros_like(window), time.perf_counter()
-            epoch_done = done % per_epoch == 0
-            stop = stop_requested(args, env, preemption, done, start_step)
-            if epoch_done:
-                check_finite(epoch_sums, done, out)
-                seconds = time.perf_counter() - epoch_start
-                sums = tr.all_reduce_sum(epoch_sums.clone()) / env.world_size
-                record = {"epoch": done // per_epoch, "train_loss": (sums[:-2] / sums[-2]).sum().item(),
-                          "frozen_layers": plan.frozen_layers(step), "layers": len(plan.fractions),
-                          "active_stages": sum(plan.active_stages(step)), "step_ms": 1000 * seconds / sums[-2].item(),
-                          "lr": lr}
-                log.write(done, **record)
-                if env.is_main:
-                    tqdm.write(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}, {record['frozen_layers']}/"
-                               f"{record['layers']} layers frozen, {record['active_stages']} stages, "
-                               f"{record['step_ms']:.1f} ms/step", file=sys.stderr)
-                epoch_sums = torch.zeros_like(epoch_sums)
-            if epoch_done or stop:
-                save_run(out, env, model, optimizer, {
-                    "scaler": scaler.state_dict(), "step": done, "config": config,
-                    "log_sums": {"window": tr.sums_for_checkpoint(window), "epoch": tr.sums_for_checkpoint(epoch_sums)},
-                }, epoch_done, done // per_epoch, args)
-                epoch_start = time.perf_counter()  # step_ms counts training steps only
+                window.reset()
+            stop = preemption.stop_after(done, start_step=start_step, stop_after=args.stop_after,
+                                         every=args.log_interval)
+            if done % per_epoch == 0:
+                log.write(done, **epoch_record(epoch.totals(done, out), epoch, done // per_epoch, plan, step, env),
+                          lr=lr)
+                epoch.reset()
+            if done % per_epoch == 0 or stop:
+                with window.paused(), epoch.paused():
+                    tr.save(out, done, env, model=model, optimizer=optimizer, scaler=scaler,
+                            extra={"config": config, "log_window": window.state(), "epoch_window": epoch.state()})
+                    save_epoch_weights(out, done, model, config, env)
             if stop and done < total:
-                if env.is_main:
-                    tqdm.write(f"stopping at step {done}: continue with --resume", file=sys.stderr)
+                run.say(f"stopping at step {done}: continue with --resume", main=env.is_main)
                 break
-    finally:
-        preemption.close()
-        progress.close()
     return last
 
 
+def loss_record(sums: torch.Tensor, steps: int) -> dict[str, float]:
+    """A window's sums over the processes (stage losses, images skipped) as the log's loss and per-stage losses."""
+    stage_losses = (sums[:-1] / steps).tolist()
+    record = {"loss": sum(stage_losses), **{f"loss_stage{k}": v for k, v in enumerate(stage_losses)}}
+    if sums[-1] > 0:
+        record["skipped_images"] = round(sums[-1].item())
+    return record
+
+
+def epoch_record(sums: torch.Tensor, epoch: tr.Window, number: int, plan: FreezePlan, step: int,
+                 env: tr.DistEnv) -> dict[str, Any]:
+    """The study's record of an epoch: its mean train loss, FreezeOut's progress, the time of a training step."""
+    record = {"epoch": number, "train_loss": (sums[:-1] / (epoch.steps * env.world_size)).sum().item(),
+              "frozen_layers": plan.frozen_layers(step), "layers": len(plan.fractions),
+              "active_stages": sum(plan.active_stages(step)), "step_ms": 1000 / epoch.images_per_sec(1)}
+    run.say(f"epoch {number}: loss {record['train_loss']:.4f}, {record['frozen_layers']}/{record['layers']} layers "
+            f"frozen, {record['active_stages']} stages, {record['step_ms']:.1f} ms/step", main=env.is_main)
+    return record
+
+
 # ----------------------------------------------------------------------------------------------
-# Fine-tuning and linear-probe loop.
+# Fine-tuning and linear probing.
 # ----------------------------------------------------------------------------------------------
 
 
-def supervised(args: argparse.Namespace, argv: list[str]) -> dict:
-    env = tr.init_distributed()
-    args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-    try:
-        if args.benchmark_input:
-            return benchmark_input(args, env)
-        return run_supervised(args, argv, env)
-    finally:
-        tr.cleanup_distributed()
+def supervised_config(args: argparse.Namespace, env: tr.DistEnv, spec: data.DataSpec) -> dict[str, Any]:
+    return dict(common_config(args, env, spec), num_classes=spec.num_classes, class_names=spec.class_names)
 
 
 def make_supervised_optimizer(model: VisionTransformer, args: argparse.Namespace, lr: float, device: torch.device):
@@ -1103,135 +1089,113 @@ def regularisers(args: argparse.Namespace, num_classes: int, device: torch.devic
     if args.command != "finetune":
         return {"criterion": nn.CrossEntropyLoss()}
     mixing = args.mixup > 0 or args.cutmix > 0
-    return {"criterion": SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(args.smoothing),
-            "mixup": Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.smoothing,
+    return {"criterion": SoftTargetCrossEntropy() if mixing else LabelSmoothingCrossEntropy(args.label_smoothing),
+            "mixup": Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, label_smoothing=args.label_smoothing,
                            num_classes=num_classes) if mixing else None,
-            "erase": RandomErasing(args.reprob, mode="pixel", device=str(device)) if args.reprob > 0 else None}
+            "erase": RandomErasing(args.random_erasing, mode="pixel", device=str(device))
+            if args.random_erasing > 0 else None}
 
 
-def run_supervised(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
+def supervised(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
     spec = data.describe(args.data)
     if not spec.train_size:
         raise UserError(f"{args.command} needs data of known size: {args.data}")
-    batch = effective_batch(args, env.world_size)
-    if args.command == "finetune" and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
-        raise UserError(f"mixup/cutmix need an even --batch-size (per process and micro-batch), got {args.batch_size}")
-    steps_per_epoch = data.steps_per_epoch(spec.train_size, batch)
-    config = dict(vars(args), **arch_config(args), **run_record(f"localmim_freezeout.py {args.command}", args),
-                  num_classes=spec.num_classes, class_names=spec.class_names, effective_batch=batch,
-                  peak_lr=peak_lr(args, env.world_size), steps_per_epoch=steps_per_epoch,
-                  total_steps=args.epochs * steps_per_epoch, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
-                  world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
+    if args.command == "finetune" and (args.mixup > 0 or args.cutmix > 0) and micro_batch(args, env.world_size) % 2:
+        raise UserError(f"mixup/cutmix need an even batch per process and micro-batch, got "
+                        f"{micro_batch(args, env.world_size)}")
+    config = supervised_config(args, env, spec)
     out = Path(args.output_dir)
-    state = start_state(out, args)
+    state = tr.start_run(out, resume=args.resume, recipe=config["trained_by"], settings=vars(args))
     torch.manual_seed(args.seed)
     model = build_classifier(config)
     config["loaded"] = load_encoder(model, args.pretrained, config) if not state else state["config"]["loaded"]
     model.to(env.device)
     optimizer = make_supervised_optimizer(model, args, config["peak_lr"], env.device)
     scaler = tr.grad_scaler(env.device, args.precision)
-    start_step, best, log_sums = 0, 0.0, {}
     if state:
-        tr.check_state_dict(model, state["model"], str(out / "checkpoints"))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, best, log_sums = state["step"], state["max_accuracy"], state["log_sums"]
-    record_command(out, argv, env)
-    log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
-                 main=env.is_main)
-    if env.is_main:
-        print(f"{args.command}: {config['loaded']}; {config['total_steps']} steps ({steps_per_epoch}/epoch), "
-              f"effective batch {batch}, lr {config['peak_lr']:.3g}", file=sys.stderr)
+        tr.restore(state, out, model=model, optimizer=optimizer, scaler=scaler)
+    log = open_run(out, args, argv, env, config, state["step"] if state else 0)
+    run.say(f"{args.command}: {config['loaded']}; {config['total_steps']} steps ({config['steps_per_epoch']}/epoch), "
+            f"effective batch {config['effective_batch']}, lr {config['peak_lr']:.3g}", main=env.is_main)
     try:
-        return supervised_loop(args, env, model, optimizer, scaler, config, start_step, best, log_sums, log)
+        return supervised_loop(args, env, model, optimizer, scaler, config, state or {}, log)
     finally:
         log.close()
 
 
-def supervised_loop(args, env: tr.DistEnv, model, optimizer, scaler, config: dict, start_step: int, best: float,
-                    log_sums: dict, log: RunLog) -> dict:
-    total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], Path(args.output_dir)
-    batches = device_batches(args, env, start_step, config["effective_batch"])
+def supervised_loop(args, env: tr.DistEnv, model, optimizer, scaler, config: dict, state: dict, log: RunLog) -> dict:
+    total, per_epoch, out = config["total_steps"], config["steps_per_epoch"], args.output_dir
+    start_step, best, last = state.get("step", 0), state.get("max_accuracy", 0.0), {}
+    batches = train_batches(args, env, config, start_step)
     regs = regularisers(args, config["num_classes"], env.device)
-    ddp = wrap_ddp(model, env, args.compile)
+    ddp = tr.wrap(model, env, compile_model=args.compile, broadcast_buffers=False)
     model.train()
-    window = log_sums.get("window", torch.zeros(3)).to(env.device)  # loss sum, samples, unreadable images skipped
-    last: dict[str, Any] = {}
-    preemption = runtime.Preemption()
-    progress = tqdm(range(start_step, total), initial=start_step, total=total, desc=args.command,
-                    disable=not env.is_main or None, dynamic_ncols=True, file=sys.stderr)
-    try:
-        for step in progress:
+    window = tr.Window(torch.zeros(2, device=env.device), state.get("log_window"))  # loss sum, images skipped
+    with tr.Preemption(env) as preemption:
+        for step in tr.progress(start_step, total, env, desc=args.command):
             lr = layer_lr(step, t=1.0, peak_lr=config["peak_lr"], min_lr=args.min_lr, total_steps=total,
                           warmup_steps=config["warmup_steps"])
             tr.set_lr(optimizer, lr)  # times each group's lr_scale (layer decay)
             batch = next(batches)
             loss_sum = supervised_step(ddp, optimizer, scaler, batch, step, args, env, regs)
-            counts = torch.tensor([args.batch_size * args.accum_iter, batch["skipped"]], dtype=torch.float32,
-                                  device=env.device)  # samples, unreadable images skipped
-            window += torch.cat([loss_sum.float()[None], counts])
+            window.add(torch.stack([loss_sum.float(), torch.tensor(float(batch["skipped"]), device=env.device)]))
             done = step + 1
             epoch_done = done % per_epoch == 0
-            if done % args.log_interval == 0 or epoch_done:
-                check_finite(window, done, out)
-                sums = tr.all_reduce_sum(window.clone())
-                last = {"loss": (sums[0] / sums[1]).item(), "lr": lr, "epoch": done / per_epoch}
-                if sums[2] > 0:
-                    last["skipped_images"] = round(sums[2].item())
+            if run.due(done, args.log_interval, total) or epoch_done:
+                sums = window.totals(done, out)
+                last = {"loss": (sums[0] / (window.steps * config["effective_batch"])).item(), "lr": lr,
+                        "epoch": done / per_epoch, **({"skipped_images": round(sums[1].item())} if sums[1] else {})}
                 log.write(done, **last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
-                window = torch.zeros_like(window)
-            stop = stop_requested(args, env, preemption, done, start_step)
+                window.reset()
+            stop = preemption.stop_after(done, start_step=start_step, stop_after=args.stop_after,
+                                         every=args.log_interval)
             results = {}
             if epoch_done:
-                results = evaluate(model, args, env)
+                results = tr.evaluate_classifier(model, val_batches(args, env), env, precision=args.precision,
+                                                 all_reduce=args.dist_eval)
                 best = max(best, results.get("val_top1", 0.0))
                 log.write(done, **results, max_accuracy=best, epoch=done // per_epoch)
                 last.update(results, max_accuracy=best)
-                if env.is_main and results:
-                    tqdm.write(f"epoch {done // per_epoch}: val top-1 {results['val_top1']:.2f}% (max {best:.2f}%)",
-                               file=sys.stderr)
+                run.say(run.eval_line(done, dict(results, max_accuracy=best)), main=env.is_main and bool(results))
             if epoch_done or stop:
-                save_run(out, env, model, optimizer, {
-                    "scaler": scaler.state_dict(), "step": done, "max_accuracy": best, "config": config,
-                    "log_sums": {"window": tr.sums_for_checkpoint(window)}}, epoch_done, done // per_epoch, args,
-                    results)
+                tr.save(out, done, env, model=model, optimizer=optimizer, scaler=scaler, eval_metrics=results,
+                        extra={"config": config, "max_accuracy": best, "log_window": window.state()})
+                save_epoch_weights(out, done, model, config, env)
             if stop and done < total:
-                if env.is_main:
-                    tqdm.write(f"stopping at step {done}: continue with --resume", file=sys.stderr)
+                run.say(f"stopping at step {done}: continue with --resume", main=env.is_main)
                 break
-    finally:
-        preemption.close()
-        progress.close()
     return last
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, args: argparse.Namespace, env: tr.DistEnv) -> dict:
-    """Cross-entropy, top-1 and top-5 on the val split. --dist-eval: each process takes its shard and the sums are
-    all-reduced; otherwise every process evaluates the whole split (MAE's default)."""
-    model.eval()
-    shard = args.dist_eval and env.distributed
-    processes, index = (env.world_size, env.rank) if shard else (1, 0)
-    sums = torch.zeros(4, device=env.device)  # images, loss, top-1, top-5
-    host = data.eval_batches(args.data, eval_transform(args), global_batch=args.batch_size * processes,
-                             workers=args.workers, process_index=index, process_count=processes)
-    for batch in tr.batches_to_device(host, env.device, MEAN, STD):
-        labels = batch["label"]
-        valid = labels >= 0  # padding and unreadable images carry -1
-        with tr.autocast(env.device, args.precision):
-            logits = model(batch["image"]).float()
-        losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-        hits = logits.topk(min(5, logits.shape[-1]), dim=-1).indices == labels[:, None]
-        sums += torch.stack([valid.sum(), (losses * valid).sum(), (hits[:, 0] & valid).sum(),
-                             (hits.any(-1) & valid).sum()]).float()
-    model.train()
-    count, loss, top1, top5 = (tr.all_reduce_sum(sums) if shard else sums).tolist()
-    if count == 0:
-        return {}
-    return {"val_loss": loss / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
-            "val_images": int(count)}
+def evaluate_only(args: argparse.Namespace, env: tr.DistEnv) -> dict:
+    """--eval-only: the val metrics of the last checkpoint of the run in --output-dir, else of the model that
+    --pretrained initialises (its encoder, a fresh head). A run's log gets the record; nothing else is written."""
+    out = Path(args.output_dir)
+    if tr.checkpoint_steps(out / "checkpoints"):
+        state, file = tr.load_run_checkpoint(out, RECIPE)
+        config, step = state["config"], state["step"]
+        if config["command"] not in ("finetune", "linprobe"):
+            raise UserError(f"{file} is a {config['command']} checkpoint: --eval-only evaluates a classifier")
+        model = build_classifier(config)
+        tr.check_state_dict(model, state["model"], str(file))
+        model.load_state_dict(state["model"])
+    elif args.pretrained:
+        config, step = supervised_config(args, env, data.describe(args.data)), None
+        model = build_classifier(config)
+        run.say(load_encoder(model, args.pretrained, config), main=env.is_main)
+    else:
+        raise UserError(f"--eval-only: {out} holds no run to evaluate and no --pretrained is given")
+    results = tr.evaluate_classifier(model.to(env.device), val_batches(args, env), env, precision=args.precision,
+                                     all_reduce=args.dist_eval)
+    if not results:
+        raise UserError(f"--eval-only: {args.data} has no val split")
+    if env.is_main:
+        if step is not None:
+            log = RunLog(out, None, main=True)
+            log.write(step, **results, eval_only=True)
+            log.close()
+        print(json.dumps(results))
+    return results
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1278,44 +1242,40 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     return 100 * top1 / len(test_labels), 100 * top5 / len(test_labels)
 
 
-def knn(args: argparse.Namespace, argv: list[str]) -> dict:
-    env = tr.init_distributed()
-    try:
-        spec = data.describe(args.data)
-        if not spec.train_size or not spec.val_size:
-            raise UserError(f"kNN needs a train and a val split of known size: {args.data}")
-        config = dict(vars(args), **arch_config(args), **run_record("localmim_freezeout.py knn", args),
-                      num_classes=spec.num_classes, world_size=env.world_size)
-        torch.manual_seed(args.seed)
-        encoder = VisionTransformer(**vit_kwargs(config, num_classes=0))
-        config["loaded"] = load_encoder(encoder, args.pretrained, config)
-        out = make_output_dir(args.output_dir)
-        # A kNN evaluation written into a training run's folder adds its record to the log and leaves the run's
-        # config.json as it is.
-        own_config = saved_config(out).get("trained_by", "localmim_freezeout.py knn") == "localmim_freezeout.py knn"
-        encoder.to(env.device).eval()
-        # The train split once, in eval transform (one epoch of the loader: the last partial batch is left out).
-        global_batch = args.batch_size * env.world_size
-        train_host = data.train_batches(args.data, eval_transform(args), global_batch=global_batch, seed=args.seed,
-                                        workers=args.workers, process_index=env.rank, process_count=env.world_size)
-        steps = data.steps_per_epoch(spec.train_size, global_batch)
-        bank, bank_labels = extract_features(encoder, (next(train_host) for _ in range(steps)), env, args)
-        val_host = data.eval_batches(args.data, eval_transform(args), global_batch=global_batch,
-                                     workers=args.workers, process_index=env.rank, process_count=env.world_size)
-        test, test_labels = extract_features(encoder, val_host, env, args)
-        result = {"bank_images": len(bank_labels), "val_images": len(test_labels)}
-        for k in args.nb_knn:
-            top1, top5 = knn_classify(bank, bank_labels, test, test_labels, k, args.temperature, spec.num_classes)
-            result.update({f"knn_top1_k{k}": top1, f"knn_top5_k{k}": top5})
-        if env.is_main:
-            record_command(out, argv, env)
-            log = RunLog(out, config if own_config else None, main=True)
-            log.write(0, **result)
-            log.close()
-            print(json.dumps(result))
-        return result
-    finally:
-        tr.cleanup_distributed()
+def knn(args: argparse.Namespace, argv: list[str], env: tr.DistEnv) -> dict:
+    spec = data.describe(args.data)
+    if not spec.train_size or not spec.val_size:
+        raise UserError(f"kNN needs a train and a val split of known size: {args.data}")
+    config = dict(vars(args), **arch_config(args), **run_record(f"{RECIPE} knn", args),
+                  num_classes=spec.num_classes, world_size=env.world_size)
+    torch.manual_seed(args.seed)
+    encoder = VisionTransformer(**vit_kwargs(config, num_classes=0))
+    config["loaded"] = load_encoder(encoder, args.pretrained, config)
+    out = make_output_dir(args.output_dir)
+    # A kNN evaluation written into a training run's folder adds its record to the log and leaves the run's
+    # config.json as it is.
+    own_config = saved_config(out).get("trained_by", config["trained_by"]) == config["trained_by"]
+    encoder.to(env.device).eval()
+    # The train split once, in eval transform (one epoch of the loader: the last partial batch is left out).
+    global_batch = effective_batch(args, env.world_size)
+    train_host = data.train_batches(args.data, eval_transform(args), global_batch=global_batch, seed=args.seed,
+                                    workers=args.workers, process_index=env.rank, process_count=env.world_size)
+    steps = data.steps_per_epoch(spec.train_size, global_batch)
+    bank, bank_labels = extract_features(encoder, (next(train_host) for _ in range(steps)), env, args)
+    val_host = data.eval_batches(args.data, eval_transform(args), global_batch=global_batch,
+                                 workers=args.workers, process_index=env.rank, process_count=env.world_size)
+    test, test_labels = extract_features(encoder, val_host, env, args)
+    result = {"bank_images": len(bank_labels), "val_images": len(test_labels)}
+    for k in args.nb_knn:
+        top1, top5 = knn_classify(bank, bank_labels, test, test_labels, k, args.temperature, spec.num_classes)
+        result.update({f"knn_top1_k{k}": top1, f"knn_top5_k{k}": top5})
+    if env.is_main:
+        record_command(out, argv, env)
+        log = RunLog(out, config if own_config else None, main=True)
+        log.write(0, **result)
+        log.close()
+        print(json.dumps(result))
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1341,33 +1301,21 @@ def step_flops(config: dict[str, Any], plan: FreezePlan, batch: int) -> float:
     return float(counter.get_total_flops())
 
 
-def timed_steps(model: nn.Module, optimizer, scaler, images: torch.Tensor, noise: torch.Tensor, plan: FreezePlan,
-                args: argparse.Namespace, steps: int) -> float:
-    """Seconds for `steps` pretraining steps with `plan`'s step-0 freezing, waiting for the device at the end."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        losses = pretrain_step(model, optimizer, scaler, images, noise, plan.active_stages(0), plan.no_grad_units(0),
-                               args)
-    losses.sum().item()
-    return time.perf_counter() - start
-
-
 def benchmark_input(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     """--benchmark-input: the host input pipeline alone (the command's train transform), nothing written."""
     return data.benchmark_input(args.data, train_transform(args), global_batch=effective_batch(args, env.world_size),
                                 workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
                                 process_index=env.rank, process_count=env.world_size, command=args.command,
-                                model=args.model, image_size=args.input_size)
+                                model=args.model, image_size=args.image_size)
 
 
 def benchmark(args: argparse.Namespace, env: tr.DistEnv) -> list[dict]:
-    """One JSON line per --benchmark-frozen fraction: img/s, step time, peak memory, MFU (the step's counted FLOPs
-    against the device's bf16 peak), and FreezeOut's theoretical saving (1 - FLOPs frozen / FLOPs unfrozen) next to
-    the measured one (1 - step time / step time of the first fraction)."""
+    """One JSON line per --benchmark-frozen fraction (`tr.benchmark`: img/s, step time, peak memory, MFU against the
+    device's bf16 peak), with FreezeOut's theoretical saving (1 - FLOPs frozen / FLOPs unfrozen) and the measured one
+    (1 - step time / step time of the first fraction)."""
     config = pretrain_config(args, env, None)
-    batch = args.batch_size * args.accum_iter
+    batch = micro_batch(args, env.world_size) * args.grad_accum  # this process's rows of a step
     full_flops = step_flops(config, forced_plan(config, 0.0), batch)
-    peak = tr.peak_flops(env.device)
     results: list[dict] = []
     for fraction in args.benchmark_frozen:
         torch.manual_seed(args.seed)
@@ -1376,40 +1324,28 @@ def benchmark(args: argparse.Namespace, env: tr.DistEnv) -> list[dict]:
         optimizer = torch.optim.AdamW(freezeout_param_groups(model, plan, args.weight_decay), lr=1e-4,
                                       betas=(0.9, 0.95), fused=env.device.type == "cuda")
         apply_freezeout(optimizer, 0)
-        scaler = tr.grad_scaler(env.device, args.precision)
-        ddp = wrap_ddp(model, env, args.compile)
+        ddp = tr.wrap(model, env, compile_model=args.compile, broadcast_buffers=False)
         generator = torch.Generator(env.device).manual_seed(args.seed + env.rank)
-        images = torch.randn(batch, 3, args.input_size, args.input_size, device=env.device, generator=generator)
+        images = torch.randn(batch, 3, args.image_size, args.image_size, device=env.device, generator=generator)
         noise = torch.rand(batch, model.grid**2, device=env.device, generator=generator)
-        steps = partial(timed_steps, ddp, optimizer, scaler, images, noise, plan, args)
-        first = steps(1)
-        steps(3)
-        if env.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(env.device)
-        step_time = steps(args.benchmark_steps) / args.benchmark_steps
+        step = partial(pretrain_step, ddp, optimizer, tr.grad_scaler(env.device, args.precision), images, noise,
+                       plan.active_stages(0), plan.no_grad_units(0), args)
         flops = step_flops(config, plan, batch)
-        images_per_sec = batch * env.world_size / step_time
-        result = {"model": args.model, "img_size": args.input_size, "batch_per_process": batch,
-                  "processes": env.world_size, "precision": args.precision if env.device.type == "cuda" else "fp32",
-                  "device": torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else "cpu",
-                  "frozen_fraction": fraction, "frozen_blocks": round(fraction * config["layers"]),
-                  "frozen_pe": plan.frozen(0, 0) and plan.freeze_pe, "active_stages": sum(plan.active_stages(0)),
-                  "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
-                  "first_step_s": round(first, 2),
-                  "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2)
-                  if env.device.type == "cuda" else None,
-                  "train_gflops_per_img": round(flops / batch / 1e9, 3),
-                  "mfu": round(flops / step_time / peak, 3) if peak else None,
-                  "theoretical_saving": round(1 - flops / full_flops, 4)}
+        result = tr.benchmark(lambda _, step=step: step(), env, steps=args.benchmark_steps,
+                              global_batch=batch * env.world_size, train_flops_per_image=flops / batch, echo=False,
+                              model=args.model, image_size=args.image_size, frozen_fraction=fraction,
+                              frozen_blocks=round(fraction * config["layers"]),
+                              frozen_pe=plan.frozen(0, 0) and plan.freeze_pe, active_stages=sum(plan.active_stages(0)),
+                              precision=args.precision if env.device.type == "cuda" else "fp32",
+                              theoretical_saving=round(1 - flops / full_flops, 4))
         if results:
-            measured = 1 - step_time / (results[0]["step_ms"] / 1000)
-            result["measured_saving_vs_first"] = round(measured, 4)
+            result["measured_saving_vs_first"] = round(1 - result["step_ms"] / results[0]["step_ms"], 4)
             if results[0]["frozen_fraction"] == 0 and result["theoretical_saving"] > 0:
-                result["saving_achieved"] = round(measured / result["theoretical_saving"], 3)
+                result["saving_achieved"] = round(result["measured_saving_vs_first"] / result["theoretical_saving"], 3)
         results.append(result)
         if env.is_main:
             print(json.dumps(result), flush=True)
-        del model, optimizer, ddp
+        del model, optimizer, ddp, step
     return results
 
 
@@ -1423,7 +1359,7 @@ def export(args: argparse.Namespace) -> Path:
     how to create it. A linear probe's BatchNorm (no affine) is folded into its linear layer."""
     from safetensors.torch import save_file
 
-    state, path = tr.load_run_checkpoint(args.run_dir, "localmim_freezeout.py")
+    state, path = tr.load_run_checkpoint(args.run_dir, RECIPE)
     config, weights = state["config"], state["model"]
     if config["command"] == "pretrain":
         tensors = read_encoder_state(str(path))
@@ -1465,16 +1401,22 @@ def export(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
 
-    def command() -> None:
+    def command() -> Any:
         args = parse_args(argv)
         if args.command == "export":
-            export(args)
-        elif args.command == "pretrain":
-            pretrain(args, argv)
-        elif args.command == "knn":
-            knn(args, argv)
-        else:
-            supervised(args, argv)
+            return export(args)
+        env = tr.init_distributed()
+        try:
+            if args.command == "knn":
+                return knn(args, argv, env)
+            args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
+            if args.benchmark_input:
+                return benchmark_input(args, env)
+            if args.command == "pretrain":
+                return benchmark(args, env) if args.benchmark else pretrain(args, argv, env)
+            return evaluate_only(args, env) if args.eval_only else supervised(args, argv, env)
+        finally:
+            tr.cleanup_distributed()
 
     return exit_status(command)
 

@@ -24,8 +24,10 @@ class RunLog:
     """
 
     def __init__(self, output_dir: str | os.PathLike, config: dict[str, Any] | None, *, start_step: int | None = None,
-                 wandb_project: str | None = None, tensorboard: bool = False, main: bool | None = None):
+                 wandb_project: str | None = None, tensorboard: bool | str | os.PathLike = False,
+                 main: bool | None = None):
         """config: written to config.json (None leaves it as it is: an evaluation of an existing run).
+        tensorboard: True logs into output_dir/tensorboard, a path into that folder.
         start_step: the step the run starts from; records of later steps are dropped (None keeps them all).
         main: whether this process writes (the PyTorch recipes pass rank == 0); None asks JAX (process 0)."""
         self.main = _jax_main_process() if main is None else main
@@ -49,7 +51,8 @@ class RunLog:
         if tensorboard:
             module = _optional_import("torch.utils.tensorboard")
             if module:
-                self.tensorboard = module.SummaryWriter(str(self.output_dir / "tensorboard"))
+                folder = self.output_dir / "tensorboard" if tensorboard is True else Path(tensorboard)
+                self.tensorboard = module.SummaryWriter(str(folder))
 
     def write(self, step: int, **metrics: Any) -> None:
         if not self.main:

@@ -575,12 +575,13 @@ def evaluate_classifier(model: nn.Module, batches: Iterator[dict], env: DistEnv,
 
 
 def benchmark(step: Callable[[dict | None], torch.Tensor], env: DistEnv, *, steps: int, global_batch: int,
-              train_flops_per_image: float, real_batches: Iterator[dict] | None = None,
+              train_flops_per_image: float, real_batches: Iterator[dict] | None = None, echo: bool = True,
               **report: Any) -> dict[str, Any]:
     """Time `steps` calls of `step(batch)` (a train step; None: on the recipe's device-made batch; it returns a
     tensor to wait on) after a first call (compile) and 3 warm-up calls; with `real_batches` (the input pipeline on
     real data) also `steps` calls fed from it, as end_to_end_img_per_sec (lower than img_per_sec: input-bound).
-    Prints one JSON line, img/s, step time, peak memory and MFU, `report` first, img_per_sec last of the speeds."""
+    Prints one JSON line, img/s, step time, peak memory and MFU, `report` first, img_per_sec last of the speeds
+    (`echo=False`: returns it unprinted, for a caller that adds what it compares)."""
     def timed(calls: int, batches: Iterator[dict] | None = None) -> float:
         start = time.perf_counter()
         for _ in range(calls):
@@ -608,6 +609,6 @@ def benchmark(step: Callable[[dict | None], torch.Tensor], env: DistEnv, *, step
               "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2) if cuda else None,
               "train_gflops_per_img": float(f"{train_flops_per_image / 1e9:.4g}"),
               "mfu": round(train_flops_per_image * images_per_sec / (peak * env.world_size), 3) if peak else None}
-    if env.is_main:
+    if env.is_main and echo:
         print(json.dumps(result))
     return result

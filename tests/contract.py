@@ -73,8 +73,7 @@ JAX_RECIPES = [
 LOCALMIM = ("--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4", "--embed-dim", "32",
             "--num-heads", "2", "--crop-pct", "1", *TORCH_VIT[:4], "--log-interval", "3", "--epochs", "3",
             "--warmup-epochs", "1")  # 27 train files, batch 8: 3 steps an epoch, a checkpoint at the end of each
-LOCALMIM_FLAGS = dict(lr_flag="--lr", accum_flag="--accum-iter", wider=("--embed-dim", "48"), global_batch=False,
-                      every_step=())
+LOCALMIM_FLAGS = dict(lr_flag="--lr", wider=("--embed-dim", "48"), every_step=())
 
 TORCH_RECIPES = [
     Recipe("howtotrain", "howtotrain_vit.py",
@@ -91,9 +90,9 @@ TORCH_RECIPES = [
            ("pretrain", *LOCALMIM, "--depth", "4", "--decoder-dim", "16", "--decoder-heads", "2"), "torch",
            evaluates=False, **LOCALMIM_FLAGS),
     Recipe("localmim-finetune", "localmim_freezeout.py", ("finetune", *LOCALMIM, "--depth", "2", "--pretrained",
-                                                          "random"), "torch", **LOCALMIM_FLAGS),
+                                                          "random"), "torch", eval_only=True, **LOCALMIM_FLAGS),
     Recipe("localmim-linprobe", "localmim_freezeout.py", ("linprobe", *LOCALMIM, "--depth", "2", "--pretrained",
-                                                          "random"), "torch", **LOCALMIM_FLAGS),
+                                                          "random"), "torch", eval_only=True, **LOCALMIM_FLAGS),
 ]
 
 # ----------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ from common import convert, data
 from common import torch_run as tr
 from common.runlog import read_log
 
-ARCH = ["--model", "vit_tiny_patch16", "--input-size", "16", "--patch-size", "4", "--depth", "4", "--embed-dim", "32",
-        "--num-heads", "2", "--workers", "0", "--crop-pct", "1"]
+ARCH = ["--model", "vit_tiny_patch16", "--image-size", "16", "--patch-size", "4", "--depth", "4", "--embed-dim", "32",
+        "--num-heads", "2", "--workers", "0", "--test-crop-ratio", "1"]
 TINY = [*ARCH, "--decoder-dim", "32", "--decoder-heads", "2"]
 SOBEL_X = ((1, 0, -1), (2, 0, -2), (1, 0, -1))
 
@@ -276,7 +276,7 @@ def test_encoder_is_timms_vision_transformer():
 # ---------------------------------------------------------------------------------------------- a shared digits run
 
 LEARN = [*TINY, "--embed-dim", "64", "--data", "digits", "--batch-size", "32", "--epochs", "4", "--warmup-epochs", "1",
-         "--blr", "1e-2", "--log-interval", "10", "--save-every", "2", "--freezeout"]
+         "--lr", "1e-2", "--log-interval", "10", "--save-every", "2", "--freezeout"]
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def test_knn_beats_random_init(digits_run, tmp_path):
 def linprobe_top1(source: str, out: Path) -> float:
     """MAE's probe (BatchNorm + linear, LARS) on 180 steps of batch 32; no crop or flip (centred 16 px digits)."""
     assert run("linprobe", *ARCH, "--embed-dim", "64", "--data", "digits", "--pretrained", source, "--output-dir", out,
-               "--batch-size", "32", "--epochs", "4", "--warmup-epochs", "1", "--blr", "240", "--random-crop", "none",
+               "--batch-size", "32", "--epochs", "4", "--warmup-epochs", "1", "--lr", "240", "--random-crop", "none",
                "--hflip", "0", "--log-interval", "100") == 0
     return [r for r in read_log(out) if "val_top1" in r][-1]["val_top1"]
 
@@ -354,9 +354,10 @@ def test_finetune_learns_digits_from_the_pretrained_encoder(digits_run, tmp_path
     epochs of tiny FreezeOut pretraining help kNN and the probe, not this short fine-tune)."""
     out = tmp_path / "ft"
     assert run("finetune", *ARCH, "--embed-dim", "64", "--data", "digits", "--pretrained", digits_run, "--output-dir",
-               out, "--batch-size", "32", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "2e-3", "--mixup", "0",
-               "--cutmix", "0", "--reprob", "0", "--smoothing", "0", "--aa", "none", "--drop-path", "0",
-               "--random-crop", "none", "--hflip", "0", "--log-interval", "100") == 0
+               out, "--batch-size", "32", "--epochs", "3", "--warmup-epochs", "0.5", "--lr", "2e-3", "--lr-ref-batch",
+               "0", "--mixup", "0", "--cutmix", "0", "--random-erasing", "0", "--label-smoothing", "0",
+               "--auto-augment", "none", "--drop-path", "0", "--random-crop", "none", "--hflip", "0", "--log-interval",
+               "100") == 0
     top1 = [r["val_top1"] for r in read_log(out) if "val_top1" in r]
     assert len(top1) == 3 and top1[-1] > 40 and top1[-1] > top1[0], top1
 
@@ -365,8 +366,8 @@ def test_finetune_loads_the_encoder_with_layer_decay(digits_run, tmp_path, capsy
     """One epoch with MAE's regularisers on (RandAugment, mixup/cutmix, random erasing, drop path, smoothing)."""
     out = tmp_path / "ft"
     assert run("finetune", *ARCH, "--embed-dim", "64", "--data", "digits", "--pretrained", digits_run, "--output-dir",
-               out, "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0.2", "--lr", "1e-3", "--layer-decay",
-               "0.5", "--log-interval", "5") == 0
+               out, "--batch-size", "64", "--epochs", "1", "--warmup-epochs", "0.2", "--lr", "1e-3", "--lr-ref-batch",
+               "0", "--layer-decay", "0.5", "--log-interval", "5") == 0
     assert f"encoder from {digits_run}" in capsys.readouterr().err
     evals = [r for r in read_log(out) if "val_top1" in r]
     assert len(evals) == 1 and evals[0]["val_images"] == 359 and evals[0]["max_accuracy"] == evals[0]["val_top1"]
@@ -441,23 +442,23 @@ def small_folder(tmp_path_factory):
 
 
 def short_run(folder: Path) -> list[str]:
-    return [*TINY, "--data", str(folder), "--epochs", "3", "--warmup-epochs", "1", "--blr", "1e-2", "--log-interval",
+    return [*TINY, "--data", str(folder), "--epochs", "3", "--warmup-epochs", "1", "--lr", "1e-2", "--log-interval",
             "1", "--how-scale", "linear", "--t0", "0.3"]
 
 
 def test_two_process_torchrun_matches_one_process(small_folder, tmp_path):
-    """2 processes x batch 8 and 1 process x batch 8 x 2 accumulation: the same effective batch, masks and updates,
+    """Global batch 16 as 2 processes x 8 and as 1 process x 8 x 2 accumulation: the same masks and updates,
     across FreezeOut's freezing (the DDP wrapper is rebuilt)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = short_run(small_folder)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                           "localmim_freezeout.py", "pretrain", *args, "--batch-size", "8", "--output-dir",
+                           "localmim_freezeout.py", "pretrain", *args, "--batch-size", "16", "--output-dir",
                            str(tmp_path / "ddp")], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=recipe_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert run("pretrain", *args, "--batch-size", "8", "--accum-iter", "2", "--output-dir", tmp_path / "one") == 0
+    assert run("pretrain", *args, "--batch-size", "16", "--grad-accum", "2", "--output-dir", tmp_path / "one") == 0
     ddp, one = final_state(tmp_path / "ddp"), final_state(tmp_path / "one")
     assert ddp["config"]["world_size"] == 2 and ddp["step"] == one["step"] == 9
     assert ddp["config"]["effective_batch"] == one["config"]["effective_batch"] == 16
@@ -469,17 +470,18 @@ def test_two_process_torchrun_matches_one_process(small_folder, tmp_path):
 
 def test_two_process_finetune_with_mixup_matches_one_process(small_folder, tmp_path):
     """Fine-tuning with mixup, cutmix, random erasing and drop path: 2 processes x batch 8 make the update of
-    1 process x batch 8 x 2 accumulation (each micro-batch draws by its place in the global batch)."""
+    1 process x batch 8 x 2 accumulation, global batch 16 (each micro-batch draws by its place in the global batch)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["finetune", *ARCH, "--data", str(small_folder), "--epochs", "1", "--warmup-epochs", "0", "--pretrained",
-            "random", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.5", "--drop-path", "0.2", "--batch-size", "8"]
+            "random", "--mixup", "0.8", "--cutmix", "1.0", "--random-erasing", "0.5", "--drop-path", "0.2",
+            "--batch-size", "16"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            "localmim_freezeout.py", *args, "--output-dir", str(tmp_path / "ddp")], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=recipe_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert run(*args, "--accum-iter", "2", "--output-dir", tmp_path / "one") == 0
+    assert run(*args, "--grad-accum", "2", "--output-dir", tmp_path / "one") == 0
     ddp, one = final_state(tmp_path / "ddp"), final_state(tmp_path / "one")
     assert ddp["config"]["world_size"] == 2 and ddp["step"] == one["step"] == 3
     for key, value in one["model"].items():
@@ -504,7 +506,7 @@ def test_resume_after_stop_equals_uninterrupted_run(small_folder, tmp_path):
 def test_finetune_resume_equals_uninterrupted_run(small_folder, tmp_path):
     """RandAugment, random erasing, mixup/cutmix and drop path on: their draws follow (seed, step)."""
     args = [*ARCH, "--data", str(small_folder), "--pretrained", "random", "--batch-size", "16", "--epochs", "3",
-            "--warmup-epochs", "1", "--lr", "1e-3", "--log-interval", "1"]
+            "--warmup-epochs", "1", "--lr", "1e-3", "--lr-ref-batch", "0", "--log-interval", "1"]
     assert run("finetune", *args, "--output-dir", tmp_path / "straight") == 0
     assert run("finetune", *args, "--stop-after", "4", "--output-dir", tmp_path / "stopped") == 0
     assert run("finetune", *args, "--resume", "--output-dir", tmp_path / "stopped") == 0
@@ -549,7 +551,7 @@ def test_benchmark_prints_throughput_and_the_freezeout_saving(tmp_path, capsys):
 @pytest.mark.parametrize("argv, words", [
     (["pretrain", "--model", "vit_giant_patch99"], ["vit_giant_patch99"]),
     (["pretrain", "--t0", "0"], ["--t0"]),
-    (["pretrain", "--input-size", "30"], ["patch size"]),
+    (["pretrain", "--image-size", "30"], ["patch size"]),
     (["pretrain", *TINY, "--benchmark", "--benchmark-frozen", "1"], ["--benchmark-frozen"]),
     (["pretrain", *TINY, "--depth", "3"], ["4 blocks"]),
     (["finetune", *ARCH], ["--pretrained"]),
@@ -566,16 +568,16 @@ PRESETS = REPO / "scripts" / "localmim"
 # Reference table (LocalMIM README / paper): ViT-B pretraining 256 x 8 GPUs, blr 2e-4, wd 0.05, mask 0.75, 9 bins;
 # warmup 10 epochs for 100-epoch runs, 40 otherwise. Fine-tuning 1024, 100 epochs, warmup 20, dp 0.1, RE 0.25,
 # mixup 0.8, cutmix 1.0, wd 0.05; lr / layer decay / min lr 4e-3 / 0.75 / 1e-6 (100 ep) or 2e-3 / 0.65 / 1e-5 (1600 ep).
-PRETRAIN = dict(model="vit_base_patch16", input_size=224, batch_size=256, blr=2e-4, weight_decay=0.05, mask_ratio=0.75,
-                hog_nbins=9, target="hog", min_lr=1e-6, freezeout=False)
-FINETUNE = dict(model="vit_base_patch16", input_size=224, batch_size=128, epochs=100, warmup_epochs=20,
-                drop_path=0.1, reprob=0.25, mixup=0.8, cutmix=1.0, weight_decay=0.05, smoothing=0.1, dist_eval=True,
-                aa="rand-m9-mstd0.5-inc1")
+PRETRAIN = dict(model="vit_base_patch16", image_size=224, batch_size_per_process=256, lr=2e-4, lr_ref_batch=256,
+                weight_decay=0.05, mask_ratio=0.75, hog_nbins=9, target="hog", min_lr=1e-6, freezeout=False)
+FINETUNE = dict(model="vit_base_patch16", image_size=224, batch_size_per_process=128, epochs=100, warmup_epochs=20,
+                drop_path=0.1, random_erasing=0.25, mixup=0.8, cutmix=1.0, weight_decay=0.05, label_smoothing=0.1,
+                dist_eval=True, auto_augment="rand-m9-mstd0.5-inc1", lr_ref_batch=0)
 ROWS = {f"pretrain_b16_{e}ep": dict(PRETRAIN, epochs=e, warmup_epochs=10 if e == 100 else 40)
         for e in (100, 400, 800, 1600)}
 ROWS["finetune_b16_100ep"] = dict(FINETUNE, lr=4e-3, layer_decay=0.75, min_lr=1e-6)
 ROWS["finetune_b16_1600ep"] = dict(FINETUNE, lr=2e-3, layer_decay=0.65, min_lr=1e-5)
-ROWS["linprobe_b16"] = dict(model="vit_base_patch16", batch_size=512, blr=0.1, weight_decay=0.0, epochs=90,
+ROWS["linprobe_b16"] = dict(model="vit_base_patch16", batch_size_per_process=512, lr=0.1, weight_decay=0.0, epochs=90,
                             warmup_epochs=10)
 ROWS["knn_b16"] = dict(model="vit_base_patch16", nb_knn=[10, 20, 100, 200], temperature=0.07)
 ROWS["freezeout_pretrain_b16_100ep"] = dict(PRETRAIN, epochs=100, warmup_epochs=10, freezeout=True,
@@ -626,7 +628,7 @@ def test_the_studys_underscore_command_lines_run_unchanged():
              "--output_dir runs/x --how_scale cubic --t_0 0.8 --not_scale_lr --non_layerwise_lr --all_stages "
              "--dont_freeze_pe --num_workers 10")
     args = recipe.parse_args(shlex.split(study))
-    assert (args.freezeout, args.how_scale, args.t0, args.accum_iter, args.model) == (True, "cubic", 0.8, 8,
+    assert (args.freezeout, args.how_scale, args.t0, args.grad_accum, args.model) == (True, "cubic", 0.8, 8,
                                                                                          "vit_base_patch16")
     assert args.not_scale_lr and args.non_layerwise_lr and args.all_stages and args.dont_freeze_pe
     finetune = ("finetune --batch_size 128 --model vit_base_patch16 --finetune ckpt.pth --epochs 100 "
@@ -641,3 +643,85 @@ def test_help_prints(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         recipe.main([command, "--help"])
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- the study's command line
+
+# The FreezeOut study's pretraining line, verbatim (MAE-style flags, --world_size, --log_dir; the legacy launcher adds
+# --local-rank=0). The test changes only the values that make it tiny and adds the tiny model's overrides.
+STUDY_PRETRAIN = ("pretrain --epochs 100 --batch_size 256 --warmup_epochs 10 --blr 2e-4 --world_size 4 --accum_iter 2 "
+                  "--model MIM_vit_base_patch16 --data_path DIR --output_dir OUT --log_dir OUT --how_scale cubic "
+                  "--t_0 0.85 --not_scale_lr --non_layerwise_lr --all_stages --dont_freeze_pe --hog_nbins 9 "
+                  "--mask_ratio 0.75 --weight_decay 0.05")
+TINY_STUDY = ["--depth", "4", "--embed-dim", "32", "--num-heads", "2", "--patch-size", "8", "--input_size", "16",
+              "--decoder-dim", "16", "--decoder-heads", "2", "--num_workers", "0", "--stop-after", "2"]
+
+
+def study_line(out: Path, world_size: int = 1) -> list[str]:
+    words = shlex.split(STUDY_PRETRAIN.replace("DIR", "digits").replace("OUT", str(out)))
+    tiny = {"--epochs": "1", "--batch_size": "8", "--world_size": str(world_size)}
+    return [tiny.get(flag, word) for flag, word in zip(["", *words], words)] + TINY_STUDY
+
+
+def assert_study_run(out: Path) -> None:
+    state = final_state(out)
+    config = state["config"]
+    assert state["step"] == 2 and tr.checkpoint_steps(out / "checkpoints") == [2]
+    assert (config["effective_batch"], config["grad_accum"], config["world_size"]) == (16, 2, 1)
+    assert config["peak_lr"] == pytest.approx(2e-4 * 16 / 256), "--blr is MAE's base lr at batch 256"
+    assert config["freezeout"] and config["t0"] == 0.85 and config["how_scale"] == "cubic"
+    assert config["not_scale_lr"] and config["non_layerwise_lr"] and config["all_stages"] and config["dont_freeze_pe"]
+    assert config["tensorboard"] == str(out), "--log_dir is TensorBoard's folder"
+
+
+def test_the_studys_pretraining_line_runs_unchanged(tmp_path):
+    assert run(*study_line(tmp_path / "run")) == 0
+    assert_study_run(tmp_path / "run")
+
+
+def test_the_studys_line_under_the_legacy_launcher(tmp_path):
+    """`python -m torch.distributed.launch --nproc_per_node=1` sets RANK/WORLD_SIZE/LOCAL_RANK and appends
+    --local-rank=0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=1",
+                           f"--master_port={port}", "localmim_freezeout.py", *study_line(tmp_path / "run")], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=recipe_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_study_run(tmp_path / "run")
+
+
+def test_world_size_that_disagrees_with_the_processes_is_refused(tmp_path, capsys):
+    assert_user_error(run(*study_line(tmp_path / "run", world_size=4)), capsys, "--world-size 4", "1 process")
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_is_global_or_per_process_and_lr_scales_with_it():
+    def parsed(*flags: str):
+        return recipe.parse_args(["pretrain", *flags])
+
+    global_batch = parsed("--batch-size", "2048", "--lr", "2e-4")
+    assert recipe.effective_batch(global_batch, 8) == 2048 and recipe.micro_batch(global_batch, 8) == 256
+    per_process = parsed("--batch_size", "256", "--grad-accum", "2", "--blr", "2e-4")
+    assert recipe.effective_batch(per_process, 4) == 2048 and recipe.micro_batch(per_process, 4) == 256
+    assert recipe.peak_lr(global_batch, 1) == recipe.peak_lr(per_process, 4) == pytest.approx(1.6e-3)
+    assert recipe.peak_lr(parsed("--lr", "4e-3", "--lr-ref-batch", "0"), 8) == 4e-3, "--lr-ref-batch 0: absolute"
+    assert recipe.effective_batch(parsed(), 2) == 2 * recipe.DEFAULT_BATCH_PER_PROCESS
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "16", "--batch_size", "8"], ["--batch-size"]),
+    (["--batch-size", "16", "--grad-accum", "3"], ["--batch-size 16", "--grad-accum 3"]),
+    (["--batch-size-per-process", "0"], ["--batch-size-per-process"]),
+])
+def test_batch_flags_that_cannot_work_are_refused(flags, words, capsys):
+    assert_user_error(recipe.main(["pretrain", *flags]), capsys, *words)
+
+
+def test_eval_only_evaluates_the_pretrained_encoder_and_writes_nothing(tmp_path, capsys):
+    assert run("linprobe", *ARCH, "--data", "digits", "--pretrained", "random", "--eval-only", "--output-dir",
+               tmp_path / "none") == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["val_images"] == 359 and 0 <= result["val_top1"] <= 100
+    assert not (tmp_path / "none").exists()

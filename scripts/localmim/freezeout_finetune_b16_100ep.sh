@@ -10,7 +10,7 @@
 #   DATA        ImageNet-1k (default /data/imagenet)
 #   PRETRAINED  the pretraining run or checkpoint (default runs/localmim/freezeout_pretrain_b16_100ep)
 #   OUT         run folder (default runs/localmim/freezeout_finetune_b16_100ep)
-#   GPUS        GPUs on this node (1, 2, 4 or 8; default 1): --accum-iter 8/GPUS keeps the effective batch at 1024
+#   GPUS        GPUs on this node (1, 2, 4 or 8; default 1): --grad-accum 8/GPUS keeps the effective batch at 1024
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # paths below are relative to the repository root
 DATA=${DATA:-/data/imagenet}
@@ -25,21 +25,22 @@ $LAUNCH localmim_freezeout.py finetune \
     --pretrained "$PRETRAINED" \
     --output-dir "$OUT" \
     --model vit_base_patch16 \
-    --input-size 224 \
-    --batch-size 128 \
-    --accum-iter $((8 / GPUS)) \
+    --image-size 224 \
+    --batch-size-per-process 128 \
+    --grad-accum $((8 / GPUS)) \
     --epochs 100 \
     --warmup-epochs 20 \
     --lr 4e-3 \
+    --lr-ref-batch 0 \
     --min-lr 1e-6 \
     --layer-decay 0.75 \
     --weight-decay 0.05 \
     --drop-path 0.1 \
-    --smoothing 0.1 \
+    --label-smoothing 0.1 \
     --mixup 0.8 \
     --cutmix 1.0 \
-    --aa rand-m9-mstd0.5-inc1 \
-    --reprob 0.25 \
+    --auto-augment rand-m9-mstd0.5-inc1 \
+    --random-erasing 0.25 \
     --dist-eval \
     --precision bf16 \
     --seed 0 \

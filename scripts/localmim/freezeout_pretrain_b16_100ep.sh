@@ -11,7 +11,7 @@
 # Usage: bash scripts/localmim/freezeout_pretrain_b16_100ep.sh [FLAG ...]   (later flags override the preset's)
 #   DATA  ImageNet-1k (default /data/imagenet)
 #   OUT   run folder (default runs/localmim/freezeout_pretrain_b16_100ep)
-#   GPUS  GPUs on this node (1, 2, 4 or 8; default 1): --accum-iter 8/GPUS
+#   GPUS  GPUs on this node (1, 2, 4 or 8; default 1): --grad-accum 8/GPUS
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # paths below are relative to the repository root
 DATA=${DATA:-/data/imagenet}
@@ -24,15 +24,15 @@ $LAUNCH localmim_freezeout.py pretrain \
     --data "$DATA" \
     --output-dir "$OUT" \
     --model vit_base_patch16 \
-    --input-size 224 \
+    --image-size 224 \
     --mask-ratio 0.75 \
     --target hog \
     --hog-nbins 9 \
-    --batch-size 256 \
-    --accum-iter $((8 / GPUS)) \
+    --batch-size-per-process 256 \
+    --grad-accum $((8 / GPUS)) \
     --epochs 100 \
     --warmup-epochs 10 \
-    --blr 2e-4 \
+    --lr 2e-4 \
     --min-lr 1e-6 \
     --weight-decay 0.05 \
     --freezeout \

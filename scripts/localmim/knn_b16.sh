@@ -23,9 +23,9 @@ $LAUNCH localmim_freezeout.py knn \
     --pretrained "$PRETRAINED" \
     --output-dir "$OUT" \
     --model vit_base_patch16 \
-    --input-size 224 \
-    --crop-pct 0.875 \
-    --batch-size 128 \
+    --image-size 224 \
+    --test-crop-ratio 0.875 \
+    --batch-size-per-process 128 \
     --nb-knn 10 20 100 200 \
     --temperature 0.07 \
     --precision bf16 \

@@ -9,7 +9,7 @@
 #   DATA        ImageNet-1k (default /data/imagenet)
 #   PRETRAINED  the pretraining run or checkpoint (default runs/localmim/pretrain_b16_1600ep)
 #   OUT         run folder (default runs/localmim/linprobe_b16)
-#   GPUS        GPUs on this node (1, 2, 4 or 8; default 8): --accum-iter 32/GPUS keeps the effective batch at 16384
+#   GPUS        GPUs on this node (1, 2, 4 or 8; default 8): --grad-accum 32/GPUS keeps the effective batch at 16384
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # paths below are relative to the repository root
 DATA=${DATA:-/data/imagenet}
@@ -24,12 +24,12 @@ $LAUNCH localmim_freezeout.py linprobe \
     --pretrained "$PRETRAINED" \
     --output-dir "$OUT" \
     --model vit_base_patch16 \
-    --input-size 224 \
-    --batch-size 512 \
-    --accum-iter $((32 / GPUS)) \
+    --image-size 224 \
+    --batch-size-per-process 512 \
+    --grad-accum $((32 / GPUS)) \
     --epochs 90 \
     --warmup-epochs 10 \
-    --blr 0.1 \
+    --lr 0.1 \
     --min-lr 0 \
     --weight-decay 0 \
     --dist-eval \

@@ -10,7 +10,7 @@
 # Usage: bash scripts/localmim/pretrain_b16_1600ep.sh [FLAG ...]   (later flags override the preset's)
 #   DATA  ImageNet-1k: an ImageNet-layout folder or webdataset shards (default /data/imagenet)
 #   OUT   run folder (default runs/localmim/pretrain_b16_1600ep)
-#   GPUS  GPUs on this node (1, 2, 4 or 8; default 8): --accum-iter 8/GPUS keeps the effective batch at 2048
+#   GPUS  GPUs on this node (1, 2, 4 or 8; default 8): --grad-accum 8/GPUS keeps the effective batch at 2048
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # paths below are relative to the repository root
 DATA=${DATA:-/data/imagenet}
@@ -23,15 +23,15 @@ $LAUNCH localmim_freezeout.py pretrain \
     --data "$DATA" \
     --output-dir "$OUT" \
     --model vit_base_patch16 \
-    --input-size 224 \
+    --image-size 224 \
     --mask-ratio 0.75 \
     --target hog \
     --hog-nbins 9 \
-    --batch-size 256 \
-    --accum-iter $((8 / GPUS)) \
+    --batch-size-per-process 256 \
+    --grad-accum $((8 / GPUS)) \
     --epochs 1600 \
     --warmup-epochs 40 \
-    --blr 2e-4 \
+    --lr 2e-4 \
     --min-lr 1e-6 \
     --weight-decay 0.05 \
     --precision bf16 \
