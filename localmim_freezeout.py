@@ -89,6 +89,23 @@ MEAN, STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # the targets are compu
 # Flags that switch FreezeOut on when given (the study's command lines have no separate switch).
 FREEZEOUT_FLAGS = ("how_scale", "t0", "not_scale_lr", "non_layerwise_lr", "dont_freeze_pe")
 DEFAULT_BATCH_PER_PROCESS = 64
+MAE_LR_REF_BATCH = 256  # MAE: lr = blr x effective batch / 256
+
+
+class AbsoluteLr(argparse.Action):
+    """--lr X: MAE's absolute lr, unless --lr-ref-batch (given before) says at which batch it is."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.lr = value
+        if namespace.lr_ref_batch is None:
+            namespace.lr_ref_batch = 0
+
+
+class BaseLr(argparse.Action):
+    """--blr X (MAE's base lr): --lr X at batch 256, scaled linearly to the global batch (lr = blr x batch / 256)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.lr, namespace.lr_ref_batch = value, MAE_LR_REF_BATCH
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,10 +189,12 @@ def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--epochs", type=int, default=defaults[2])
     g.add_argument("--warmup-epochs", "--warmup_epochs", type=float, default=defaults[3],
                    help="linear warmup from 0, per iteration")
-    g.add_argument("--lr", "--blr", type=float, default=defaults[0],
-                   help="peak lr at batch --lr-ref-batch: the lr used is LR x global batch / --lr-ref-batch (MAE's "
-                        "--blr); MAE's absolute --lr X is --lr X --lr-ref-batch 0")
-    g.add_argument("--lr-ref-batch", type=int, default=256, help="the batch --lr is given at; 0: --lr is absolute")
+    g.add_argument("--lr", type=float, default=defaults[0], action=AbsoluteLr,
+                   help="peak lr at batch --lr-ref-batch: the lr used is LR x global batch / --lr-ref-batch. Given "
+                        "alone it is absolute, as MAE's --lr; the default is MAE's base lr, at 256")
+    g.add_argument("--blr", type=float, action=BaseLr, help="MAE's base lr: --blr X is --lr X --lr-ref-batch 256")
+    g.add_argument("--lr-ref-batch", type=int, help="the batch --lr is given at; 0: absolute (default: 256 for the "
+                                                    "default lr and --blr, 0 for --lr)")
     g.add_argument("--min-lr", "--min_lr", type=float, default=defaults[4], help="end of the half-cosine")
     g.add_argument("--weight-decay", "--weight_decay", "--wd", type=float, default=defaults[1],
                    help="not on biases and norm parameters")
@@ -283,6 +302,8 @@ def resolve_args(args: argparse.Namespace, processes: int) -> None:
                         "started (WORLD_SIZE)")
     if args.batch_size is None and args.batch_size_per_process is None:
         args.batch_size_per_process = DEFAULT_BATCH_PER_PROCESS
+    if getattr(args, "lr_ref_batch", 0) is None:  # the default lr is a base lr, as MAE's --blr
+        args.lr_ref_batch = MAE_LR_REF_BATCH
     for name in ("batch_size", "batch_size_per_process", "image_size", "workers", "seed", "grad_accum", "epochs",
                  "log_interval", "save_every", "benchmark_steps", "decoder_dim", "hog_nbins"):
         value = getattr(args, name, 1)

@@ -276,7 +276,7 @@ def test_encoder_is_timms_vision_transformer():
 # ---------------------------------------------------------------------------------------------- a shared digits run
 
 LEARN = [*TINY, "--embed-dim", "64", "--data", "digits", "--batch-size", "32", "--epochs", "4", "--warmup-epochs", "1",
-         "--lr", "1e-2", "--log-interval", "10", "--save-every", "2", "--freezeout"]
+         "--blr", "1e-2", "--log-interval", "10", "--save-every", "2", "--freezeout"]
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def test_knn_beats_random_init(digits_run, tmp_path):
 def linprobe_top1(source: str, out: Path) -> float:
     """MAE's probe (BatchNorm + linear, LARS) on 180 steps of batch 32; no crop or flip (centred 16 px digits)."""
     assert run("linprobe", *ARCH, "--embed-dim", "64", "--data", "digits", "--pretrained", source, "--output-dir", out,
-               "--batch-size", "32", "--epochs", "4", "--warmup-epochs", "1", "--lr", "240", "--random-crop", "none",
+               "--batch-size", "32", "--epochs", "4", "--warmup-epochs", "1", "--blr", "240", "--random-crop", "none",
                "--hflip", "0", "--log-interval", "100") == 0
     return [r for r in read_log(out) if "val_top1" in r][-1]["val_top1"]
 
@@ -442,7 +442,7 @@ def small_folder(tmp_path_factory):
 
 
 def short_run(folder: Path) -> list[str]:
-    return [*TINY, "--data", str(folder), "--epochs", "3", "--warmup-epochs", "1", "--lr", "1e-2", "--log-interval",
+    return [*TINY, "--data", str(folder), "--epochs", "3", "--warmup-epochs", "1", "--blr", "1e-2", "--log-interval",
             "1", "--how-scale", "linear", "--t0", "0.3"]
 
 
@@ -636,6 +636,12 @@ def test_the_studys_underscore_command_lines_run_unchanged():
                 "--reprob 0.25 --mixup 0.8 --cutmix 1.0 --dist_eval --data_path /data/imagenet --output_dir runs/y")
     args = recipe.parse_args(shlex.split(finetune))
     assert (args.pretrained, args.layer_decay, args.drop_path, args.dist_eval) == ("ckpt.pth", 0.75, 0.1, True)
+    assert recipe.peak_lr(args, 8) == 4e-3, "MAE's --lr is absolute: 4e-3 whatever the batch"
+    finetune_at_1024 = ["finetune", "--pretrained", "random", "--batch-size", "1024"]
+    assert recipe.peak_lr(recipe.parse_args([*finetune_at_1024, "--blr", "1e-3"]), 8) == pytest.approx(4e-3), \
+        "MAE's --blr is the lr at 256"
+    assert recipe.peak_lr(recipe.parse_args(finetune_at_1024), 8) == pytest.approx(4e-3), \
+        "the default (MAE's blr 1e-3) is a base lr"
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune", "linprobe", "knn", "export"])
@@ -701,7 +707,7 @@ def test_batch_is_global_or_per_process_and_lr_scales_with_it():
     def parsed(*flags: str):
         return recipe.parse_args(["pretrain", *flags])
 
-    global_batch = parsed("--batch-size", "2048", "--lr", "2e-4")
+    global_batch = parsed("--batch-size", "2048", "--blr", "2e-4")
     assert recipe.effective_batch(global_batch, 8) == 2048 and recipe.micro_batch(global_batch, 8) == 256
     per_process = parsed("--batch_size", "256", "--grad-accum", "2", "--blr", "2e-4")
     assert recipe.effective_batch(per_process, 4) == 2048 and recipe.micro_batch(per_process, 4) == 256

@@ -13,14 +13,14 @@ ARCH=(--data digits --model vit_tiny_patch16 --image-size 16 --patch-size 4 --de
       --test-crop-ratio 1.0 --workers 0 --seed 0)
 
 python localmim_freezeout.py pretrain "${ARCH[@]}" --output-dir "$OUT/pretrain" --decoder-dim 32 --decoder-heads 2 \
-    --batch-size 32 --epochs 4 --warmup-epochs 1 --lr 1e-2 --weight-decay 0.05 --mask-ratio 0.75 --target hog \
+    --batch-size 32 --epochs 4 --warmup-epochs 1 --blr 1e-2 --weight-decay 0.05 --mask-ratio 0.75 --target hog \
     --hog-nbins 9 --freezeout --how-scale cubic --t0 0.8 --log-interval 20 --save-every 2
 for SOURCE in "$OUT/pretrain" random; do
     NAME=$([ "$SOURCE" = random ] && echo random || echo pretrained)
     python localmim_freezeout.py knn "${ARCH[@]}" --pretrained "$SOURCE" --output-dir "$OUT/knn_$NAME" \
         --batch-size 256 --nb-knn 10 20 --temperature 0.07
     python localmim_freezeout.py linprobe "${ARCH[@]}" --pretrained "$SOURCE" --output-dir "$OUT/linprobe_$NAME" \
-        --batch-size 32 --epochs 4 --warmup-epochs 1 --lr 240 --weight-decay 0 --random-crop none --hflip 0 \
+        --batch-size 32 --epochs 4 --warmup-epochs 1 --blr 240 --weight-decay 0 --random-crop none --hflip 0 \
         --log-interval 100
 done
 python localmim_freezeout.py finetune "${ARCH[@]}" --pretrained "$OUT/pretrain" --output-dir "$OUT/finetune" \

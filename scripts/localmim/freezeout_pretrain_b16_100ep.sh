@@ -32,7 +32,7 @@ $LAUNCH localmim_freezeout.py pretrain \
     --grad-accum $((8 / GPUS)) \
     --epochs 100 \
     --warmup-epochs 10 \
-    --lr 2e-4 \
+    --blr 2e-4 \
     --min-lr 1e-6 \
     --weight-decay 0.05 \
     --freezeout \

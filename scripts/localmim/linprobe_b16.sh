@@ -29,7 +29,7 @@ $LAUNCH localmim_freezeout.py linprobe \
     --grad-accum $((32 / GPUS)) \
     --epochs 90 \
     --warmup-epochs 10 \
-    --lr 0.1 \
+    --blr 0.1 \
     --min-lr 0 \
     --weight-decay 0 \
     --dist-eval \

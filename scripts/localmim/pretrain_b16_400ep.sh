@@ -32,7 +32,7 @@ $LAUNCH localmim_freezeout.py pretrain \
     --grad-accum $((8 / GPUS)) \
     --epochs 400 \
     --warmup-epochs 40 \
-    --lr 2e-4 \
+    --blr 2e-4 \
     --min-lr 1e-6 \
     --weight-decay 0.05 \
     --precision bf16 \
