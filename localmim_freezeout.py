@@ -187,6 +187,9 @@ def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
     g.add_argument("--grad-accum", "--accum-iter", "--accum_iter", type=int, default=1,
                    help="micro-batches per optimizer step")
     g.add_argument("--epochs", type=int, default=defaults[2])
+    g.add_argument("--training-steps", type=int, default=0,
+                   help="if > 0, the run's length in steps instead of --epochs (the schedule follows it; epoch records "
+                        "and epochs/ weights stay at the ends of whole epochs)")
     g.add_argument("--warmup-epochs", "--warmup_epochs", type=float, default=defaults[3],
                    help="linear warmup from 0, per iteration")
     g.add_argument("--lr", type=float, default=defaults[0], action=AbsoluteLr,
@@ -972,7 +975,8 @@ def common_config(args: argparse.Namespace, env: tr.DistEnv, spec: data.DataSpec
     return dict(vars(args), **arch_config(args), **run_record(f"{RECIPE} {args.command}", args),
                 effective_batch=batch, micro_batch=micro_batch(args, env.world_size),
                 peak_lr=peak_lr(args, env.world_size), steps_per_epoch=steps_per_epoch,
-                total_steps=args.epochs * steps_per_epoch, warmup_steps=round(args.warmup_epochs * steps_per_epoch),
+                total_steps=args.training_steps or args.epochs * steps_per_epoch,
+                warmup_steps=round(args.warmup_epochs * steps_per_epoch),
                 world_size=env.world_size, device=str(env.device), mean=MEAN, std=STD)
 
 
@@ -1053,7 +1057,7 @@ def pretrain_loop(args, env: tr.DistEnv, model: LocalMIM, optimizer, scaler, con
                 log.write(done, **epoch_record(epoch.totals(done, out), epoch, done // per_epoch, plan, step, env),
                           lr=lr)
                 epoch.reset()
-            if done % per_epoch == 0 or stop:
+            if done % per_epoch == 0 or done == total or stop:
                 with window.paused(), epoch.paused():
                     tr.save(out, done, env, model=model, optimizer=optimizer, scaler=scaler,
                             extra={"config": config, "log_window": window.state(), "epoch_window": epoch.state()})
@@ -1161,7 +1165,7 @@ def supervised_loop(args, env: tr.DistEnv, model, optimizer, scaler, config: dic
             loss_sum = supervised_step(ddp, optimizer, scaler, batch, step, args, env, regs)
             window.add(torch.stack([loss_sum.float(), torch.tensor(float(batch["skipped"]), device=env.device)]))
             done = step + 1
-            epoch_done = done % per_epoch == 0
+            epoch_done = done % per_epoch == 0 or done == total  # --training-steps may end inside an epoch
             if run.due(done, args.log_interval, total) or epoch_done:
                 sums = window.totals(done, out)
                 last = {"loss": (sums[0] / (window.steps * config["effective_batch"])).item(), "lr": lr,

@@ -43,10 +43,13 @@ def script_module(script: str):
     return importlib.import_module(SCRIPTS[script])
 
 
-def parse(script: str, argv: list[str]) -> None:
-    """`argv` through the script's own parser (its `parse_args`: argparse plus the checks made before any work)."""
+def parse(script: str, argv: list[str], processes: int = 1) -> None:
+    """`argv` through the script's own parser (its `parse_args`: argparse plus the checks made before any work), as
+    one of the `processes` a launcher started (its WORLD_SIZE)."""
     try:
-        script_module(script).parse_args(argv)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("WORLD_SIZE", str(processes))
+            script_module(script).parse_args(argv)
     except UserError as e:
         pytest.fail(f"{script} {shlex.join(argv)}\n  is refused by the script's parser: {e}")
     except SystemExit as e:
@@ -88,27 +91,29 @@ def shim(tmp_path_factory) -> dict[str, str]:
     return dict(os.environ, PATH=f"{folder}{os.pathsep}{os.environ['PATH']}", LAUNCH="torchrun --nproc_per_node=8")
 
 
-def commands_of(argv: list[str]) -> tuple[str, list[str]]:
-    """(script, its arguments) from a python/torchrun command line (launcher flags dropped)."""
+def commands_of(argv: list[str]) -> tuple[str, list[str], int]:
+    """(script, its arguments, processes) from a python/torchrun command line (launcher flags dropped)."""
     script_index = next(i for i, word in enumerate(argv) if word.endswith(".py"))
-    return Path(argv[script_index]).name, argv[script_index + 1:]
+    launcher = " ".join(argv[:script_index])
+    processes = re.search(r"--nproc[_-]per[_-]node[= ](\d+)", launcher)
+    return Path(argv[script_index]).name, argv[script_index + 1:], int(processes[1]) if processes else 1
 
 
-def preset_commands(preset: Path, env: dict[str, str], extra: list[str] = ()) -> list[tuple[str, list[str]]]:
+def preset_commands(preset: Path, env: dict[str, str], extra: list[str] = ()) -> list[tuple[str, list[str], int]]:
     result = subprocess.run(["bash", str(REPO / preset), *extra], env=env, capture_output=True, text=True,
                             timeout=60, cwd=REPO)
     assert result.returncode == 0, f"bash {preset} failed under the shim: {result.stderr}"
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
     commands = [commands_of(argv) for argv in lines if any(word.endswith(".py") for word in argv)]
-    return [(script, argv) for script, argv in commands if script in SCRIPTS]
+    return [command for command in commands if command[0] in SCRIPTS]
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=str)
 def test_preset_parses(preset, shim):
     commands = preset_commands(preset, shim)
     assert commands, f"{preset} runs no recipe"
-    for script, argv in commands:
-        parse(script, argv)
+    for command in commands:
+        parse(*command)
 
 
 def readme_commands() -> list[str]:
@@ -128,12 +133,12 @@ def readme_commands() -> list[str]:
 def test_readme_command_parses(line, shim):
     words = shlex.split(line)
     if words[0] == "bash":
-        for script, argv in preset_commands(Path(words[1]), shim, words[2:]):
-            parse(script, argv)
+        for command in preset_commands(Path(words[1]), shim, words[2:]):
+            parse(*command)
         return
     if words[:3] == ["python", "-m", "pytest"] or not any(word.endswith(".py") for word in words):
         pytest.skip("not a recipe command")
-    script, argv = commands_of(words)
+    script, argv, processes = commands_of(words)
     if script not in SCRIPTS:
         pytest.skip(f"{script} is a tool, tested with its own tests")
-    parse(script, argv)
+    parse(script, argv, processes)

@@ -362,6 +362,20 @@ def test_finetune_learns_digits_from_the_pretrained_encoder(digits_run, tmp_path
     assert len(top1) == 3 and top1[-1] > 40 and top1[-1] > top1[0], top1
 
 
+def test_training_steps_set_the_length_and_the_last_step_evaluates_and_saves(tmp_path):
+    """--training-steps 7 (inside the first epoch of 45 steps): the schedule ends at step 7, the last
+    step is evaluated and checkpointed although no epoch ended."""
+    out = tmp_path / "ft"
+    assert run("linprobe", *ARCH, "--data", "digits", "--pretrained", "random", "--output-dir", out, "--batch-size",
+               "32", "--training-steps", "7", "--warmup-epochs", "0", "--log-interval", "100") == 0
+    records = read_log(out)
+    assert [r["step"] for r in records if "val_top1" in r] == [7]
+    assert records[-1]["step"] == 7 and final_state(out)["step"] == 7
+    peak = 0.1 * 32 / 256  # MAE linprobe: blr 0.1, min lr 0
+    last_lr = [r["lr"] for r in records if "lr" in r][-1]  # the lr of step index 6 of 7: the cosine's last value
+    assert last_lr == pytest.approx(peak * (1 + math.cos(math.pi * 6 / 7)) / 2, rel=1e-6)
+
+
 def test_finetune_loads_the_encoder_with_layer_decay(digits_run, tmp_path, capsys):
     """One epoch with MAE's regularisers on (RandAugment, mixup/cutmix, random erasing, drop path, smoothing)."""
     out = tmp_path / "ft"
