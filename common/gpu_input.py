@@ -332,7 +332,8 @@ def _read_item(split, index: int, seeds: tuple[int, ...] | None, spec: AugSpec,
             payload, is_jpeg, height, width = _read_payload(split, index)
             break
         except Exception as e:  # empty, truncated header, not an image
-            bad.append(f"{split.name(index)} ({type(e).__name__}: {e})")
+            message = re.sub(r"<_io.BytesIO object at 0x[0-9a-f]+>", "its bytes", str(e))  # one name per file
+            bad.append(f"{split.name(index)} ({type(e).__name__}: {message})")
             if not skip_bad:
                 return None, bad
             index = (index + 1) % len(split)
@@ -440,6 +441,9 @@ def _decode_jpegs(encoded: list[torch.Tensor], device: torch.device) -> list[tor
     decode goes to PIL, and one PIL cannot decode either comes back None."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    # torchvision 0.29 deprecates its decoders for TorchCodec's (not yet a dependency); the warning is per call.
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
     decoded: list[torch.Tensor | None] = [None] * len(encoded)
     if device.type == "cuda" and encoded:
         try:
@@ -499,8 +503,9 @@ FILTERS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
 def resample_weights(in_len: torch.Tensor, out_len: torch.Tensor, rows: torch.Tensor, max_in: int,
                      interpolation: str) -> torch.Tensor:
     """(n, len(rows[0]), max_in) weights: output row `rows[b, j]` of a resize of `in_len[b]` pixels to `out_len[b]`
-    is sum_x weights[b, j, x] * input[x]. PIL's coefficients (ImagingResample precompute_coeffs): the filter is
-    stretched by the downscale factor (antialiasing) and cut at the input's edges, each row normalised to 1."""
+    is sum_x weights[b, j, x] * input[x] / sum_x weights[b, j, x]. PIL's coefficients (ImagingResample
+    precompute_coeffs): the filter is stretched by the downscale factor (antialiasing) and cut at the input's edges.
+    Left unnormalised: the caller normalises each sample's slice, so that its numbers do not depend on max_in."""
     kernel, support = FILTERS[interpolation]
     scale = (in_len.float() / out_len.float())[:, None]
     filterscale = scale.clamp(min=1.0)
@@ -509,8 +514,11 @@ def resample_weights(in_len: torch.Tensor, out_len: torch.Tensor, rows: torch.Te
     high = torch.minimum(torch.floor(center + support * filterscale + 0.5), in_len.float()[:, None])
     x = torch.arange(max_in, device=rows.device, dtype=torch.float32)[None, None, :]
     weights = kernel((x - center[..., None] + 0.5) / filterscale[..., None])
-    weights = torch.where((x >= low[..., None]) & (x < high[..., None]), weights, torch.zeros_like(weights))
-    return weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
+    return torch.where((x >= low[..., None]) & (x < high[..., None]), weights, torch.zeros_like(weights))
+
+
+def _normalised(weights: torch.Tensor) -> torch.Tensor:
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def _reflect(index: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -544,8 +552,8 @@ def crop_resize_flip(images: Sequence[torch.Tensor], owner: torch.Tensor, geomet
     outputs = []
     for b, (top, height, left, width) in enumerate(geometry[:, :4].tolist()):
         crop = images[int(owner[b])][:, top:top + height, left:left + width].float()
-        across = _round_uint8(crop @ col_weights[b, :, :width].T)  # (3, height, size)
-        outputs.append(row_weights[b, :, :height] @ across)  # (3, size, size)
+        across = _round_uint8(crop @ _normalised(col_weights[b, :, :width]).T)  # (3, height, size)
+        outputs.append(_normalised(row_weights[b, :, :height]) @ across)  # (3, size, size)
     return _round_uint8(torch.stack(outputs))
 
 
