@@ -6,8 +6,7 @@ random parameters of each sample (NumPy, from the per-sample seed of `common.dat
 decodes the JPEGs in one call (`torchvision.io.decode_jpeg`, nvJPEG on CUDA) and runs the augmentation batched:
 
     geometry     random resized crop (timm), DeiT-III's simple random crop, resize + centre crop, horizontal flip:
-                 one separable resampling matrix pair per sample, built as PIL builds its resize coefficients
-                 (antialiased bilinear / bicubic, a = -0.5), so the crop matches PIL's to +-1 grey level
+                 per sample, torch's antialiased resize (PIL's algorithm: the crop matches PIL's to +-1 grey level)
     colour ops   colour jitter, 3-Augment, RandAugment (timm's op set and magnitude rules): each op runs on the
                  samples that drew it, with per-sample arguments drawn on the host
     erasing      timm RandomErasing(mode='pixel') on normalised images (only with `normalize=`)
@@ -24,6 +23,7 @@ Nothing here imports JAX: `to_jax` imports it when called.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -32,7 +32,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -480,81 +480,55 @@ def _decode_payloads(batch: dict, device: torch.device) -> list[torch.Tensor | N
 
 
 # ----------------------------------------------------------------------------------------------
-# Device: crop, resize, flip as separable resampling matrices (PIL's antialiased resize)
+# Device: crop, resize, flip
 # ----------------------------------------------------------------------------------------------
 
 
-def _bicubic(x: torch.Tensor) -> torch.Tensor:
-    """PIL's bicubic kernel (a = -0.5), support 2."""
-    a, x = -0.5, x.abs()
-    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
-
-
-def _bilinear(x: torch.Tensor) -> torch.Tensor:
-    return (1.0 - x.abs()).clamp(min=0.0)
-
-
-FILTERS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], float]] = {
-    "bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
-
-
-def resample_weights(in_len: torch.Tensor, out_len: torch.Tensor, rows: torch.Tensor, max_in: int,
-                     interpolation: str) -> torch.Tensor:
-    """(n, len(rows[0]), max_in) weights: output row `rows[b, j]` of a resize of `in_len[b]` pixels to `out_len[b]`
-    is sum_x weights[b, j, x] * input[x] / sum_x weights[b, j, x]. PIL's coefficients (ImagingResample
-    precompute_coeffs): the filter is stretched by the downscale factor (antialiasing) and cut at the input's edges.
-    Left unnormalised: the caller normalises each sample's slice, so that its numbers do not depend on max_in."""
-    kernel, support = FILTERS[interpolation]
-    scale = (in_len.float() / out_len.float())[:, None]
-    filterscale = scale.clamp(min=1.0)
-    center = (rows.float() + 0.5) * scale
-    low = torch.floor(center - support * filterscale + 0.5).clamp(min=0.0)
-    high = torch.minimum(torch.floor(center + support * filterscale + 0.5), in_len.float()[:, None])
-    x = torch.arange(max_in, device=rows.device, dtype=torch.float32)[None, None, :]
-    weights = kernel((x - center[..., None] + 0.5) / filterscale[..., None])
-    return torch.where((x >= low[..., None]) & (x < high[..., None]), weights, torch.zeros_like(weights))
-
-
-def _normalised(weights: torch.Tensor) -> torch.Tensor:
-    return weights / weights.sum(-1, keepdim=True)
-
-
-def _reflect(index: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+def _reflect(index: torch.Tensor, length: int) -> torch.Tensor:
     """torch / numpy 'reflect' padding (the edge pixel is not repeated) of indices into [0, length)."""
-    index = torch.where(index < 0, -index, index)
+    index = index.abs()
     return torch.where(index >= length, 2 * (length - 1) - index, index)
 
 
 def _round_uint8(x: torch.Tensor) -> torch.Tensor:
-    """PIL's 8-bit rounding of a resampled value: floor(x + 0.5), clipped to [0, 255] (kept in float)."""
+    """A resampled value as PIL stores it: floor(x + 0.5) clipped to [0, 255] (kept in float)."""
     return torch.floor(x + 0.5).clamp(0.0, 255.0)
+
+
+def _resize(image: torch.Tensor, height: int, width: int, interpolation: str) -> torch.Tensor:
+    """uint8 (3, h, w) -> float (3, height, width) of whole numbers: torch's antialiased resize, PIL's algorithm
+    (the filter stretched by the downscale factor). On CPU it runs on uint8 (a port of Pillow-SIMD's, equal to
+    PIL's up to +-1 in a few pixels); the CUDA kernel takes floats and skips PIL's rounding between the passes."""
+    if image.shape[1:] == (height, width):
+        return image.float()
+    if image.device.type == "cpu":
+        return F.interpolate(image[None], size=(height, width), mode=interpolation, antialias=True)[0].float()
+    resized = F.interpolate(image[None].float(), size=(height, width), mode=interpolation, antialias=True)
+    return _round_uint8(resized[0])
 
 
 def crop_resize_flip(images: Sequence[torch.Tensor], owner: torch.Tensor, geometry: torch.Tensor, size: int,
                      interpolation: str) -> torch.Tensor:
-    """Each copy b: crop images[owner[b]] to its box, resize to (out_h, out_w), take `size` rows and columns from
-    (row0, col0) (reflecting past the edges) and flip -> float (n, 3, size, size) holding whole numbers 0..255.
-
-    One matrix per axis and copy; as PIL, the horizontal pass is rounded to 8 bits before the vertical one.
-    """
+    """Each copy b: crop images[owner[b]] to its box (y0, h, x0, w), resize to (out_h, out_w), take `size` rows
+    and columns from (row0, col0) (reflecting past the edges: DeiT-III's padded crop) and flip -> float
+    (n, 3, size, size) holding whole numbers 0..255. As torchvision on PIL: resized_crop (the filter does not
+    reach outside the crop), Resize + CenterCrop / RandomCrop(padding=4, 'reflect'), RandomHorizontalFlip."""
     device = images[0].device
-    g = geometry.to(device)
-    y0, h, x0, w, out_h, out_w, row0, col0, flip = g.unbind(1)
-    steps = torch.arange(size, device=device)
-    rows = _reflect(row0[:, None] + steps, out_h[:, None])
-    cols = _reflect(col0[:, None] + steps, out_w[:, None])
-    cols = torch.where(flip[:, None].bool(), cols.flip(1), cols)
-    max_h, max_w = int(geometry[:, 1].max()), int(geometry[:, 3].max())
-    row_weights = resample_weights(h, out_h, rows, max_h, interpolation)
-    col_weights = resample_weights(w, out_w, cols, max_w, interpolation)
+    steps = torch.arange(size)
     outputs = []
-    for b, (top, height, left, width) in enumerate(geometry[:, :4].tolist()):
-        crop = images[int(owner[b])][:, top:top + height, left:left + width].float()
-        across = _round_uint8(crop @ _normalised(col_weights[b, :, :width]).T)  # (3, height, size)
-        outputs.append(_normalised(row_weights[b, :, :height]) @ across)  # (3, size, size)
-    return _round_uint8(torch.stack(outputs))
+    for b, (y0, h, x0, w, out_h, out_w, row0, col0, flip) in enumerate(geometry.tolist()):
+        crop = images[int(owner[b])][:, y0:y0 + h, x0:x0 + w]
+        resized = _resize(crop, out_h, out_w, interpolation)
+        rows = _reflect(row0 + steps, out_h)
+        cols = _reflect(col0 + steps, out_w)
+        if flip:
+            cols = cols.flip(0)
+        if rows[0] != 0 or out_h != size:
+            resized = resized.index_select(1, rows.to(device))
+        if cols[0] != 0 or out_w != size or flip:
+            resized = resized.index_select(2, cols.to(device))
+        outputs.append(resized)
+    return torch.stack(outputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -709,7 +683,8 @@ def apply_op(name: str, x: torch.Tensor, argument: torch.Tensor, interpolation: 
 
 
 def run_op_slots(x: torch.Tensor, op_ids: torch.Tensor, op_args: torch.Tensor, interpolation: str) -> torch.Tensor:
-    """Slot by slot, each op on the subset of the batch that drew it (op ids and arguments are host tensors)."""
+    """Slot by slot, each op on the subset of the batch that drew it (op ids and arguments are host tensors).
+    Works in place on `x`."""
     for slot in range(op_ids.shape[1]):
         for op in torch.unique(op_ids[:, slot]).tolist():
             if op < 0:
@@ -717,7 +692,7 @@ def run_op_slots(x: torch.Tensor, op_ids: torch.Tensor, op_args: torch.Tensor, i
             chosen = torch.nonzero(op_ids[:, slot] == op).flatten()
             argument = op_args[chosen, slot].to(x.device, torch.float32)
             chosen = chosen.to(x.device)
-            x = x.index_copy(0, chosen, apply_op(DEVICE_OPS[op], x.index_select(0, chosen), argument, interpolation))
+            x.index_copy_(0, chosen, apply_op(DEVICE_OPS[op], x.index_select(0, chosen), argument, interpolation))
     return x
 
 
@@ -774,6 +749,15 @@ def _replace_undecodable(batch: dict, images: list[torch.Tensor | None], spec: A
     return [f"{batch['names'][i]} (decode failed on the device and in PIL)" for i in failed]
 
 
+def _exact_float32() -> contextlib.AbstractContextManager:
+    """cuDNN convolutions (sharpness, blur) in full float32 and deterministic while augmenting: recipes switch TF32
+    on for the model, and its 10-bit mantissa would move pixels that are rounded to 8 bits after every op."""
+    try:
+        return torch.backends.cudnn.flags(enabled=True, deterministic=True, fp32_precision="ieee")
+    except TypeError:  # torch < 2.9
+        return torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False)
+
+
 def augment_batch(batch: dict, spec: AugSpec, device: torch.device, *, train: bool,
                   normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> dict:
     """One host batch (`_pack`) -> {"image", "label" (int64), "skipped"} on `device`.
@@ -789,7 +773,8 @@ def augment_batch(batch: dict, spec: AugSpec, device: torch.device, *, train: bo
     x = torch.zeros((count, 3, size, size), device=device)
     if len(real):
         crops = crop_resize_flip(images, batch["owner"][real], batch["geometry"][real], size, spec.interpolation)
-        crops = run_op_slots(crops, batch["op_ids"][real], batch["op_args"][real], spec.interpolation)
+        with _exact_float32():
+            crops = run_op_slots(crops, batch["op_ids"][real], batch["op_args"][real], spec.interpolation)
         x = x.index_copy(0, real.to(device), crops) if len(real) < count else crops
     labels = batch["label"].to(device, non_blocking=True)
     if normalize is None:
