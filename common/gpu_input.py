@@ -484,12 +484,6 @@ def _decode_payloads(batch: dict, device: torch.device) -> list[torch.Tensor | N
 # ----------------------------------------------------------------------------------------------
 
 
-def _reflect(index: torch.Tensor, length: int) -> torch.Tensor:
-    """torch / numpy 'reflect' padding (the edge pixel is not repeated) of indices into [0, length)."""
-    index = index.abs()
-    return torch.where(index >= length, 2 * (length - 1) - index, index)
-
-
 def _round_uint8(x: torch.Tensor) -> torch.Tensor:
     """A resampled value as PIL stores it: floor(x + 0.5) clipped to [0, 255] (kept in float)."""
     return torch.floor(x + 0.5).clamp(0.0, 255.0)
@@ -513,21 +507,14 @@ def crop_resize_flip(images: Sequence[torch.Tensor], owner: torch.Tensor, geomet
     and columns from (row0, col0) (reflecting past the edges: DeiT-III's padded crop) and flip -> float
     (n, 3, size, size) holding whole numbers 0..255. As torchvision on PIL: resized_crop (the filter does not
     reach outside the crop), Resize + CenterCrop / RandomCrop(padding=4, 'reflect'), RandomHorizontalFlip."""
-    device = images[0].device
-    steps = torch.arange(size)
     outputs = []
     for b, (y0, h, x0, w, out_h, out_w, row0, col0, flip) in enumerate(geometry.tolist()):
-        crop = images[int(owner[b])][:, y0:y0 + h, x0:x0 + w]
-        resized = _resize(crop, out_h, out_w, interpolation)
-        rows = _reflect(row0 + steps, out_h)
-        cols = _reflect(col0 + steps, out_w)
-        if flip:
-            cols = cols.flip(0)
-        if rows[0] != 0 or out_h != size:
-            resized = resized.index_select(1, rows.to(device))
-        if cols[0] != 0 or out_w != size or flip:
-            resized = resized.index_select(2, cols.to(device))
-        outputs.append(resized)
+        resized = _resize(images[int(owner[b])][:, y0:y0 + h, x0:x0 + w], out_h, out_w, interpolation)
+        pad = max(0, -row0, -col0, row0 + size - out_h, col0 + size - out_w)
+        if pad:
+            resized = F.pad(resized[None], (pad, pad, pad, pad), mode="reflect")[0]
+        crop = resized[:, row0 + pad:row0 + pad + size, col0 + pad:col0 + pad + size]
+        outputs.append(crop.flip(-1) if flip else crop)
     return torch.stack(outputs)
 
 
