@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import math
+import random
 import re
 import sys
 import time
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from common import UserError, data
 
@@ -425,6 +427,89 @@ class _WholeBatches:
             yield [groups]
 
 
+def _shard_item(sample: dict, spec: AugSpec, seeds: tuple[int, ...] | None, skips: data._SkipLog) -> dict | None:
+    """A webdataset sample ({"jpg": bytes, "cls": b"3", ...}) as `_read_item`'s dict; None (logged) if unreadable."""
+    name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+    try:
+        key = next(k for k in data.SHARD_IMAGE_KEYS if k in sample)
+        payload, is_jpeg, height, width = _payload_from_bytes(sample[key])
+        label = int(sample["cls"])
+    except Exception as e:  # no image, not an image, no or bad label
+        message = re.sub(r"<_io.BytesIO object at 0x[0-9a-f]+>", "its bytes", str(e))
+        skips.add(f"{name} ({type(e).__name__}: {message})")
+        return None
+    skips.in_a_row = 0
+    params = [sample_params(spec, seed, height, width) for seed in (seeds if seeds is not None else (None,))]
+    return {"payload": payload, "jpeg": is_jpeg, "label": label, "name": name, "params": params}
+
+
+class _ShardByteStream(IterableDataset):
+    """`common.data._ShardTrainStream` reading bytes: endless packed batches of `local_batch` copies from shards
+    drawn with replacement (so no host waits for another at an epoch's end). A repeat group that does not fit
+    continues in the next batch."""
+
+    def __init__(self, urls: list[str], spec: AugSpec, *, local_batch: int, repeats: int, seed: int,
+                 shuffle_buffer: int):
+        self.urls, self.spec, self.local_batch, self.repeats = urls, spec, local_batch, repeats
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+
+    def __iter__(self) -> Iterator[dict]:
+        import webdataset as wds
+
+        worker, _ = data._worker()
+        rng = random.Random(int(np.random.SeedSequence([self.seed, worker]).generate_state(1)[0]))
+        skips = data._SkipLog()
+        shards = (dict(url=rng.choice(self.urls)) for _ in itertools.count())
+        samples = wds.tarfile_samples(shards, handler=skips)
+        samples = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
+        pending: list[dict] = []
+        for sample in samples:
+            item = _shard_item(sample, self.spec, tuple(rng.getrandbits(31) for _ in range(self.repeats)), skips)
+            if item is not None:
+                pending.append(item)
+            while sum(len(i["params"]) for i in pending) >= self.local_batch:
+                batch, room = [], self.local_batch
+                while room:
+                    item = pending.pop(0)
+                    if len(item["params"]) > room:  # split the repeat group: the rest opens the next batch
+                        pending.insert(0, dict(item, params=item["params"][room:]))
+                        item = dict(item, params=item["params"][:room])
+                    batch.append(item)
+                    room -= len(item["params"])
+                yield _pack(batch, skips.take())
+
+
+def _shard_eval_host_batches(data_source: str, spec: AugSpec, *, local_batch: int, process_index: int,
+                             process_count: int) -> Iterator[dict]:
+    """Packed val batches from the shards listed in info.json, read in this process (bytes only: cheap): process
+    h reads shards h, h + P, ... in order; info.json's shard sizes tell every process how many batches the busiest
+    one needs, and the others pad up to that count (as `common.data`)."""
+    import webdataset as wds
+
+    val = data._shard_info(data_source).get("val")
+    if val is None:
+        return
+    urls = data._expand(data._join(data_source, val["pattern"]))
+    sizes = val.get("shard_sizes")
+    if sizes is None or len(sizes) != len(urls):
+        raise UserError(f"{data._join(data_source, 'info.json')}: val needs shard_sizes, one per shard")
+    num_batches = max(math.ceil(sum(sizes[h::process_count]) / local_batch) for h in range(process_count))
+    skips = data._SkipLog()
+    items: list[dict | None] = []
+    emitted = 0
+    samples = wds.tarfile_samples((dict(url=u) for u in urls[process_index::process_count]), handler=skips)
+    for sample in samples:
+        items.append(_shard_item(sample, spec, None, skips))  # an unreadable sample: a padding slot
+        if len(items) == local_batch:
+            if emitted == num_batches:
+                raise UserError(f"val shards of {data_source} hold more images than info.json's shard_sizes say")
+            yield _pack(items, skips.take())
+            items, emitted = [], emitted + 1
+    for _ in range(emitted, num_batches):  # the last partial batch, then padding batches
+        yield _pack(items + [None] * (local_batch - len(items)), skips.take())
+        items = []
+
+
 # ----------------------------------------------------------------------------------------------
 # Device: decode
 # ----------------------------------------------------------------------------------------------
@@ -800,33 +885,42 @@ def loader_choice(flag: str, device: torch.device | str) -> str:
     return flag
 
 
-def _map_style_split(data_source: str, which: str):
+def _source(data_source: str) -> str:
     kind = data._source_kind(data_source)
     if kind == "synthetic":
         raise UserError("synthetic batches are made on the device by the recipe, not by the data loader")
-    if kind in ("shards", "raw_shards"):
-        raise UserError("--loader gpu reads image folders, digits and cifar; webdataset shards need --loader pil")
-    train, val, _ = data._splits(kind, data_source)
-    return train if which == "train" else val
+    return kind
 
 
 def train_batches(data_source: str, spec: AugSpec, *, global_batch: int, seed: int, start_step: int = 0,
                   workers: int, device: torch.device | str, process_index: int = 0, process_count: int = 1,
-                  repeats: int = 1, normalize: tuple[Sequence[float], Sequence[float]] | None = None
-                  ) -> Iterator[dict]:
+                  repeats: int = 1, normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+                  shuffle_buffer: int = 2000) -> Iterator[dict]:
     """Endless per-process training batches {"image", "label", "skipped"} on `device`, from global step `start_step`.
 
     The same samples and per-sample seeds as `common.data.train_batches` (batch k depends on (seed, k) only;
     process h of `process_count` gets the h-th slice of the global batch; repeats: each image read and decoded
     once, augmented `repeats` times). Workers (loader processes, 0: this process) only read bytes and draw params.
     image: uint8 NHWC, or normalised float NCHW with `normalize=(mean, std)` (needed for random erasing).
+    Webdataset shards stream as in `common.data` (resampled shards, `shuffle_buffer` samples per worker; a resumed
+    run reshuffles), their workers reading bytes only.
     """
     data._check_batch(global_batch, process_count)
     if repeats < 1:
         raise UserError(f"repeats must be >= 1, got {repeats}")
     if spec.random_erasing > 0 and normalize is None:
         raise UserError("random erasing runs on normalised images: pass normalize=(mean, std)")
-    train = _map_style_split(data_source, "train")
+    kind = _source(data_source)
+    if kind in ("shards", "raw_shards"):
+        # As common.data: shards resume at the right step with a fresh shuffle seeded by (seed, start_step, process).
+        urls = data._train_shard_urls(data_source, kind)
+        process_urls = urls[process_index::process_count] if len(urls) >= process_count else urls
+        process_seed = int(np.random.SeedSequence([seed, start_step, process_index]).generate_state(1)[0])
+        stream = _ShardByteStream(process_urls, spec, local_batch=global_batch // process_count, repeats=repeats,
+                                  seed=process_seed, shuffle_buffer=shuffle_buffer)
+        loader = DataLoader(stream, batch_size=None, num_workers=workers)
+        return _device_batches(loader, spec, torch.device(device), True, normalize)
+    train, _, _ = data._splits(kind, data_source)
     sampler = data._TrainBatchSampler(len(train), global_batch=global_batch, seed=seed, repeats=repeats,
                                       start_step=start_step, process_index=process_index,
                                       process_count=process_count)
@@ -839,9 +933,18 @@ def eval_batches(data_source: str, spec: AugSpec, *, global_batch: int, workers:
                  process_index: int = 0, process_count: int = 1,
                  normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> Iterator[dict]:
     """Per-process batches covering the val split once (resize the shorter side to image_size / crop_ratio, centre
-    crop), as `common.data.eval_batches`: slots past the end and unreadable images hold zeros with label -1."""
+    crop), as `common.data.eval_batches`: slots past the end and unreadable images hold zeros with label -1.
+    Val shards are read in this process (bytes only); sources without a val split yield no batches."""
     local_batch = data._check_batch(global_batch, process_count)
-    val = _map_style_split(data_source, "val")
+    kind = _source(data_source)
+    if kind == "raw_shards":
+        return iter(())
+    if kind == "shards":
+        host_batches = _shard_eval_host_batches(data_source, spec, local_batch=local_batch,
+                                                process_index=process_index, process_count=process_count)
+        return (augment_batch(batch, spec, torch.device(device), train=False, normalize=normalize)
+                for batch in host_batches)
+    _, val, _ = data._splits(kind, data_source)
     if val is None:
         return iter(())
     offset = process_index * local_batch

@@ -1,10 +1,12 @@
 """common.gpu_input (--loader gpu) on CPU tensors: its random draws follow timm's distributions, its pixels match
 the PIL pipeline's, and its batches are a function of (seed, step) split exactly over processes."""
 
+import importlib.util
 import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from common import UserError, augment, data, gpu_input, torch_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+REPO = Path(__file__).resolve().parents[1]
 DRAWS = 3000  # per distribution test: the tolerances below are ~4 standard errors at this count
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -326,6 +329,39 @@ def test_corrupt_empty_and_non_image_files_are_skipped_and_counted(tmp_path, cap
     assert "decode failed on the device and in PIL" in errors, "the truncated JPEG should reach the device decoder"
     for name in ("class_0/img_1.jpg", "class_1/img_1.jpg", "class_1/img_2.jpg", "val/class_1/img_0.jpg"):
         assert errors.count(name) == 1, f"{name} should be named once on stderr:\n{errors}"
+
+
+@pytest.fixture(scope="module")
+def shards(folder, tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("make_shards", REPO / "scripts" / "make_shards.py")
+    make_shards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_shards)
+    out = tmp_path_factory.mktemp("gpu_input_shards")
+    make_shards.main([str(folder), str(out), "--shard-size", "5"])
+    return out
+
+
+def test_shard_train_batches_read_bytes_and_keep_repeat_groups(shards):
+    batches = _take(gpu_input.train_batches(str(shards), RANDOM_SPEC, global_batch=4, seed=0, repeats=3,
+                                            workers=0, device="cpu", shuffle_buffer=8), 6)
+    labels = torch.cat([b["label"] for b in batches])
+    assert all(b["image"].shape == (4, 32, 32, 3) and b["skipped"] == 0 for b in batches)
+    assert ((labels >= 0) & (labels < 3)).all()
+    # 24 copies = 8 groups of 3 consecutive copies, some split across two batches of 4.
+    assert (labels.view(8, 3) == labels.view(8, 3)[:, :1]).all(), labels.tolist()
+
+
+def test_shard_eval_batches_cover_val_once_over_two_processes(shards, folder):
+    spec = gpu_input.AugSpec(32, crop_ratio=1.0)
+    processes = [list(gpu_input.eval_batches(str(shards), spec, global_batch=8, workers=0, device="cpu",
+                                             process_index=p, process_count=2)) for p in range(2)]
+    assert len(processes[0]) == len(processes[1]) == 2  # val shards of 5, 5, 2 images: 7 and 5, batches of 4
+    from_shards = sorted(image.numpy().tobytes() for batches in processes for b in batches
+                         for image, label in zip(b["image"], b["label"]) if label >= 0)
+    from_folder = sorted(image.numpy().tobytes() for b in gpu_input.eval_batches(
+        str(folder), spec, global_batch=8, workers=0, device="cpu") for image, label in zip(b["image"], b["label"])
+        if label >= 0)
+    assert from_shards == from_folder
 
 
 def test_in_memory_digits_pass_their_arrays():
