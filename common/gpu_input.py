@@ -11,12 +11,13 @@ decodes the JPEGs in one call (`torchvision.io.decode_jpeg`, nvJPEG on CUDA) and
                  samples that drew it, with per-sample arguments drawn on the host
     erasing      timm RandomErasing(mode='pixel') on normalised images (only with `normalize=`)
 
-Batch k is a function of (seed, k): the same sample order and per-sample seeds as `common.data`, so a resumed
-run is bitwise exact (on CPU; on a GPU, up to nvJPEG's and the kernels' own determinism), and process h of P
-reads the h-th slice of the global batch. Repeated augmentation decodes once and augments every copy.
-Unreadable images: a file that is not an image is skipped in the worker (the next dataset index, as
-`common.data`); a JPEG the device cannot decode is decoded by PIL, and if that fails too it is skipped the same
-way (read again in the main process). Each batch reports the count in "skipped"; each bad file is named once.
+Folders, digits and cifar: batch k is a function of (seed, k), the same samples and per-sample seeds as
+`common.data`, so a resumed run is bitwise exact (on CPU; on a GPU up to nvJPEG's and the kernels' own
+determinism), and process h of P gets the h-th slice of the global batch. Webdataset shards stream as in
+`common.data` (a resumed run reshuffles). Repeated augmentation decodes once and augments every copy.
+Unreadable images: a file whose header is not an image's is skipped in the worker (the next dataset index, as
+`common.data`); a JPEG the device cannot decode goes to PIL, and if PIL fails too its copies take the next
+decodable image of the batch (with their own seeds). Each batch counts them in "skipped"; each is named once.
 
 Nothing here imports JAX: `to_jax` imports it when called.
 """
