@@ -403,3 +403,20 @@ def test_benchmark_input_prints_one_json_line(folder, capsys):
                                        warmup=1, device="cpu", recipe="test")
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line == result and line["loader"] == "gpu" and list(line)[-1] == "img_per_sec" and line["recipe"] == "test"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_match_cpu_batches_and_repeat(folder):
+    """nvJPEG and the CUDA kernels against the CPU path: close (decoders and float resize differ), and repeatable."""
+    spec = gpu_input.AugSpec(32, auto_augment="3a", color_jitter=0.3, random_erasing=0.25)
+    settings = dict(global_batch=12, seed=5, workers=0, repeats=3, normalize=(MEAN, STD))
+    on_cpu = next(gpu_input.train_batches(str(folder), spec, device="cpu", **settings))
+    on_cuda = [next(gpu_input.train_batches(str(folder), spec, device="cuda", **settings)) for _ in range(2)]
+    assert torch.equal(on_cuda[0]["image"], on_cuda[1]["image"]), "CUDA batches are not repeatable"
+    assert torch.equal(on_cuda[0]["label"].cpu(), on_cpu["label"])
+    difference = (on_cuda[0]["image"].cpu() - on_cpu["image"]).abs() * 255 * 0.226  # about grey levels
+    assert difference.median() < 1.0, f"median difference {difference.median():.2f} grey levels"
+    evaluated = next(gpu_input.eval_batches(str(folder), spec, global_batch=8, workers=0, device="cuda"))
+    reference = next(data.eval_batches(str(folder), augment.eval_transform(32), global_batch=8, workers=0))
+    eval_difference = np.abs(evaluated["image"].cpu().numpy().astype(int) - reference["image"].astype(int))
+    assert eval_difference.mean() < 1.0, f"eval mean difference {eval_difference.mean():.2f}"
