@@ -47,7 +47,7 @@ from timm.layers import lecun_normal_
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from common import UserError, augment, data, run
+from common import UserError, augment, data, gpu_input, run
 from common import torch_run as tr
 from common.run import ArgumentParser, check_positive, exit_status, run_record
 from common.runlog import RunLog, plot_runs, read_log
@@ -150,6 +150,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, dropout, mixup")
     g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    tr.add_loader_flag(g)
     tr.add_launcher_flags(g)
 
     g = p.add_argument_group("model")
@@ -382,15 +383,18 @@ def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps
 # ----------------------------------------------------------------------------------------------
 
 
+def train_augmentation(args: argparse.Namespace) -> dict[str, Any]:
+    """big_vision: decode_jpeg_and_inception_crop(224) (area 5-100%, bilinear) | flip_lr | randaug(n, m); for either
+    loader (`tr.train_batches`)."""
+    return dict(image_size=args.image_size, random_crop=args.random_crop, scale=(0.05, 1.0), hflip=args.hflip,
+                auto_augment=randaug_policy(args), interpolation="bilinear")
+
+
 def train_transform(args: argparse.Namespace):
-    # big_vision: decode_jpeg_and_inception_crop(224) (area 5-100%, bilinear) | flip_lr | randaug(n, m).
-    return augment.train_transform(args.image_size, random_crop=args.random_crop, scale=(0.05, 1.0), hflip=args.hflip,
-                                   auto_augment=randaug_policy(args),
-                                   interpolation="bilinear")
+    return augment.train_transform(**train_augmentation(args))
 
 
 def eval_transform(image_size: int, crop_ratio: float):
-    # big_vision: resize_small(256) | central_crop(224), i.e. crop ratio 0.875.
     return augment.eval_transform(image_size, crop_ratio=crop_ratio, interpolation="bilinear")
 
 
@@ -489,10 +493,9 @@ def train(args: argparse.Namespace) -> dict:
     env = tr.init_distributed()
     try:
         if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
-            return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
-                                        workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
-                                        process_index=env.rank, process_count=env.world_size, model=args.model,
-                                        image_size=args.image_size)
+            return tr.benchmark_input(args.data, train_augmentation(args), env, global_batch=args.batch_size,
+                                      workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
+                                      loader=gpu_input.loader_choice(args.loader, env.device), model=args.model)
         return evaluate_run(args, env) if args.eval_only else run_training(args, env)
     finally:
         tr.cleanup_distributed()
@@ -500,6 +503,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
+    args.loader = gpu_input.loader_choice(args.loader, env.device)
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")
@@ -535,9 +539,9 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
 
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
     warmup_steps = args.warmup_steps if args.warmup_epochs is None else round(args.warmup_epochs * steps_per_epoch)
-    batches = tr.train_batches(args.data, train_transform(args), env, global_batch=args.batch_size, seed=args.seed,
-                               start_step=start_step, workers=args.workers, image_size=args.image_size,
-                               num_classes=spec.num_classes, mean=MEAN, std=STD)
+    batches = tr.train_batches(args.data, train_augmentation(args), env, global_batch=args.batch_size, seed=args.seed,
+                               start_step=start_step, workers=args.workers, num_classes=spec.num_classes, mean=MEAN,
+                               std=STD, loader=args.loader)
     window = tr.Window(torch.zeros(3, device=env.device), saved_window)  # loss, correct top-1, unreadable images
     log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
                  main=env.is_main)  # rank 0 writes config.json and log.jsonl
@@ -595,15 +599,15 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
 
 
 def evaluate(model: nn.Module, args: argparse.Namespace, env: tr.DistEnv, config: dict) -> dict:
-    batches = data.eval_batches(args.data, eval_transform(config["image_size"], config["test_crop_ratio"]),
-                                global_batch=args.eval_batch_size, workers=args.workers, process_index=env.rank,
-                                process_count=env.world_size)
+    # big_vision: resize_small(256) | central_crop(224), i.e. crop ratio 0.875.
+    batches = tr.eval_batches(args.data, env, image_size=config["image_size"], crop_ratio=config["test_crop_ratio"],
+                              interpolation="bilinear", global_batch=args.eval_batch_size, workers=args.workers,
+                              mean=MEAN, std=STD, loader=gpu_input.loader_choice(args.loader, env.device))
 
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return per_sample_loss(logits, one_hot(labels, config["num_classes"], 0.0), config["loss"])
 
-    return tr.evaluate_classifier(model, tr.batches_to_device(batches, env.device, MEAN, STD), env,
-                                  precision=args.precision, per_sample_loss=loss)
+    return tr.evaluate_classifier(model, batches, env, precision=args.precision, per_sample_loss=loss)
 
 
 def evaluate_run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
@@ -632,8 +636,8 @@ def benchmark(args, env: tr.DistEnv, model, optimizer, scaler, config: dict) -> 
     fixed = tr.synthetic_batch(args.batch_size // env.world_size, args.image_size, num_classes, env.device, env.rank,
                                MEAN, STD)
     real = None if args.data == "synthetic" else tr.train_batches(  # is the run input-bound?
-        args.data, train_transform(args), env, global_batch=args.batch_size, seed=args.seed, start_step=0,
-        workers=args.workers, image_size=args.image_size, num_classes=num_classes, mean=MEAN, std=STD)
+        args.data, train_augmentation(args), env, global_batch=args.batch_size, seed=args.seed, start_step=0,
+        workers=args.workers, num_classes=num_classes, mean=MEAN, std=STD, loader=args.loader)
     tr.set_lr(optimizer, config["peak_lr"])
 
     def step(batch: dict | None) -> torch.Tensor:

@@ -62,7 +62,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from timm.optim import Lars, param_groups_layer_decay
 from torch import nn
 
-from common import UserError, augment, convert, data, run
+from common import UserError, augment, convert, data, gpu_input, run
 from common import torch_run as tr
 from common.run import ArgumentParser, exit_status, make_output_dir, run_record, saved_config
 from common.runlog import RunLog
@@ -156,6 +156,8 @@ def add_run_flags(p: argparse.ArgumentParser, command: str) -> None:
                    help="MAE's: the number of processes, refused when the launcher started another number")
     g.add_argument("--test-crop-ratio", "--crop-pct", type=float, default=224 / 256,
                    help="eval: resize to size / ratio, center crop")
+    if command != "knn":  # kNN reads both splits with the eval transform on the host
+        tr.add_loader_flag(p)
     tr.add_launcher_flags(p)
     if command == "knn":
         return
@@ -831,12 +833,12 @@ def set_freezeout_lrs(optimizer: torch.optim.Optimizer, step: int, config: dict[
 # ----------------------------------------------------------------------------------------------
 
 
-def train_transform(args: argparse.Namespace):
+def train_augmentation(args: argparse.Namespace) -> dict[str, Any]:
     """MAE's: pretraining RandomResizedCrop(20-100%) + flip; fine-tuning RRC(8-100%) + flip + RandAugment (random
-    erasing runs on the device); linear probe RRC(8-100%) + flip. Bicubic."""
+    erasing runs on the device); linear probe RRC(8-100%) + flip. Bicubic. For either loader (`tr.train_batches`)."""
     policy = args.auto_augment if args.command == "finetune" and args.auto_augment != "none" else None
-    return augment.train_transform(args.image_size, random_crop=args.random_crop, hflip=args.hflip,
-                                   scale=(0.2, 1.0) if args.command == "pretrain" else (0.08, 1.0), auto_augment=policy)
+    return dict(image_size=args.image_size, random_crop=args.random_crop, hflip=args.hflip,
+                scale=(0.2, 1.0) if args.command == "pretrain" else (0.08, 1.0), auto_augment=policy)
 
 
 def eval_transform(args: argparse.Namespace):
@@ -844,17 +846,17 @@ def eval_transform(args: argparse.Namespace):
 
 
 def train_batches(args: argparse.Namespace, env: tr.DistEnv, config: dict[str, Any], start_step: int):
-    return tr.train_batches(args.data, train_transform(args), env, global_batch=config["effective_batch"],
-                            seed=args.seed, start_step=start_step, workers=args.workers, image_size=args.image_size,
-                            num_classes=config.get("num_classes") or 1, mean=MEAN, std=STD)
+    return tr.train_batches(args.data, train_augmentation(args), env, global_batch=config["effective_batch"],
+                            seed=args.seed, start_step=start_step, workers=args.workers,
+                            num_classes=config.get("num_classes") or 1, mean=MEAN, std=STD, loader=args.loader)
 
 
 def val_batches(args: argparse.Namespace, env: tr.DistEnv) -> Iterator[dict]:
     """The val split on the device: this process's shard with --dist-eval, else all of it (MAE's default)."""
-    processes, index = (env.world_size, env.rank) if args.dist_eval else (1, 0)
-    host = data.eval_batches(args.data, eval_transform(args), workers=args.workers, process_index=index,
-                             global_batch=micro_batch(args, env.world_size) * processes, process_count=processes)
-    return tr.batches_to_device(host, env.device, MEAN, STD)
+    processes = env.world_size if args.dist_eval else 1
+    return tr.eval_batches(args.data, env, image_size=args.image_size, crop_ratio=args.test_crop_ratio,
+                           interpolation="bicubic", global_batch=micro_batch(args, env.world_size) * processes,
+                           workers=args.workers, mean=MEAN, std=STD, loader=args.loader, shard=args.dist_eval)
 
 
 def mask_noise(seed: int, step: int, rows: int, patches: int, env: tr.DistEnv) -> torch.Tensor:
@@ -1327,11 +1329,11 @@ def step_flops(config: dict[str, Any], plan: FreezePlan, batch: int) -> float:
 
 
 def benchmark_input(args: argparse.Namespace, env: tr.DistEnv) -> dict:
-    """--benchmark-input: the host input pipeline alone (the command's train transform), nothing written."""
-    return data.benchmark_input(args.data, train_transform(args), global_batch=effective_batch(args, env.world_size),
-                                workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
-                                process_index=env.rank, process_count=env.world_size, command=args.command,
-                                model=args.model, image_size=args.image_size)
+    """--benchmark-input: the input pipeline alone (the command's augmentation, --loader), nothing written."""
+    return tr.benchmark_input(args.data, train_augmentation(args), env,
+                              global_batch=effective_batch(args, env.world_size), workers=args.workers,
+                              steps=args.benchmark_steps, seed=args.seed, loader=args.loader, command=args.command,
+                              model=args.model)
 
 
 def benchmark(args: argparse.Namespace, env: tr.DistEnv) -> list[dict]:
@@ -1435,6 +1437,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "knn":
                 return knn(args, argv, env)
             args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
+            args.loader = gpu_input.loader_choice(args.loader, env.device)
             if args.benchmark_input:
                 return benchmark_input(args, env)
             if args.command == "pretrain":

@@ -33,7 +33,7 @@ from common import UserError
 MAY_CHANGE_ON_RESUME = frozenset({
     "data", "output_dir", "resume", "workers", "log_interval", "eval_interval", "save_interval", "save_every",
     "stop_after", "wandb", "tensorboard", "log_dir", "eval_batch_size", "dist_eval", "compile", "benchmark_steps",
-    "learning_rate", "lr", "blr", "local_rank", "world_size",
+    "learning_rate", "lr", "blr", "local_rank", "world_size", "loader",
 })
 
 

@@ -47,7 +47,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError, data, run, runtime
+from common import UserError, augment, data, gpu_input, run, runtime
 
 # ----------------------------------------------------------------------------------------------
 # Processes: torchrun / DDP over one or many nodes, or a single process
@@ -431,19 +431,68 @@ def wrap(model: nn.Module, env: DistEnv, *, compile_model: bool, static_graph: b
     return torch.compile(model) if compile_model else model
 
 
-def train_batches(data_source: str, transform: Callable, env: DistEnv, *, global_batch: int, seed: int,
-                  start_step: int, workers: int, image_size: int, num_classes: int, mean: tuple[float, ...],
-                  std: tuple[float, ...], repeats: int = 1) -> Iterator[dict]:
-    """This process's shard of each global training batch, on the device (`common.data.train_batches`: batch k
-    depends on (seed, k) only, so a resumed run continues the sequence). `synthetic` repeats one device-made batch."""
+def add_loader_flag(group: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    """--loader: where the training and eval images are decoded and augmented."""
+    group.add_argument("--loader", choices=("auto", "gpu", "pil"), default="auto",
+                       help="gpu: the host reads bytes, the device decodes (nvJPEG) and augments whole batches "
+                            "(common/gpu_input.py); pil: host workers decode and augment (common/data.py); auto: gpu "
+                            "on a CUDA machine, pil elsewhere")
+
+
+def train_batches(data_source: str, augmentation: Mapping[str, Any], env: DistEnv, *, global_batch: int, seed: int,
+                  start_step: int, workers: int, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
+                  repeats: int = 1, loader: str = "pil") -> Iterator[dict]:
+    """This process's shard of each global training batch, normalised on the device. Batch k depends on (seed, k)
+    only, so a resumed run continues the sequence; `synthetic` repeats one device-made batch.
+
+    augmentation: the keyword arguments of `common.augment.train_transform` (image_size, random_crop, scale, hflip,
+    color_jitter, auto_augment, interpolation), one description for both loaders: `loader` 'pil' decodes and
+    augments in host workers (`common.data`), 'gpu' on the device (`common.gpu_input`)."""
     if data.describe(data_source).source == "synthetic":
-        fixed = synthetic_batch(global_batch // env.world_size, image_size, num_classes, env.device, seed + env.rank,
-                                mean, std)
+        fixed = synthetic_batch(global_batch // env.world_size, augmentation["image_size"], num_classes, env.device,
+                                seed + env.rank, mean, std)
         return iter(lambda: fixed, None)
-    host_batches = data.train_batches(data_source, transform, global_batch=global_batch, seed=seed, repeats=repeats,
-                                      start_step=start_step, workers=workers, process_index=env.rank,
-                                      process_count=env.world_size)
+    if loader == "gpu":
+        return gpu_input.train_batches(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
+                                       seed=seed, start_step=start_step, workers=workers, device=env.device,
+                                       process_index=env.rank, process_count=env.world_size, repeats=repeats,
+                                       normalize=(mean, std))
+    host_batches = data.train_batches(data_source, augment.train_transform(**augmentation), global_batch=global_batch,
+                                      seed=seed, repeats=repeats, start_step=start_step, workers=workers,
+                                      process_index=env.rank, process_count=env.world_size)
     return batches_to_device(host_batches, env.device, mean, std)
+
+
+def eval_batches(data_source: str, env: DistEnv, *, image_size: int, crop_ratio: float, interpolation: str,
+                 global_batch: int, workers: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 loader: str = "pil", shard: bool = True) -> Iterator[dict]:
+    """The val split once, normalised on the device (resize the shorter side to image_size / crop_ratio, centre crop):
+    this process's shard of each global batch, or with `shard` False the whole batch in every process. Padding rows
+    and unreadable images carry label -1."""
+    processes, index = (env.world_size, env.rank) if shard else (1, 0)
+    if loader == "gpu":
+        spec = gpu_input.AugSpec(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
+        return gpu_input.eval_batches(data_source, spec, global_batch=global_batch, workers=workers,
+                                      device=env.device, process_index=index, process_count=processes,
+                                      normalize=(mean, std))
+    transform = augment.eval_transform(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
+    host_batches = data.eval_batches(data_source, transform, global_batch=global_batch, workers=workers,
+                                     process_index=index, process_count=processes)
+    return batches_to_device(host_batches, env.device, mean, std)
+
+
+def benchmark_input(data_source: str, augmentation: Mapping[str, Any], env: DistEnv, *, global_batch: int,
+                    workers: int, steps: int, seed: int, loader: str, repeats: int = 1, **report: Any) -> dict:
+    """--benchmark-input: the input pipeline alone (no model, nothing written), one JSON line with img_per_sec last,
+    for the loader the run would use."""
+    report.setdefault("image_size", augmentation["image_size"])
+    if loader == "gpu":
+        return gpu_input.benchmark_input(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
+                                         workers=workers, steps=steps, device=env.device, seed=seed, repeats=repeats,
+                                         process_index=env.rank, process_count=env.world_size, **report)
+    return data.benchmark_input(data_source, augment.train_transform(**augmentation), global_batch=global_batch,
+                                workers=workers, steps=steps, seed=seed, repeats=repeats, process_index=env.rank,
+                                process_count=env.world_size, **report)
 
 
 def progress(start_step: int, total_steps: int, env: DistEnv, desc: str = "train") -> Iterator[int]:
