@@ -138,7 +138,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     # Defaults: the paper's DVT T2T-ViT-14 ImageNet run (official README: 8 GPUs x 64, lr 5e-4, wd 0.05, AMP) with
     # the T2T-ViT training recipe of its main.py. scripts/dvt/ holds T2T-ViT-12, DeiT-S and the CIFAR transfers.
     g = p.add_argument_group("run")
-    g.add_argument("positional_data", nargs="?", metavar="DATA", help="as --data (main.py's positional path)")
+    g.add_argument("positional_data", nargs="?", metavar="DATA", default=argparse.SUPPRESS,
+                   help="as --data (the positional path of the DVT repository's main.py)")
     g.add_argument("--data", default=argparse.SUPPRESS,
                    help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic (default: "
                         "digits)")
@@ -225,7 +226,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run's --output-dir (its best checkpoint, else its last) or a .pt file")
-    p.add_argument("positional_data", nargs="?", metavar="DATA", help="as --data")
+    p.add_argument("positional_data", nargs="?", metavar="DATA", default=argparse.SUPPRESS, help="as --data")
     p.add_argument("--data", help="default: the run's --data")
     p.add_argument("--batch-size", "-b", type=int, default=128)
     p.add_argument("--workers", "-j", type=int, default=tr.default_workers())
@@ -237,11 +238,10 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    given = getattr(args, "data", None)
-    if args.positional_data is not None and given is not None:
-        raise UserError(f"the data is given twice: DATA {args.positional_data} and --data {given}; give one")
-    args.data = args.positional_data or given or ("digits" if args.command == "train" else None)
-    del args.positional_data
+    positional, given = vars(args).pop("positional_data", None), getattr(args, "data", None)
+    if positional is not None and given is not None:
+        raise UserError(f"the data is given twice: DATA {positional} and --data {given}; give one")
+    args.data = positional or given or ("digits" if args.command == "train" else None)
     if args.command == "train":
         resolve_train_args(args)
     elif args.batch_size <= 0 or args.calib_images <= 0:
@@ -804,79 +804,73 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     scheduler = make_scheduler(optimizer, args)
     scaler = tr.grad_scaler(env.device, args.precision)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema_decay > 0 else None
-    # Checkpoints keep the EMA as a plain state dict of the model (ema.module), which budget and eval load.
-    ema_weights = ema.module if ema is not None else None
-
     out = Path(args.output_dir)
     state = None if args.benchmark else tr.start_run(out, resume=args.resume, recipe=config["trained_by"],
                                                      settings=vars(args))
-    if state:
-        tr.restore(state, out, model=model, optimizer=optimizer, scaler=scaler, ema=ema_weights)
+    if state:  # checkpoints keep the EMA as the averaged model's state dict (ema.module): budget and eval load it
+        tr.restore(state, out, model=model, optimizer=optimizer, scaler=scaler,
+                   ema=ema.module if ema is not None else None)
     model = tr.wrap(model, env, compile_model=args.compile)
     if args.benchmark:
         return benchmark(args, env, model, optimizer, scheduler, scaler, config)
-    start_step = state["step"] if state else 0
-    run.say(f"{config['params'] / 1e6:.1f}M params ({', '.join(f'{p / 1e6:.2f}M' for p in config['params_per_exit'])}"
-            f" per exit), {total_steps} steps ({steps_per_epoch}/epoch), {env.world_size} process(es) on "
-            f"{env.device.type}, starting at step {start_step}", main=env.is_main)
-    batches = tr.train_batches(args.data, train_transform(config), env, global_batch=args.batch_size,
-                               seed=args.seed, start_step=start_step, workers=args.workers,
-                               image_size=args.image_size, num_classes=spec.num_classes, mean=MEAN, std=STD,
-                               repeats=args.repeats)
-    # Per exit: summed loss, correct top-1 and unreadable images skipped, since the last log record.
-    window = tr.Window(torch.zeros(3, len(args.grids), device=env.device), state and state["log_window"])
-    log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
-                 main=env.is_main)  # rank 0 writes config.json and log.jsonl
-    preemption = tr.Preemption(env)
+    log = RunLog(out, config, start_step=state["step"] if state else 0, wandb_project=args.wandb,
+                 tensorboard=args.tensorboard, main=env.is_main)  # rank 0 writes config.json and log.jsonl
     try:
-        return loop(args, env, model, ema, optimizer, scheduler, scaler, config, batches, window, preemption, log,
-                    start_step, state["best_top1"] if state else -1.0)
+        return loop(args, env, model, ema, optimizer, scheduler, scaler, config, state or {}, log)
     finally:
-        preemption.close()
         log.close()
 
 
-def loop(args, env: tr.DistEnv, model, ema, optimizer, scheduler, scaler, config: dict, batches, window: tr.Window,
-         preemption: tr.Preemption, log: RunLog, start_step: int, best_top1: float) -> dict:
+def loop(args, env: tr.DistEnv, model, ema, optimizer, scheduler, scaler, config: dict, state: dict,
+         log: RunLog) -> dict:
     total_steps, steps_per_epoch, exits = config["total_steps"], config["steps_per_epoch"], len(args.grids)
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
-    augmenter, out, record = Augmenter(config, env.device), Path(args.output_dir), {}
-    for step in (progress := tr.progress(start_step, total_steps, env)):
-        batch = next(batches)
-        scheduler.step(epoch_at(step, config))
-        metrics = train_step(model, optimizer, scaler, batch, step, args, env, augmenter, ema)
-        skipped = torch.full_like(metrics["correct"], batch["skipped"] / exits)  # spread over the exits' columns
-        window.add(torch.stack([metrics["loss_sums"], metrics["correct"], skipped]))
-        done = step + 1
-        if run.due(done, args.log_interval, total_steps):
-            record = train_record(window.totals(done, out), window.steps * args.batch_size, optimizer, metrics)
-            record |= {"img_per_sec": window.images_per_sec(args.batch_size),
-                       "epoch": done / steps_per_epoch if steps_per_epoch else 0.0}
-            log.write(done, **record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-            window.reset()
-        stop = preemption.stop_after(done, start_step=start_step, stop_after=args.stop_after, every=args.log_interval)
-        evaluating = run.due(done, eval_interval, total_steps)
-        if evaluating or stop:
-            with window.paused():  # img/s counts training time only
-                results = evaluate_weights(model, ema, config, env) if evaluating else {}
-                top1 = results.get(report_key("val_top1", ema))
-                best_top1 = max(best_top1, top1 if top1 is not None else -1.0)
-                if results:
-                    log.write(done, **results, best_top1=best_top1,
-                              epoch=done / steps_per_epoch if steps_per_epoch else 0.0)
-                    run.say(run.eval_line(done, results), main=env.is_main)
-                tr.save(out, done, env, model=model, optimizer=optimizer, scaler=scaler,
-                        ema=ema.module if ema is not None else None, eval_metrics=results,
-                        extra={"best_top1": best_top1, "config": config, "log_window": window.state()})
-                if top1 is not None and top1 >= best_top1 and env.is_main:  # the weights budget and eval load
-                    reported = ema.module if ema is not None else tr.unwrap(model)
-                    tr.save_checkpoint(out / "best", done, {"model": reported.state_dict(), "step": done,
-                                                            "val_top1": top1, "config": config})
-        if stop and done < total_steps:
-            run.say(f"stopping at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with --resume",
-                    main=env.is_main)
-            break
+    start_step, best_top1, out, record = state.get("step", 0), state.get("best_top1", -1.0), Path(args.output_dir), {}
+    run.say(f"{config['params'] / 1e6:.1f}M params ({', '.join(f'{p / 1e6:.2f}M' for p in config['params_per_exit'])}"
+            f" per exit), {total_steps} steps ({steps_per_epoch}/epoch), {env.world_size} process(es) on "
+            f"{env.device.type}, starting at step {start_step}", main=env.is_main)
+    batches = tr.train_batches(args.data, train_transform(config), env, global_batch=args.batch_size, seed=args.seed,
+                               start_step=start_step, workers=args.workers, image_size=args.image_size,
+                               num_classes=config["num_classes"], mean=MEAN, std=STD, repeats=args.repeats)
+    augmenter, ema_weights = Augmenter(config, env.device), ema.module if ema is not None else None
+    # Per exit: summed loss, correct top-1 and unreadable images skipped, since the last log record.
+    window = tr.Window(torch.zeros(3, exits, device=env.device), state.get("log_window"))
+    with tr.Preemption(env) as preemption, tr.progress(start_step, total_steps, env) as progress:
+        for step in progress:
+            batch = next(batches)
+            scheduler.step(epoch_at(step, config))
+            metrics = train_step(model, optimizer, scaler, batch, step, args, env, augmenter, ema)
+            skipped = torch.full_like(metrics["correct"], batch["skipped"] / exits)  # spread over the exits
+            window.add(torch.stack([metrics["loss_sums"], metrics["correct"], skipped]))
+            done = step + 1
+            epoch = done / steps_per_epoch if steps_per_epoch else 0.0
+            if run.due(done, args.log_interval, total_steps):
+                record = train_record(window.totals(done, out), window.steps * args.batch_size, optimizer, metrics)
+                log.write(done, **record, img_per_sec=window.images_per_sec(args.batch_size), epoch=epoch)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                window.reset()
+            stop = preemption.stop_after(done, start_step=start_step, stop_after=args.stop_after,
+                                         every=args.log_interval)
+            evaluating = run.due(done, eval_interval, total_steps)
+            if evaluating or stop:
+                with window.paused():  # img/s counts training time only
+                    results = evaluate_weights(model, ema, config, env) if evaluating else {}
+                    top1 = results.get(report_key("val_top1", ema))
+                    best_top1 = max(best_top1, top1 if top1 is not None else -1.0)
+                    if results:
+                        log.write(done, **results, best_top1=best_top1, epoch=epoch)
+                        run.say(run.eval_line(done, results), main=env.is_main)
+                    tr.save(out, done, env, model=model, optimizer=optimizer, scaler=scaler, ema=ema_weights,
+                            eval_metrics=results,
+                            extra={"best_top1": best_top1, "config": config, "log_window": window.state()})
+                    if top1 is not None and top1 >= best_top1 and env.is_main:  # the weights budget/eval load
+                        reported = ema_weights if ema is not None else tr.unwrap(model)
+                        tr.save_checkpoint(out / "best", done, {"model": reported.state_dict(), "step": done,
+                                                                "val_top1": top1, "config": config})
+            if stop and done < total_steps:
+                run.say(f"stopping at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with "
+                        "--resume", main=env.is_main)
+                break
     return dict(record, best_top1=best_top1)
 
 
@@ -1261,16 +1255,6 @@ def evaluate_command(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_flops_per_sample(config: dict[str, Any]) -> float:
-    """Forward + backward FLOPs of one training image through all exits, counted on the meta device."""
-    with torch.device("meta"):
-        model = build_model(config)
-        images = torch.zeros(1, 3, config["image_size"], config["image_size"])
-    with FlopCounterMode(display=False) as counter:
-        sum(logits.float().sum() for logits in model(images)).backward()
-    return float(counter.get_total_flops())
-
-
 def timed(fn, steps: int, device: torch.device) -> float:
     """Seconds per call of fn() (it returns a tensor to wait for), after two warm-up calls."""
     for _ in range(2):
@@ -1327,15 +1311,15 @@ def benchmark(args, env: tr.DistEnv, model, optimizer, scheduler, scaler, config
     batch = tr.synthetic_batch(args.batch_size // env.world_size, args.image_size, config["num_classes"], env.device,
                                env.rank, MEAN, STD)
     augmenter = Augmenter(config, env.device)
-    scheduler.step(args.warmup_epochs)
+    scheduler.step(args.warmup_epochs)  # the peak lr
+    flops = tr.train_flops_per_sample(lambda: build_model(config), (3, args.image_size, args.image_size))
     inference = benchmark_inference(tr.unwrap(model), config, args, env) if env.is_main else None
 
     def step(_: dict | None) -> torch.Tensor:
         return train_step(model, optimizer, scaler, batch, 0, args, env, augmenter, None)["loss_sums"]
 
     return tr.benchmark(step, env, steps=args.benchmark_steps, global_batch=args.batch_size,
-                        train_flops_per_image=train_flops_per_sample(config), model=args.model,
-                        image_size=args.image_size, grids=args.grids,
+                        train_flops_per_image=flops, model=args.model, image_size=args.image_size, grids=args.grids,
                         precision=args.precision if env.device.type == "cuda" else "fp32", compile=args.compile,
                         inference=inference)
 

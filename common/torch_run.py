@@ -401,14 +401,15 @@ def peak_flops(device: torch.device) -> float | None:
 def train_flops_per_sample(make_model: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> float:
     """FLOPs of one training sample (forward + backward) as counted by torch's FlopCounterMode: matmuls,
     convolutions and attention, 2 FLOPs per multiply-add. The model is built on the meta device (no memory, no
-    compute), so this is cheap even for ViT-L."""
+    compute), so this is cheap even for ViT-L. A model with several outputs (a list: early exits) trains them all."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         model = make_model()
         inputs = torch.zeros((1, *input_shape), device="meta")
     with FlopCounterMode(display=False) as counter:
-        model(inputs).float().sum().backward()
+        outputs = model(inputs)
+        sum(out.float().sum() for out in (outputs if isinstance(outputs, list) else [outputs])).backward()
     return float(counter.get_total_flops())
 
 
