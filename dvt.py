@@ -810,6 +810,8 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     if state:  # checkpoints keep the EMA as the averaged model's state dict (ema.module): budget and eval load it
         tr.restore(state, out, model=model, optimizer=optimizer, scaler=scaler,
                    ema=ema.module if ema is not None else None)
+        for group in optimizer.param_groups:  # a run from before timm's scheduler: each group's lr is its own
+            group.pop("lr_scale", None)
     model = tr.wrap(model, env, compile_model=args.compile)
     if args.benchmark:
         return benchmark(args, env, model, optimizer, scheduler, scaler, config)
