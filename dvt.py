@@ -780,9 +780,7 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
                                     repeats=args.repeats, process_index=env.rank, process_count=env.world_size,
                                     model=args.model, image_size=args.image_size)
     args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-    if args.batch_size % (env.world_size * args.grad_accum):
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
-                        f"--grad-accum {args.grad_accum}")
+    tr.check_batch_split(args.batch_size, env, args.grad_accum)
     spec = data.describe(args.data, num_classes=args.num_classes)
     steps_per_epoch = data.steps_per_epoch(spec.train_size, args.batch_size) if spec.train_size else 0
     total_epochs = args.epochs + args.cooldown_epochs

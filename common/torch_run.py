@@ -632,3 +632,13 @@ def benchmark(step: Callable[[dict | None], torch.Tensor], env: DistEnv, *, step
     if env.is_main:
         print(json.dumps(result))
     return result
+
+
+# --- added for dvt
+
+
+def check_batch_split(global_batch: int, env: DistEnv, grad_accum: int = 1) -> None:
+    """A global --batch-size must split evenly over the processes and the --grad-accum micro-batches (UserError)."""
+    if global_batch % (env.world_size * grad_accum):
+        raise UserError(f"--batch-size {global_batch} must be a multiple of {env.world_size} processes x "
+                        f"--grad-accum {grad_accum}")
