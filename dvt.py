@@ -6,6 +6,12 @@ Recognition" (Wang et al., NeurIPS 2021), in PyTorch.
     python dvt.py budget runs/dvt/in1k_dvt_t2t_vit_14 --target-gmacs 3.0       # exit thresholds for a compute budget
     python dvt.py eval runs/dvt/in1k_dvt_t2t_vit_14 --curve                    # real early exit + accuracy/GFLOPs curve
 
+The DVT repository's command lines run as they are (its main.py's positional data path, model names, --amp,
+--img-size, -b and the launcher's --local-rank), e.g.
+    python -m torch.distributed.launch --nproc_per_node=1 dvt.py train PATH_TO_DATASET --model DVT_T2t_vit_12 \\
+        --batch-size 128 --lr 2e-3 --weight-decay .03 --amp --img-size 224
+with one difference: --batch-size is the global batch here (main.py's is per process).
+
 The recipe in one paragraph (paper §3, the official code): three complete vision transformers read the same 224 image
 as 7x7, 10x10 and 14x14 tokens. Each has its own tokens-to-token module (T2T-ViT) or patch embedding (DeiT-S), blocks,
 final norm and classifier, so each exit is a full backbone. Exit 2 reuses exit 1 and exit 3 reuses exit 2 in two ways:
@@ -46,15 +52,16 @@ from timm.data.mixup import cutmix_bbox_and_lam
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
 from timm.layers import DropPath, Mlp
+from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from tqdm import tqdm
 
-from common import UserError, augment, data, runtime
+from common import UserError, augment, data, run
 from common import torch_run as tr
-from common.run import ArgumentParser, check_finite_loss, exit_status, make_output_dir, run_record
+from common.run import ArgumentParser, exit_status, make_output_dir, run_record
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -86,6 +93,9 @@ MODELS = {
     "dvt_deit_s": Backbone("patch", embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, qkv_bias=True,
                            learned_pos_embed=True, norm_eps=1e-6),
 }
+# The DVT repository's names of the same models (its timm registry), accepted as --model.
+OFFICIAL_NAMES = {"DVT_T2t_vit_12": "dvt_t2t_vit_12", "DVT_T2t_vit_14": "dvt_t2t_vit_14",
+                  "DVT_Deit_small": "dvt_deit_s"}
 PAPER_GRIDS = (7, 10, 14)  # tokens per side of the three exits
 # The first T2T soft split (kernel, stride, padding) per (image size, grid), then two 3/2/1 splits (official code:
 # performer_less_less_token, performer_less_token, performer): 224 -> 28 -> 14 -> 7, 38 -> 19 -> 10, 56 -> 28 -> 14.
@@ -100,7 +110,8 @@ CALIB_CACHE = "calibration.pt"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Dynamic Vision Transformer (Wang et al. 2021), in PyTorch",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_launcher_flags(parser)  # torch.distributed.launch puts --local-rank=N before the command
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_flags(commands.add_parser("train", help="train a DVT", description="train a DVT (all exits jointly)",
                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter))
@@ -127,8 +138,11 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     # Defaults: the paper's DVT T2T-ViT-14 ImageNet run (official README: 8 GPUs x 64, lr 5e-4, wd 0.05, AMP) with
     # the T2T-ViT training recipe of its main.py. scripts/dvt/ holds T2T-ViT-12, DeiT-S and the CIFAR transfers.
     g = p.add_argument_group("run")
-    g.add_argument("--data", default="digits",
-                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
+    g.add_argument("positional_data", nargs="?", metavar="DATA", default=argparse.SUPPRESS,
+                   help="as --data (the positional path of the DVT repository's main.py)")
+    g.add_argument("--data", default=argparse.SUPPRESS,
+                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic (default: "
+                        "digits)")
     g.add_argument("--output-dir", default="runs/dvt", help="config.json, log.jsonl and checkpoints go here")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--stop-after", type=int, default=0,
@@ -141,11 +155,13 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                         "batches, print JSON and exit")
     g.add_argument("--benchmark-q", default="0.05,1.0,2.95",
                    help="budgets (q) timed by --benchmark; 0.05 is the paper's lowest")
-    g.add_argument("--workers", type=int, default=tr.default_workers(), help="data loader processes per process")
+    g.add_argument("--workers", "-j", type=int, default=tr.default_workers(), help="data loader processes per process")
     g.add_argument("--log-interval", type=int, default=50)
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals and checkpoints (0: each epoch)")
     g.add_argument("--precision", choices=list(tr.AUTOCAST_DTYPES), default="bf16",
                    help="autocast dtype on GPUs (fp16 adds loss scaling: GPUs without bf16); CPUs compute in float32")
+    g.add_argument("--amp", dest="precision", action="store_const", const="bf16", default=argparse.SUPPRESS,
+                   help="main.py's mixed-precision switch: --precision bf16")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model for training (default: on with CUDA; --no-compile: eager)")
     g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation, drop path, mixup")
@@ -153,8 +169,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="dvt_t2t_vit_14", help="one of: " + ", ".join(MODELS))
-    g.add_argument("--img-size", "--image-size", type=int, default=224)
+    g.add_argument("--model", default="dvt_t2t_vit_14",
+                   help="one of: " + ", ".join(MODELS) + " (or the DVT repository's " + ", ".join(OFFICIAL_NAMES) + ")")
+    g.add_argument("--image-size", "--img-size", type=int, default=224)
     g.add_argument("--grids", default=",".join(map(str, PAPER_GRIDS)),
                    help="tokens per side of each exit, increasing (paper: 7,10,14 at 224 px)")
     g.add_argument("--embed-dim", type=int, help="override the backbone's width")
@@ -174,25 +191,26 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="rrc: RandomResizedCrop; pad: resize + random crop with size/8 zero padding (T2T-ViT's CIFAR "
                         "transfer; at 32 px the usual CIFAR crop); none: resize + center crop")
     g.add_argument("--hflip", type=float, default=0.5)
-    g.add_argument("--auto-augment", default="rand-m9-mstd0.5-inc1", help="timm policy string, or 'none'")
+    g.add_argument("--auto-augment", "--aa", default="rand-m9-mstd0.5-inc1", help="timm policy string, or 'none'")
     g.add_argument("--interpolation", default="bicubic", help="resize interpolation (train and eval)")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
+    g.add_argument("--random-erasing", "--reprob", type=float, default=0.25, help="random erasing probability")
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--label-smoothing", "--smoothing", type=float, default=0.1)
     g.add_argument("--repeats", type=int, default=1, help="repeated augmentation (DeiT: 3)")
-    g.add_argument("--test-crop-ratio", type=float, default=0.875, help="eval: resize to size/ratio, center crop")
+    g.add_argument("--test-crop-ratio", "--crop-pct", type=float, default=0.875,
+                   help="eval: resize to size/ratio, center crop")
 
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                    help="adamw (ImageNet; no weight decay on biases and norms, as the official code) or "
                         "sgd with momentum (T2T-ViT's CIFAR transfer; weight decay on every parameter)")
     g.add_argument("--lr", type=float, default=5e-4, help="peak lr, absolute (T2T-ViT does not scale it with batch)")
-    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--weight-decay", "--wd", type=float, default=0.05)
     g.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     g.add_argument("--backbone-lr-scale", type=float, default=1.0,
                    help="lr multiplier of everything but the classifier heads (T2T-ViT's transfer ratio: 0.01)")
-    g.add_argument("--batch-size", type=int, default=512, help="global batch over all processes")
+    g.add_argument("--batch-size", "-b", type=int, default=512, help="global batch over all processes")
     g.add_argument("--eval-batch-size", type=int, default=256, help="global")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--clip-grad", type=float, default=0.0, help="global gradient-norm clip (0: off, as the paper)")
@@ -208,9 +226,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a training run's --output-dir (its best checkpoint, else its last) or a .pt file")
+    p.add_argument("positional_data", nargs="?", metavar="DATA", default=argparse.SUPPRESS, help="as --data")
     p.add_argument("--data", help="default: the run's --data")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=tr.default_workers())
+    p.add_argument("--batch-size", "-b", type=int, default=128)
+    p.add_argument("--workers", "-j", type=int, default=tr.default_workers())
     p.add_argument("--precision", choices=list(tr.AUTOCAST_DTYPES), default="bf16")
     p.add_argument("--calib-images", type=int, default=50_000,
                    help="training images the thresholds are set on (paper: 50,000 random ones, training crop)")
@@ -219,6 +238,10 @@ def add_inference_flags(p: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    positional, given = vars(args).pop("positional_data", None), getattr(args, "data", None)
+    if positional is not None and given is not None:
+        raise UserError(f"the data is given twice: DATA {positional} and --data {given}; give one")
+    args.data = positional or given or ("digits" if args.command == "train" else None)
     if args.command == "train":
         resolve_train_args(args)
     elif args.batch_size <= 0 or args.calib_images <= 0:
@@ -234,15 +257,16 @@ def parse_floats(text: str, flag: str) -> list[float]:
 
 
 def resolve_train_args(args: argparse.Namespace) -> None:
+    args.model = OFFICIAL_NAMES.get(args.model, args.model)
     if args.model not in MODELS:
-        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+        raise UserError(f"unknown model {args.model!r}; choose one of {', '.join([*MODELS, *OFFICIAL_NAMES])}")
     args.grids = [int(g) for g in parse_floats(args.grids, "--grids")]
     if len(args.grids) < 2 or any(b <= a for a, b in zip(args.grids, args.grids[1:])) or args.grids[0] < 1:
         raise UserError(f"--grids needs two or more increasing token grids, got {args.grids}")
     args.benchmark_q = parse_floats(args.benchmark_q, "--benchmark-q")
     if not args.benchmark_q or min(args.benchmark_q) <= 0:
         raise UserError(f"--benchmark-q takes positive budgets q, got {args.benchmark_q}")
-    for name in ("batch_size", "eval_batch_size", "grad_accum", "log_interval", "benchmark_steps", "repeats"):
+    for name in ("batch_size", "eval_batch_size", "grad_accum", "log_interval", "benchmark_steps", "repeats", "epochs"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.auto_augment.lower() == "none":
@@ -553,14 +577,14 @@ def build_model(config: dict[str, Any]) -> DVT:
     arch = arch_of(config)
     if arch.embed_dim % arch.num_heads:
         raise UserError(f"the width {arch.embed_dim} is not a multiple of the {arch.num_heads} heads")
-    return DVT(arch, config["img_size"], config["grids"], config["num_classes"], config["drop_path"],
+    return DVT(arch, config["image_size"], config["grids"], config["num_classes"], config["drop_path"],
                config["feature_reuse"], config["relation_reuse"])
 
 
 def plain_backbone(config: dict[str, Any]) -> Stage:
     """The last exit's backbone alone, without reuse (e.g. T2T-ViT-14 on 14x14 tokens): the baseline of the
     throughput comparison."""
-    return Stage(arch_of(config), config["img_size"], config["grids"][-1], config["num_classes"], 0.0)
+    return Stage(arch_of(config), config["image_size"], config["grids"][-1], config["num_classes"], 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +593,7 @@ def plain_backbone(config: dict[str, Any]) -> Stage:
 
 
 def crop_transform(config: dict[str, Any], auto_augment: str | None):
-    size, interpolation = config["img_size"], config["interpolation"]
+    size, interpolation = config["image_size"], config["interpolation"]
     if config["random_crop"] == "pad":  # T2T-ViT transfer_learning.py: Resize, RandomCrop(size, size // 8), flip
         return transforms.Compose([transforms.Resize(size, interpolation=str_to_interp_mode(interpolation)),
                                    transforms.CenterCrop(size), transforms.RandomCrop(size, padding=size // 8),
@@ -589,7 +613,7 @@ def calibration_transform(config: dict[str, Any]):
 
 
 def eval_transform(config: dict[str, Any]):
-    return augment.eval_transform(config["img_size"], crop_ratio=config["test_crop_ratio"],
+    return augment.eval_transform(config["image_size"], crop_ratio=config["test_crop_ratio"],
                                   interpolation=config["interpolation"])
 
 
@@ -614,12 +638,13 @@ class Augmenter:
     images within each shard)."""
 
     def __init__(self, config: dict[str, Any], device: torch.device):
-        self.num_classes, self.smoothing = config["num_classes"], config["smoothing"]
-        self.erasing = RandomErasing(config["reprob"], mode="pixel", device=device) if config["reprob"] > 0 else None
+        self.num_classes, self.smoothing = config["num_classes"], config["label_smoothing"]
+        erasing = config["random_erasing"]
+        self.erasing = RandomErasing(erasing, mode="pixel", device=device) if erasing > 0 else None
         self.mixup = None
         if config["mixup"] > 0 or config["cutmix"] > 0:
             self.mixup = Mixup(mixup_alpha=config["mixup"], cutmix_alpha=config["cutmix"],
-                               label_smoothing=config["smoothing"], num_classes=config["num_classes"])
+                               label_smoothing=config["label_smoothing"], num_classes=config["num_classes"])
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, seed: int, step: int,
                  first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -684,11 +709,12 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 
 
 def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
-    """Parameter groups with an `lr_scale` (heads 1, the rest --backbone-lr-scale) and their weight decay: AdamW
-    skips 1-D parameters (biases, norms) only, as the official code: its timm `create_optimizer` exempts the
-    names of `model.no_weight_decay()`, which DVT's three-model wrapper does not define, so the class tokens (and
-    the DeiT variant's learned position embeddings) are decayed. SGD (T2T-ViT's transfer_learning.py) decays
-    every parameter."""
+    """Parameter groups with their peak lr (heads --lr, the rest --lr x --backbone-lr-scale, as T2T-ViT's
+    transfer_learning.py gives its backbone groups their own 'lr') and weight decay: AdamW skips 1-D parameters
+    (biases, norms) only, as the official code: its timm `create_optimizer` exempts the names of
+    `model.no_weight_decay()`, which DVT's three-model wrapper does not define, so the class tokens (and the DeiT
+    variant's learned position embeddings) are decayed. SGD (T2T-ViT's transfer_learning.py) decays every
+    parameter."""
     groups: dict[tuple[float, float], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -696,7 +722,8 @@ def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
         scale = 1.0 if re.search(r"(^|\.)head\.", name) else args.backbone_lr_scale
         no_decay = args.optimizer == "adamw" and param.ndim <= 1
         groups.setdefault((scale, 0.0 if no_decay else args.weight_decay), []).append(param)
-    return [{"params": params, "lr_scale": scale, "weight_decay": decay} for (scale, decay), params in groups.items()]
+    return [{"params": params, "lr": args.lr * scale, "weight_decay": decay}
+            for (scale, decay), params in groups.items()]
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
@@ -706,22 +733,21 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
     return torch.optim.AdamW(groups, lr=args.lr, eps=1e-8, fused=device.type == "cuda")
 
 
-def epoch_lr(epoch: int, base_lr: float, args: argparse.Namespace) -> float:
-    """timm's CosineLRScheduler as the T2T-ViT and DeiT code step it, once per epoch (warmup_prefix False, one
-    cycle): linear warmup from --warmup-lr over --warmup-epochs, then min + (base - min)(1 + cos(pi e / E)) / 2 on
-    the epoch count e (warmup included), --min-lr from epoch E on (the cooldown). Without warmup it is also
-    torch's CosineAnnealingLR (T2T-ViT's transfer). `base_lr` is a group's peak (lr x lr_scale)."""
-    if epoch < args.warmup_epochs:
-        return args.warmup_lr + epoch * (base_lr - args.warmup_lr) / args.warmup_epochs
-    if epoch >= args.epochs:
-        return args.min_lr
-    return args.min_lr + 0.5 * (base_lr - args.min_lr) * (1 + math.cos(math.pi * epoch / args.epochs))
+def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> CosineLRScheduler:
+    """timm's cosine as T2T-ViT's (and DVT's) main.py creates it and steps it, once per epoch: linear warmup from
+    --warmup-lr over --warmup-epochs, then min + (peak - min)(1 + cos(pi e / E)) / 2 on the epoch count e (warmup
+    included), --min-lr from epoch E = --epochs on (the cooldown). Each group's peak is its own lr; without warmup
+    this is torch's CosineAnnealingLR of T2T-ViT's transfer."""
+    return CosineLRScheduler(optimizer, t_initial=args.epochs, lr_min=args.min_lr, warmup_t=args.warmup_epochs,
+                             warmup_lr_init=args.warmup_lr)
 
 
-def set_epoch_lr(optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Namespace) -> float:
-    for group in optimizer.param_groups:
-        group["lr"] = epoch_lr(epoch, args.lr * group["lr_scale"], args)
-    return epoch_lr(epoch, args.lr, args)
+def epoch_at(step: int, config: dict[str, Any]) -> int:
+    """The epoch that optimizer step `step` (0-based) is in; with data of unknown size (--training-steps), the same
+    share of the schedule's epochs."""
+    if config["steps_per_epoch"]:
+        return step // config["steps_per_epoch"]
+    return step * (config["epochs"] + config["cooldown_epochs"]) // config["total_steps"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,7 +758,7 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, epoch: int, args: argparse.Na
 def train(args: argparse.Namespace) -> dict:
     env = tr.init_distributed()
     try:
-        return run(args, env)
+        return run_training(args, env)
     finally:
         tr.cleanup_distributed()
 
@@ -747,16 +773,14 @@ def init_weights_from(model: DVT, path: str) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k not in heads}, strict=False)
 
 
-def run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
+def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
         return data.benchmark_input(args.data, train_transform(vars(args)), global_batch=args.batch_size,
                                     workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
                                     repeats=args.repeats, process_index=env.rank, process_count=env.world_size,
-                                    model=args.model, image_size=args.img_size)
+                                    model=args.model, image_size=args.image_size)
     args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-    if args.batch_size % (env.world_size * args.grad_accum):
-        raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
-                        f"--grad-accum {args.grad_accum}")
+    tr.check_batch_split(args.batch_size, env, args.grad_accum)
     spec = data.describe(args.data, num_classes=args.num_classes)
     steps_per_epoch = data.steps_per_epoch(spec.train_size, args.batch_size) if spec.train_size else 0
     total_epochs = args.epochs + args.cooldown_epochs
@@ -775,161 +799,94 @@ def run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     config["params_per_exit"] = [sum(p.numel() for p in stage.parameters()) for stage in model.stages]
     config["arch"] = dataclasses.asdict(arch_of(config))
     optimizer = make_optimizer(model, args, env.device)
+    scheduler = make_scheduler(optimizer, args)
     scaler = tr.grad_scaler(env.device, args.precision)
     ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema_decay > 0 else None
-
     out = Path(args.output_dir)
-    start_step, best_top1, log_window = 0, -1.0, {}
     state = None if args.benchmark else tr.start_run(out, resume=args.resume, recipe=config["trained_by"],
                                                      settings=vars(args))
-    if state:
-        path = out / "checkpoints" / f"{state['step']}.pt"
-        tr.check_state_dict(model, state["model"], str(path))
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step, best_top1, log_window = state["step"], state["best_top1"], state["log_window"]
-
-    if env.distributed:
-        device_ids = [env.device] if env.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-    if args.compile:
-        model = torch.compile(model)
+    if state:  # checkpoints keep the EMA as the averaged model's state dict (ema.module): budget and eval load it
+        tr.restore(state, out, model=model, optimizer=optimizer, scaler=scaler,
+                   ema=ema.module if ema is not None else None)
+        for group in optimizer.param_groups:  # a run from before timm's scheduler: each group's lr is its own
+            group.pop("lr_scale", None)
+    model = tr.wrap(model, env, compile_model=args.compile)
     if args.benchmark:
-        return benchmark(args, env, model, optimizer, scaler, config)
-    log = None
-    if env.is_main:  # rank 0 writes config.json and log.jsonl
-        log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
-                     main=True)
+        return benchmark(args, env, model, optimizer, scheduler, scaler, config)
+    log = RunLog(out, config, start_step=state["step"] if state else 0, wandb_project=args.wandb,
+                 tensorboard=args.tensorboard, main=env.is_main)  # rank 0 writes config.json and log.jsonl
     try:
-        return loop(args, env, model, ema, optimizer, scaler, config, spec, start_step, best_top1, log_window, log)
+        return loop(args, env, model, ema, optimizer, scheduler, scaler, config, state or {}, log)
     finally:
-        if log:
-            log.close()
+        log.close()
 
 
-def loop(args, env: tr.DistEnv, model, ema, optimizer, scaler, config: dict, spec: data.DataSpec, start_step: int,
-         best_top1: float, log_window: dict, log: RunLog | None) -> dict:
-    total_steps, steps_per_epoch = config["total_steps"], config["steps_per_epoch"]
-    total_epochs = args.epochs + args.cooldown_epochs
+def loop(args, env: tr.DistEnv, model, ema, optimizer, scheduler, scaler, config: dict, state: dict,
+         log: RunLog) -> dict:
+    total_steps, steps_per_epoch, exits = config["total_steps"], config["steps_per_epoch"], len(args.grids)
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
-    exits = len(args.grids)
-    out = Path(args.output_dir)
-    if env.is_main:
-        print(f"{config['params'] / 1e6:.1f}M params ({', '.join(f'{p / 1e6:.2f}M' for p in config['params_per_exit'])}"
-              f" per exit), {total_steps} steps ({steps_per_epoch}/epoch), {env.world_size} process(es) on "
-              f"{env.device.type}, starting at step {start_step}", file=sys.stderr)
-    if spec.source == "synthetic":
-        fixed = tr.synthetic_batch(args.batch_size // env.world_size, args.img_size, spec.num_classes, env.device,
-                                   args.seed + env.rank, MEAN, STD)
-        batches = iter(lambda: fixed, None)
-    else:
-        host_batches = data.train_batches(args.data, train_transform(config), global_batch=args.batch_size,
-                                          seed=args.seed, repeats=args.repeats, start_step=start_step,
-                                          workers=args.workers, process_index=env.rank, process_count=env.world_size)
-        batches = tr.batches_to_device(host_batches, env.device, MEAN, STD)
-    augmenter = Augmenter(config, env.device)
-
-    # Sums since the last log record (loss, correct top-1 and unreadable images skipped, per exit), kept in the
-    # checkpoint so that a run resumed between two records logs what the uninterrupted run logs.
-    window = log_window.get("sums", torch.zeros(3, exits)).to(env.device)
-    window_steps = log_window.get("steps", 0)
-    nonfinite = torch.zeros((), device=env.device)
-    window_start, last = time.perf_counter(), {}
-
-    def check_finite(step: int) -> None:
-        if tr.all_reduce_sum(nonfinite.clone()).item() > 0:
-            check_finite_loss([math.nan], step, out / "checkpoints")
-
-    def save(step: int, results: dict) -> None:
-        check_finite(step)
-        plain = tr.unwrap(model)
-        tr.check_savable(step, plain, optimizer, ema, eval_metrics=results, output_dir=out / "checkpoints")
-        window_sums = tr.sums_for_checkpoint(window)
-        if env.is_main:
-            reported = ema.module if ema is not None else plain
-            tr.save_checkpoint(out / "checkpoints", step, {
-                "model": plain.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "best_top1": best_top1, "config": config, "log_window": {"sums": window_sums, "steps": window_steps}})
-            top1 = results.get(report_key("val_top1", ema))
-            if top1 is not None and top1 >= best_top1:  # budget and eval load these weights
-                tr.save_checkpoint(out / "best", step, {"model": reported.state_dict(), "step": step,
-                                                        "val_top1": top1, "config": config})
-        tr.barrier()
-
-    def stop_requested(done: int) -> bool:
-        if args.stop_after and done - start_step >= args.stop_after:
-            return True
-        if not env.distributed:
-            return preemption.requested
-        if done % args.log_interval:
-            return False
-        return tr.all_reduce_sum(torch.tensor(float(preemption.requested), device=env.device)).item() > 0
-
-    def epoch_of(step: int) -> int:
-        if steps_per_epoch:
-            return step // steps_per_epoch
-        return step * total_epochs // total_steps
-
-    preemption = runtime.Preemption()
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
-                    disable=not env.is_main, dynamic_ncols=True, file=sys.stderr)
-    try:
+    start_step, best_top1, out, record = state.get("step", 0), state.get("best_top1", -1.0), Path(args.output_dir), {}
+    run.say(f"{config['params'] / 1e6:.1f}M params ({', '.join(f'{p / 1e6:.2f}M' for p in config['params_per_exit'])}"
+            f" per exit), {total_steps} steps ({steps_per_epoch}/epoch), {env.world_size} process(es) on "
+            f"{env.device.type}, starting at step {start_step}", main=env.is_main)
+    batches = tr.train_batches(args.data, train_transform(config), env, global_batch=args.batch_size, seed=args.seed,
+                               start_step=start_step, workers=args.workers, image_size=args.image_size,
+                               num_classes=config["num_classes"], mean=MEAN, std=STD, repeats=args.repeats)
+    augmenter, ema_weights = Augmenter(config, env.device), ema.module if ema is not None else None
+    # Per exit: summed loss, correct top-1 and unreadable images skipped, since the last log record.
+    window = tr.Window(torch.zeros(3, exits, device=env.device), state.get("log_window"))
+    with tr.Preemption(env) as preemption, tr.progress(start_step, total_steps, env) as progress:
         for step in progress:
             batch = next(batches)
-            lr = set_epoch_lr(optimizer, epoch_of(step), args)
+            scheduler.step(epoch_at(step, config))
             metrics = train_step(model, optimizer, scaler, batch, step, args, env, augmenter, ema)
-            nonfinite += ~torch.isfinite(metrics["loss_sums"]).all()
-            skipped = torch.full_like(metrics["correct"], batch["skipped"] / exits)  # spread over the exits' columns
-            window += torch.stack([metrics["loss_sums"], metrics["correct"], skipped])
-            window_steps += 1
+            skipped = torch.full_like(metrics["correct"], batch["skipped"] / exits)  # spread over the exits
+            window.add(torch.stack([metrics["loss_sums"], metrics["correct"], skipped]))
             done = step + 1
-            if done % args.log_interval == 0 or done == total_steps:
-                check_finite(done)
-                sums = tr.all_reduce_sum(window.clone())
-                totals = sums / (window_steps * args.batch_size)
-                last = {"loss": totals[0].sum().item(), "lr": lr, "grad_norm": metrics["grad_norm"].item(),
-                        "img_per_sec": window_steps * args.batch_size / (time.perf_counter() - window_start),
-                        "epoch": done / steps_per_epoch if steps_per_epoch else 0.0}
-                for k in range(exits):
-                    last[f"loss_exit{k + 1}"] = totals[0, k].item()
-                    last[f"train_top1_exit{k + 1}"] = 100 * totals[1, k].item()
-                if sums[2].sum() > 0:
-                    last["skipped_images"] = round(sums[2].sum().item())
-                if log:
-                    log.write(done, **last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{last['img_per_sec']:.0f}")
-                window.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-            stop = stop_requested(done)
-            if done % eval_interval == 0 or done == total_steps:
-                eval_start = time.perf_counter()
-                results = evaluate(tr.unwrap(model), config, env, "val")
-                if ema is not None and results:
-                    results |= evaluate(ema.module, config, env, "ema_val")
-                best_top1 = max(best_top1, results.get(report_key("val_top1", ema), -1.0))
-                if results and log:
-                    log.write(done, **results, best_top1=best_top1,
-                              epoch=done / steps_per_epoch if steps_per_epoch else 0.0)
-                if results and env.is_main:
-                    tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()),
-                               file=sys.stderr)
-                save(done, results)
-                window_start += time.perf_counter() - eval_start  # img/s counts training time only
-            elif stop:
-                save(done, {})
+            epoch = done / steps_per_epoch if steps_per_epoch else 0.0
+            if run.due(done, args.log_interval, total_steps):
+                record = train_record(window.totals(done, out), window.steps * args.batch_size, optimizer, metrics)
+                log.write(done, **record, img_per_sec=window.images_per_sec(args.batch_size), epoch=epoch)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                window.reset()
+            stop = preemption.stop_after(done, start_step=start_step, stop_after=args.stop_after,
+                                         every=args.log_interval)
+            evaluating = run.due(done, eval_interval, total_steps)
+            if evaluating or stop:
+                with window.paused():  # img/s counts training time only
+                    results = evaluate_weights(model, ema, config, env) if evaluating else {}
+                    top1 = results.get(report_key("val_top1", ema))
+                    best_top1 = max(best_top1, top1 if top1 is not None else -1.0)
+                    if results:
+                        log.write(done, **results, best_top1=best_top1, epoch=epoch)
+                        run.say(run.eval_line(done, results), main=env.is_main)
+                    tr.save(out, done, env, model=model, optimizer=optimizer, scaler=scaler, ema=ema_weights,
+                            eval_metrics=results,
+                            extra={"best_top1": best_top1, "config": config, "log_window": window.state()})
+                    if top1 is not None and top1 >= best_top1 and env.is_main:  # the weights budget/eval load
+                        reported = ema_weights if ema is not None else tr.unwrap(model)
+                        tr.save_checkpoint(out / "best", done, {"model": reported.state_dict(), "step": done,
+                                                                "val_top1": top1, "config": config})
             if stop and done < total_steps:
-                if env.is_main:
-                    tqdm.write(f"stopping at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with "
-                               "--resume", file=sys.stderr)
+                run.say(f"stopping at step {done}: checkpoint saved in {out / 'checkpoints'}; continue with "
+                        "--resume", main=env.is_main)
                 break
-    finally:
-        preemption.close()
-        progress.close()
-    return dict(last, best_top1=best_top1)
+    return dict(record, best_top1=best_top1)
+
+
+def train_record(sums: torch.Tensor, images: int, optimizer: torch.optim.Optimizer, metrics: dict) -> dict:
+    """A log record of the window's sums over `images` training images: the trained loss (summed over the exits),
+    each exit's loss and top-1 (on the augmented images, against their labels), the heads' lr (the highest:
+    --backbone-lr-scale <= 1) and the last step's gradient norm."""
+    means = sums / images
+    record = {"loss": means[0].sum().item(), "lr": max(group["lr"] for group in optimizer.param_groups),
+              "grad_norm": metrics["grad_norm"].item()}
+    for k in range(sums.shape[1]):
+        record[f"loss_exit{k + 1}"] = means[0, k].item()
+        record[f"train_top1_exit{k + 1}"] = 100 * means[1, k].item()
+    if sums[2].sum() > 0:
+        record["skipped_images"] = round(sums[2].sum().item())
+    return record
 
 
 def report_key(key: str, ema: ModelEmaV3 | None) -> str:
@@ -968,6 +925,14 @@ def evaluate(model: DVT, config: dict, env: tr.DistEnv, prefix: str) -> dict:
     results = {f"{prefix}_loss": loss / count, f"{prefix}_top1": 100 * correct[-1] / count,
                f"{prefix}_images": int(count)}
     results.update({f"{prefix}_top1_exit{k + 1}": 100 * c / count for k, c in enumerate(correct)})
+    return results
+
+
+def evaluate_weights(model: nn.Module, ema: ModelEmaV3 | None, config: dict, env: tr.DistEnv) -> dict:
+    """`evaluate` of the trained weights (val_*) and, when EMA is on, of their average (ema_val_*)."""
+    results = evaluate(tr.unwrap(model), config, env, "val")
+    if ema is not None and results:
+        results |= evaluate(ema.module, config, env, "ema_val")
     return results
 
 
@@ -1040,7 +1005,7 @@ def exit_flops(config: dict[str, Any]) -> list[float]:
     on the meta device: no memory, no compute."""
     with torch.device("meta"):
         model = build_model(config).eval()
-        images = torch.zeros(1, 3, config["img_size"], config["img_size"])
+        images = torch.zeros(1, 3, config["image_size"], config["image_size"])
     flops, upstream = [], None
     for stage in model.stages:
         with FlopCounterMode(display=False) as counter:
@@ -1089,7 +1054,10 @@ def load_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any], Pa
     config, the file and its step."""
     state, file = tr.load_run_checkpoint(path, "dvt.py", subdirs=("best", "checkpoints"))
     weights = state["ema"] if state.get("ema") is not None else state["model"]
-    return weights, state["config"], file, state.get("step", 0)
+    config = state["config"]
+    if "img_size" in config:  # a run from before --image-size was the canonical spelling
+        config = dict(config, image_size=config["img_size"])
+    return weights, config, file, state.get("step", 0)
 
 
 def load_run(args: argparse.Namespace) -> tuple[DVT, dict, dict, torch.device]:
@@ -1287,16 +1255,6 @@ def evaluate_command(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_flops_per_sample(config: dict[str, Any]) -> float:
-    """Forward + backward FLOPs of one training image through all exits, counted on the meta device."""
-    with torch.device("meta"):
-        model = build_model(config)
-        images = torch.zeros(1, 3, config["img_size"], config["img_size"])
-    with FlopCounterMode(display=False) as counter:
-        sum(logits.float().sum() for logits in model(images)).backward()
-    return float(counter.get_total_flops())
-
-
 def timed(fn, steps: int, device: torch.device) -> float:
     """Seconds per call of fn() (it returns a tensor to wait for), after two warm-up calls."""
     for _ in range(2):
@@ -1310,22 +1268,23 @@ def timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+@torch.no_grad()
 def benchmark_inference(model: DVT, config: dict, args, env: tr.DistEnv) -> list[dict]:
     """img/s of the real early exit at --benchmark-q budgets (thresholds set by the paper's procedure on the same
     synthetic batch, so the exits take the budget's shares), of the cascade with no exit, and of the last exit's
     backbone alone on every image (e.g. T2T-ViT-14 at 14x14)."""
     model.eval()
-    batch = tr.synthetic_batch(args.eval_batch_size, args.img_size, config["num_classes"], env.device, args.seed + 1,
-                               MEAN, STD)
+    batch = tr.synthetic_batch(args.eval_batch_size, args.image_size, config["num_classes"], env.device,
+                               args.seed + 1, MEAN, STD)
     images = batch["image"]
     cumulative = cumulative_flops(config)
-    with torch.no_grad(), tr.autocast(env.device, args.precision):
+    with tr.autocast(env.device, args.precision):
         confidences = torch.stack([o.float().softmax(-1).amax(-1) for o in model(images)]).cpu()
     torch.manual_seed(args.seed)
     baseline = plain_backbone(config).to(env.device).eval()
 
     def run_baseline() -> torch.Tensor:
-        with torch.no_grad(), tr.autocast(env.device, args.precision):
+        with tr.autocast(env.device, args.precision):
             return baseline(images)[0]
 
     base_seconds = timed(run_baseline, args.benchmark_steps, env.device)
@@ -1343,40 +1302,26 @@ def benchmark_inference(model: DVT, config: dict, args, env: tr.DistEnv) -> list
                         "gflops": round(average_flops(exit_index, cumulative) / 1e9, 4),
                         "img_per_sec": round(len(images) / seconds, 1),
                         "speedup_vs_backbone_alone": round(base_seconds / seconds, 2)})
+    model.train()
     return results
 
 
-def benchmark(args, env: tr.DistEnv, model, optimizer, scaler, config: dict) -> dict:
-    batch = tr.synthetic_batch(args.batch_size // env.world_size, args.img_size, config["num_classes"], env.device,
+def benchmark(args, env: tr.DistEnv, model, optimizer, scheduler, scaler, config: dict) -> dict:
+    """--benchmark: the adaptive inference (main process), then train steps at the peak lr (`tr.benchmark`)."""
+    batch = tr.synthetic_batch(args.batch_size // env.world_size, args.image_size, config["num_classes"], env.device,
                                env.rank, MEAN, STD)
     augmenter = Augmenter(config, env.device)
-    set_epoch_lr(optimizer, args.warmup_epochs, args)
+    scheduler.step(args.warmup_epochs)  # the peak lr
+    flops = tr.train_flops_per_sample(lambda: build_model(config), (3, args.image_size, args.image_size))
+    inference = benchmark_inference(tr.unwrap(model), config, args, env) if env.is_main else None
 
-    def step() -> torch.Tensor:
+    def step(_: dict | None) -> torch.Tensor:
         return train_step(model, optimizer, scaler, batch, 0, args, env, augmenter, None)["loss_sums"]
 
-    start = time.perf_counter()
-    step().sum().item()
-    first_step = time.perf_counter() - start
-    if env.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(env.device)
-    step_time = timed(step, args.benchmark_steps, env.device)
-    images_per_sec = args.batch_size / step_time
-    flops = train_flops_per_sample(config)
-    peak = tr.peak_flops(env.device)
-    on_gpu = env.device.type == "cuda"
-    result = {"model": args.model, "img_size": args.img_size, "grids": args.grids, "batch_size": args.batch_size,
-              "precision": args.precision if on_gpu else "fp32", "compile": args.compile, "processes": env.world_size,
-              "device": torch.cuda.get_device_name(env.device) if on_gpu else "cpu",
-              "img_per_sec": round(images_per_sec, 1), "step_ms": round(1000 * step_time, 2),
-              "first_step_s": round(first_step, 1),
-              "peak_memory_gib": round(torch.cuda.max_memory_allocated(env.device) / 2**30, 2) if on_gpu else None,
-              "train_gflops_per_img": float(f"{flops / 1e9:.4g}"),
-              "mfu": round(flops * images_per_sec / (peak * env.world_size), 3) if peak else None}
-    if env.is_main:
-        result["inference"] = benchmark_inference(tr.unwrap(model), config, args, env)
-        print(json.dumps(result))
-    return result
+    return tr.benchmark(step, env, steps=args.benchmark_steps, global_batch=args.batch_size,
+                        train_flops_per_image=flops, model=args.model, image_size=args.image_size, grids=args.grids,
+                        precision=args.precision if env.device.type == "cuda" else "fp32", compile=args.compile,
+                        inference=inference)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -381,14 +381,15 @@ def peak_flops(device: torch.device) -> float | None:
 def train_flops_per_sample(make_model: Callable[[], nn.Module], input_shape: tuple[int, ...]) -> float:
     """FLOPs of one training sample (forward + backward) as counted by torch's FlopCounterMode: matmuls,
     convolutions and attention, 2 FLOPs per multiply-add. The model is built on the meta device (no memory, no
-    compute), so this is cheap even for ViT-L."""
+    compute), so this is cheap even for ViT-L. A model with several outputs (a list: early exits) trains them all."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         model = make_model()
         inputs = torch.zeros((1, *input_shape), device="meta")
     with FlopCounterMode(display=False) as counter:
-        model(inputs).float().sum().backward()
+        outputs = model(inputs)
+        sum(out.float().sum() for out in (outputs if isinstance(outputs, list) else [outputs])).backward()
     return float(counter.get_total_flops())
 
 
@@ -661,3 +662,13 @@ def benchmark(step: Callable[[dict | None], torch.Tensor], env: DistEnv, *, step
     if env.is_main and echo:
         print(json.dumps(result))
     return result
+
+
+# --- added for dvt
+
+
+def check_batch_split(global_batch: int, env: DistEnv, grad_accum: int = 1) -> None:
+    """A global --batch-size must split evenly over the processes and the --grad-accum micro-batches (UserError)."""
+    if global_batch % (env.world_size * grad_accum):
+        raise UserError(f"--batch-size {global_batch} must be a multiple of {env.world_size} processes x "
+                        f"--grad-accum {grad_accum}")

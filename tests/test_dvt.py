@@ -34,15 +34,15 @@ import dvt
 from common import torch_run as tr
 from common.runlog import read_log
 
-TINY = ["--data", "digits", "--img-size", "32", "--grids", "2,3,4", "--embed-dim", "32", "--depth", "2",
+TINY = ["--data", "digits", "--image-size", "32", "--grids", "2,3,4", "--embed-dim", "32", "--depth", "2",
         "--num-heads", "2", "--token-dim", "16", "--workers", "0", "--batch-size", "32", "--eval-batch-size", "360",
-        "--log-interval", "1", "--auto-augment", "none", "--random-crop", "none", "--hflip", "0", "--reprob", "0",
-        "--mixup", "0", "--cutmix", "0", "--test-crop-ratio", "1", "--warmup-epochs", "0", "--cooldown-epochs", "0",
-        "--model-ema-decay", "0", "--drop-path", "0", "--lr", "2e-3"]
+        "--log-interval", "1", "--auto-augment", "none", "--random-crop", "none", "--hflip", "0",
+        "--random-erasing", "0", "--mixup", "0", "--cutmix", "0", "--test-crop-ratio", "1", "--warmup-epochs", "0",
+        "--cooldown-epochs", "0", "--model-ema-decay", "0", "--drop-path", "0", "--lr", "2e-3"]
 
 
 def tiny_config(model: str = "dvt_t2t_vit_12", **overrides) -> dict:
-    config = dict(model=model, img_size=32, grids=[2, 3, 4], num_classes=10, drop_path=0.0, feature_reuse=True,
+    config = dict(model=model, image_size=32, grids=[2, 3, 4], num_classes=10, drop_path=0.0, feature_reuse=True,
                   relation_reuse=True, embed_dim=32, depth=2, num_heads=2, token_dim=16)
     return config | overrides
 
@@ -87,7 +87,7 @@ def test_named_models_match_the_paper():
     expected = {"dvt_t2t_vit_12": (256, 12, 4, 512, 6.9e6), "dvt_t2t_vit_14": (384, 14, 6, 1152, 21.5e6),
                 "dvt_deit_s": (384, 12, 6, 1536, 22_050_664)}
     for name, (dim, depth, heads, hidden, params) in expected.items():
-        config = dict(model=name, img_size=224, grids=[7, 10, 14], num_classes=1000, drop_path=0.1,
+        config = dict(model=name, image_size=224, grids=[7, 10, 14], num_classes=1000, drop_path=0.1,
                       feature_reuse=True, relation_reuse=True)
         with torch.device("meta"):
             model = dvt.build_model(config)
@@ -494,10 +494,10 @@ def test_transfer_starts_from_a_run_with_new_heads(digits_run, tmp_path):
     assert torch.equal(seven.stages[0].head.weight, head)
     assert torch.equal(seven.stages[2].blocks[1].mlp.fc2.weight, reported["stages.2.blocks.1.mlp.fc2.weight"])
     optimizer = dvt.make_optimizer(model, args, torch.device("cpu"))
-    scales = {id(p): (g["lr_scale"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+    peaks = {id(p): (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
     names = dict(model.named_parameters())
-    assert scales[id(names["stages.0.head.weight"])] == (1.0, 5e-4)
-    assert scales[id(names["stages.2.blocks.0.norm1.bias"])] == (0.01, 5e-4)  # SGD decays every parameter
+    assert peaks[id(names["stages.0.head.weight"])] == (args.lr, 5e-4)
+    assert peaks[id(names["stages.2.blocks.0.norm1.bias"])] == (0.01 * args.lr, 5e-4)  # SGD decays every parameter
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.9
 
 
@@ -505,16 +505,26 @@ def test_transfer_starts_from_a_run_with_new_heads(digits_run, tmp_path):
 
 
 def test_lr_schedule_is_timms_per_epoch_cosine():
-    from timm.scheduler import CosineLRScheduler
-
+    """T2T-ViT's main.py: timm's CosineLRScheduler stepped once per epoch: linear warmup from --warmup-lr over
+    --warmup-epochs, cosine to --min-lr over --epochs (warmup included), --min-lr in the cooldown; each group from
+    its own peak (the backbone's is --lr x --backbone-lr-scale, CosineAnnealingLR-style: the same floor)."""
     args = dvt.parse_args(["train", "--epochs", "30", "--cooldown-epochs", "3", "--warmup-epochs", "5",
-                           "--warmup-lr", "1e-6", "--min-lr", "1e-5", "--lr", "2e-3"])
-    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=2e-3)
-    scheduler = CosineLRScheduler(optimizer, t_initial=30, lr_min=1e-5, warmup_t=5, warmup_lr_init=1e-6)
+                           "--warmup-lr", "1e-6", "--min-lr", "1e-5", "--lr", "2e-3", "--backbone-lr-scale", "0.5"])
+    optimizer = dvt.make_optimizer(tiny_model(), args, torch.device("cpu"))
+    scheduler = dvt.make_scheduler(optimizer, args)
+    assert sorted({g["initial_lr"] for g in optimizer.param_groups}) == [1e-3, 2e-3]
     for epoch in range(33):
         scheduler.step(epoch)
-        assert dvt.epoch_lr(epoch, 2e-3, args) == pytest.approx(optimizer.param_groups[0]["lr"]), epoch
-    assert dvt.epoch_lr(32, 2e-3, args) == 1e-5  # cooldown at the minimum
+        for group in optimizer.param_groups:
+            peak = group["initial_lr"]
+            if epoch < 5:
+                expected = 1e-6 + epoch * (peak - 1e-6) / 5
+            elif epoch < 30:
+                expected = 1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * epoch / 30))
+            else:
+                expected = 1e-5
+            assert group["lr"] == pytest.approx(expected), (epoch, peak)
+    assert {g["lr"] for g in optimizer.param_groups} == {1e-5}  # cooldown at the minimum
 
 
 def test_weight_decay_skips_biases_and_norms_only_as_the_official_code():
@@ -541,7 +551,8 @@ def test_augmenter_mixes_as_timm_and_erases_each_image_by_its_global_index():
     erasing of an image depends on its index in the global batch, not on which process's shard holds it."""
     torch.manual_seed(0)
     images, labels = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-    mixing = dvt.Augmenter(dict(num_classes=10, smoothing=0.1, reprob=0.0, mixup=0.8, cutmix=1.0), torch.device("cpu"))
+    mixing = dvt.Augmenter(dict(num_classes=10, label_smoothing=0.1, random_erasing=0.0, mixup=0.8, cutmix=1.0),
+                           torch.device("cpu"))
     timm_mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=10)
     for step in range(4):
         mixed, targets = mixing(images, labels, seed=0, step=step, first_index=0)
@@ -549,7 +560,8 @@ def test_augmenter_mixes_as_timm_and_erases_each_image_by_its_global_index():
         expected, expected_targets = timm_mixup(images.clone(), labels)
         torch.testing.assert_close(mixed, expected, rtol=0, atol=1e-6, msg=f"images at step {step}")
         torch.testing.assert_close(targets, expected_targets, rtol=0, atol=1e-6, msg=f"targets at step {step}")
-    erasing = dvt.Augmenter(dict(num_classes=10, smoothing=0.0, reprob=1.0, mixup=0.0, cutmix=0.0), torch.device("cpu"))
+    erasing = dvt.Augmenter(dict(num_classes=10, label_smoothing=0.0, random_erasing=1.0, mixup=0.0, cutmix=0.0),
+                            torch.device("cpu"))
     whole, _ = erasing(images, labels, seed=0, step=3, first_index=0)
     shards = [erasing(images[start:start + 4], labels[start:start + 4], seed=0, step=3, first_index=start)[0]
               for start in (0, 4)]
@@ -565,7 +577,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = [*TINY, "--model", "dvt_deit_s", "--training-steps", "3", "--eval-interval", "3", "--mixup", "0.8",
-            "--cutmix", "1.0", "--reprob", "0.5", "--random-crop", "rrc", "--hflip", "0.5"]
+            "--cutmix", "1.0", "--random-erasing", "0.5", "--random-crop", "rrc", "--hflip", "0.5"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            "dvt.py", "train", *args, "--output-dir", str(tmp_path / "ddp")], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=recipe_env(OMP_NUM_THREADS="1"))
@@ -584,8 +596,8 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
 
 
 RESUME = [*TINY, "--model", "dvt_t2t_vit_12", "--batch-size", "16", "--training-steps", "6", "--eval-interval", "100",
-          "--drop-path", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--reprob", "0.25", "--model-ema-decay", "0.9",
-          "--random-crop", "rrc", "--hflip", "0.5", "--workers", "1"]
+          "--drop-path", "0.1", "--mixup", "0.8", "--cutmix", "1.0", "--random-erasing", "0.25", "--model-ema-decay",
+          "0.9", "--random-crop", "rrc", "--hflip", "0.5", "--workers", "1"]
 
 
 def test_resume_after_stop_equals_uninterrupted_run(tmp_path):
@@ -628,16 +640,77 @@ def test_benchmark_times_training_and_adaptive_inference(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
+# ---------------------------------------------------------------------------------------------- the DVT study's lines
+
+# The DVT study's training command lines (main.py's positional data path and flags, the repository's model names),
+# as `python -m torch.distributed.launch --nproc_per_node=1 dvt.py LINE` runs them.
+OFFICIAL_LINES = {
+    "DVT_T2t_vit_12": "train PATH_TO_DATASET --model DVT_T2t_vit_12 --batch-size 128 --lr 2e-3 --weight-decay .03 "
+                      "--amp --img-size 224",
+    "DVT_T2t_vit_14": "train PATH_TO_DATASET --model DVT_T2t_vit_14 --batch-size 64 --lr 5e-4 --weight-decay .05 "
+                      "--amp --img-size 224",
+}
+OFFICIAL_ARGS = {"DVT_T2t_vit_12": dict(model="dvt_t2t_vit_12", batch_size=128, lr=2e-3, weight_decay=0.03),
+                 "DVT_T2t_vit_14": dict(model="dvt_t2t_vit_14", batch_size=64, lr=5e-4, weight_decay=0.05)}
+# Appended so that a line runs on a CPU in seconds: a narrow one-block model on 32 px (2x2, 3x3, 4x4 tokens), 2 steps.
+CPU_OVERRIDE = ["--image-size", "32", "--grids", "2,3,4", "--embed-dim", "32", "--depth", "1", "--num-heads", "2",
+                "--token-dim", "16", "--workers", "0", "--stop-after", "2"]
+
+
+def official_line(name: str, data: str = "digits") -> list[str]:
+    return OFFICIAL_LINES[name].replace("PATH_TO_DATASET", data).split()
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_LINES))
+def test_the_dvt_studys_command_lines_run_unchanged(name, tmp_path):
+    """torch.distributed.launch (without --use-env) puts --local-rank=0 before the command."""
+    argv = ["--local-rank=0", *official_line(name)]
+    args = dvt.parse_args(argv)
+    expected = dict(OFFICIAL_ARGS[name], data="digits", image_size=224, precision="bf16", local_rank=0)
+    assert {key: getattr(args, key) for key in expected} == expected
+    assert dvt.main([*argv, *CPU_OVERRIDE, "--output-dir", str(tmp_path)]) == 0
+    state = final_state(tmp_path)
+    assert state["step"] == 2 and state["config"]["model"] == expected["model"]
+    assert state["config"]["lr"] == expected["lr"] and state["config"]["batch_size"] == expected["batch_size"]
+
+
+def test_the_legacy_launcher_runs_a_line_of_the_study(tmp_path):
+    """The line as it is, in a fresh folder (the run goes to the default --output-dir runs/dvt), under the launcher:
+    --local-rank=0 before the command, LOCAL_RANK / RANK / WORLD_SIZE in the environment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node=1", str(REPO / "dvt.py"),
+                           *official_line("DVT_T2t_vit_12"), *CPU_OVERRIDE], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env=recipe_env(OMP_NUM_THREADS="1", PET_MASTER_PORT=str(port)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = final_state(tmp_path / "runs" / "dvt")
+    assert state["step"] == 2 and state["config"]["model"] == "dvt_t2t_vit_12" and state["config"]["local_rank"] == 0
+
+
+def test_amp_and_the_positional_data_path(tmp_path, capsys):
+    """--amp is main.py's mixed-precision switch (bf16, float32 on CPUs); the data path is DATA or --data, once."""
+    assert dvt.parse_args(["train", "--precision", "fp32", "--amp"]).precision == "bf16"
+    assert dvt.parse_args(["train", "--amp", "--precision", "fp32"]).precision == "fp32"
+    assert dvt.parse_args(["train"]).data == "digits"
+    assert dvt.parse_args(["train", "--data", "cifar10"]).data == "cifar10"
+    assert dvt.parse_args(["eval", "runs/x", "cifar10"]).data == "cifar10"
+    assert dvt.parse_args(["budget", "runs/x", "--q", "1"]).data is None  # the run's own
+    assert_user_error(train("digits", "--data", "cifar10", "--output-dir", tmp_path / "run"), capsys, "twice")
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------- presets
 
 PRESETS = REPO / "scripts" / "dvt"
 T2T = dict(optimizer="adamw", epochs=300, cooldown_epochs=10, warmup_epochs=20, warmup_lr=1e-6, min_lr=1e-5,
-           auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, smoothing=0.1, drop_path=0.1,
-           model_ema_decay=0.99996, img_size=224, grids=[7, 10, 14], random_crop="rrc", feature_reuse=True,
-           relation_reuse=True, clip_grad=0.0, test_crop_ratio=0.875, repeats=1, interpolation="bicubic")
+           auto_augment="rand-m9-mstd0.5-inc1", random_erasing=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1,
+           drop_path=0.1, model_ema_decay=0.99996, image_size=224, grids=[7, 10, 14], random_crop="rrc",
+           feature_reuse=True, relation_reuse=True, clip_grad=0.0, test_crop_ratio=0.875, repeats=1,
+           interpolation="bicubic")
 CIFAR = dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, backbone_lr_scale=0.01, batch_size=64,
-             epochs=60, cooldown_epochs=0, warmup_epochs=0, min_lr=2e-4, img_size=224, random_crop="pad",
-             auto_augment=None, mixup=0.0, cutmix=0.0, reprob=0.0, smoothing=0.0, model_ema_decay=0.0,
+             epochs=60, cooldown_epochs=0, warmup_epochs=0, min_lr=2e-4, image_size=224, random_crop="pad",
+             auto_augment=None, mixup=0.0, cutmix=0.0, random_erasing=0.0, label_smoothing=0.0, model_ema_decay=0.0,
              test_crop_ratio=1.0, grids=[7, 10, 14], interpolation="bilinear", drop_path=0.1)
 ROWS = {
     "in1k_dvt_t2t_vit_12": dict(T2T, model="dvt_t2t_vit_12", batch_size=1024, lr=2e-3, weight_decay=0.03),

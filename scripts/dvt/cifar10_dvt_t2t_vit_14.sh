@@ -25,7 +25,7 @@ $LAUNCH dvt.py train \
     --init-from "$INIT" \
     --output-dir "$OUT" \
     --model dvt_t2t_vit_14 \
-    --img-size 224 \
+    --image-size 224 \
     --grids 7,10,14 \
     --feature-reuse \
     --relation-reuse \
@@ -34,10 +34,10 @@ $LAUNCH dvt.py train \
     --interpolation bilinear \
     --hflip 0.5 \
     --auto-augment none \
-    --reprob 0 \
+    --random-erasing 0 \
     --mixup 0 \
     --cutmix 0 \
-    --smoothing 0 \
+    --label-smoothing 0 \
     --test-crop-ratio 1.0 \
     --optimizer sgd \
     --momentum 0.9 \

@@ -20,7 +20,7 @@ $LAUNCH dvt.py train \
     --data "$DATA" \
     --output-dir "$OUT" \
     --model dvt_t2t_vit_12 \
-    --img-size 32 \
+    --image-size 32 \
     --grids 4,6,8 \
     --feature-reuse \
     --relation-reuse \
@@ -28,10 +28,10 @@ $LAUNCH dvt.py train \
     --random-crop pad \
     --hflip 0.5 \
     --auto-augment none \
-    --reprob 0.25 \
+    --random-erasing 0.25 \
     --mixup 0.8 \
     --cutmix 1.0 \
-    --smoothing 0.1 \
+    --label-smoothing 0.1 \
     --test-crop-ratio 1.0 \
     --optimizer adamw \
     --batch-size 128 \

@@ -19,7 +19,7 @@ python dvt.py train \
     --data digits \
     --output-dir "$OUT" \
     --model dvt_deit_s \
-    --img-size 32 \
+    --image-size 32 \
     --grids 2,3,4 \
     --embed-dim 64 \
     --depth 3 \
@@ -30,10 +30,10 @@ python dvt.py train \
     --random-crop none \
     --hflip 0 \
     --auto-augment none \
-    --reprob 0 \
+    --random-erasing 0 \
     --mixup 0 \
     --cutmix 0 \
-    --smoothing 0.1 \
+    --label-smoothing 0.1 \
     --test-crop-ratio 1.0 \
     --optimizer adamw \
     --batch-size 64 \

@@ -26,7 +26,7 @@ $LAUNCH dvt.py train \
     --data "$DATA" \
     --output-dir "$OUT" \
     --model dvt_t2t_vit_14 \
-    --img-size 224 \
+    --image-size 224 \
     --grids 7,10,14 \
     --feature-reuse \
     --relation-reuse \
@@ -34,10 +34,10 @@ $LAUNCH dvt.py train \
     --random-crop rrc \
     --hflip 0.5 \
     --auto-augment rand-m9-mstd0.5-inc1 \
-    --reprob 0.25 \
+    --random-erasing 0.25 \
     --mixup 0.8 \
     --cutmix 1.0 \
-    --smoothing 0.1 \
+    --label-smoothing 0.1 \
     --repeats 1 \
     --test-crop-ratio 0.875 \
     --optimizer adamw \
