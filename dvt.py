@@ -40,6 +40,7 @@ import random
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,7 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 from tqdm import tqdm
 
-from common import UserError, augment, data, run
+from common import UserError, augment, data, gpu_input, run
 from common import torch_run as tr
 from common.run import ArgumentParser, exit_status, make_output_dir, run_record
 from common.runlog import RunLog
@@ -147,6 +148,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--stop-after", type=int, default=0,
                    help="save and exit after this many steps of this invocation (0: run to the end)")
+    tr.add_loader_flag(g)
     g.add_argument("--benchmark", action="store_true",
                    help="time train steps and adaptive inference on synthetic batches, print JSON and exit")
     g.add_argument("--benchmark-steps", type=int, default=20)
@@ -592,14 +594,24 @@ def plain_backbone(config: dict[str, Any]) -> Stage:
 # ----------------------------------------------------------------------------------------------
 
 
-def crop_transform(config: dict[str, Any], auto_augment: str | None):
+def crop_augmentation(config: dict[str, Any], auto_augment: str | None) -> dict[str, Any] | Callable:
+    """The augmentation for either loader (`tr.train_batches`), or for the CIFAR transfers' padded crop a PIL
+    transform (host only)."""
     size, interpolation = config["image_size"], config["interpolation"]
     if config["random_crop"] == "pad":  # T2T-ViT transfer_learning.py: Resize, RandomCrop(size, size // 8), flip
         return transforms.Compose([transforms.Resize(size, interpolation=str_to_interp_mode(interpolation)),
                                    transforms.CenterCrop(size), transforms.RandomCrop(size, padding=size // 8),
                                    transforms.RandomHorizontalFlip(config["hflip"]), augment.ToUint8HWC()])
-    return augment.train_transform(size, random_crop=config["random_crop"], hflip=config["hflip"],
-                                   auto_augment=auto_augment, interpolation=interpolation)
+    return dict(image_size=size, random_crop=config["random_crop"], hflip=config["hflip"], auto_augment=auto_augment,
+                interpolation=interpolation)
+
+
+def crop_transform(config: dict[str, Any], auto_augment: str | None):
+    return tr.host_transform(crop_augmentation(config, auto_augment), "pil")
+
+
+def train_augmentation(config: dict[str, Any]) -> dict[str, Any] | Callable:
+    return crop_augmentation(config, config["auto_augment"])
 
 
 def train_transform(config: dict[str, Any]):
@@ -773,13 +785,21 @@ def init_weights_from(model: DVT, path: str) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k not in heads}, strict=False)
 
 
+def loader_of(args: argparse.Namespace, env: tr.DistEnv) -> str:
+    """--loader: auto takes the host loader for the CIFAR transfers' padded crop, which only the host runs."""
+    if args.loader == "auto" and args.random_crop == "pad":
+        return "pil"
+    return gpu_input.loader_choice(args.loader, env.device)
+
+
 def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
-        return data.benchmark_input(args.data, train_transform(vars(args)), global_batch=args.batch_size,
-                                    workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
-                                    repeats=args.repeats, process_index=env.rank, process_count=env.world_size,
-                                    model=args.model, image_size=args.image_size)
+        return tr.benchmark_input(args.data, train_augmentation(vars(args)), env, global_batch=args.batch_size,
+                                  workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
+                                  repeats=args.repeats, loader=loader_of(args, env), model=args.model,
+                                  image_size=args.image_size)
     args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
+    args.loader = loader_of(args, env)
     tr.check_batch_split(args.batch_size, env, args.grad_accum)
     spec = data.describe(args.data, num_classes=args.num_classes)
     steps_per_epoch = data.steps_per_epoch(spec.train_size, args.batch_size) if spec.train_size else 0
@@ -829,9 +849,10 @@ def loop(args, env: tr.DistEnv, model, ema, optimizer, scheduler, scaler, config
     run.say(f"{config['params'] / 1e6:.1f}M params ({', '.join(f'{p / 1e6:.2f}M' for p in config['params_per_exit'])}"
             f" per exit), {total_steps} steps ({steps_per_epoch}/epoch), {env.world_size} process(es) on "
             f"{env.device.type}, starting at step {start_step}", main=env.is_main)
-    batches = tr.train_batches(args.data, train_transform(config), env, global_batch=args.batch_size, seed=args.seed,
-                               start_step=start_step, workers=args.workers, image_size=args.image_size,
-                               num_classes=config["num_classes"], mean=MEAN, std=STD, repeats=args.repeats)
+    batches = tr.train_batches(args.data, train_augmentation(config), env, global_batch=args.batch_size,
+                               seed=args.seed, start_step=start_step, workers=args.workers, image_size=args.image_size,
+                               num_classes=config["num_classes"], mean=MEAN, std=STD, repeats=args.repeats,
+                               loader=args.loader)
     augmenter, ema_weights = Augmenter(config, env.device), ema.module if ema is not None else None
     # Per exit: summed loss, correct top-1 and unreadable images skipped, since the last log record.
     window = tr.Window(torch.zeros(3, exits, device=env.device), state.get("log_window"))
@@ -907,10 +928,11 @@ def evaluate(model: DVT, config: dict, env: tr.DistEnv, prefix: str) -> dict:
     model.eval()
     exits = len(config["grids"])
     sums = torch.zeros(2 + exits, device=env.device)  # images, loss, correct per exit
-    host_batches = data.eval_batches(config["data"], eval_transform(config), global_batch=config["eval_batch_size"],
-                                     workers=config["workers"], process_index=env.rank, process_count=env.world_size)
-    for batch in tqdm(tr.batches_to_device(host_batches, env.device, MEAN, STD), desc="eval", leave=False,
-                      disable=not env.is_main, file=sys.stderr):
+    batches = tr.eval_batches(config["data"], env, image_size=config["image_size"],
+                              crop_ratio=config["test_crop_ratio"], interpolation=config["interpolation"],
+                              global_batch=config["eval_batch_size"], workers=config["workers"], mean=MEAN, std=STD,
+                              loader=config.get("loader", "pil"))
+    for batch in tqdm(batches, desc="eval", leave=False, disable=not env.is_main, file=sys.stderr):
         labels = batch["label"]
         valid = labels >= 0  # padding slots and unreadable images carry -1
         with tr.autocast(env.device, config["precision"]):

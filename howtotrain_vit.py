@@ -495,7 +495,8 @@ def train(args: argparse.Namespace) -> dict:
         if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
             return tr.benchmark_input(args.data, train_augmentation(args), env, global_batch=args.batch_size,
                                       workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
-                                      loader=gpu_input.loader_choice(args.loader, env.device), model=args.model)
+                                      loader=gpu_input.loader_choice(args.loader, env.device), model=args.model,
+                                      image_size=args.image_size)
         return evaluate_run(args, env) if args.eval_only else run_training(args, env)
     finally:
         tr.cleanup_distributed()
@@ -540,8 +541,8 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     eval_interval = args.eval_interval or steps_per_epoch or total_steps
     warmup_steps = args.warmup_steps if args.warmup_epochs is None else round(args.warmup_epochs * steps_per_epoch)
     batches = tr.train_batches(args.data, train_augmentation(args), env, global_batch=args.batch_size, seed=args.seed,
-                               start_step=start_step, workers=args.workers, num_classes=spec.num_classes, mean=MEAN,
-                               std=STD, loader=args.loader)
+                               start_step=start_step, workers=args.workers, num_classes=spec.num_classes,
+                               image_size=args.image_size, mean=MEAN, std=STD, loader=args.loader)
     window = tr.Window(torch.zeros(3, device=env.device), saved_window)  # loss, correct top-1, unreadable images
     log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
                  main=env.is_main)  # rank 0 writes config.json and log.jsonl
@@ -637,7 +638,8 @@ def benchmark(args, env: tr.DistEnv, model, optimizer, scaler, config: dict) -> 
                                MEAN, STD)
     real = None if args.data == "synthetic" else tr.train_batches(  # is the run input-bound?
         args.data, train_augmentation(args), env, global_batch=args.batch_size, seed=args.seed, start_step=0,
-        workers=args.workers, num_classes=num_classes, mean=MEAN, std=STD, loader=args.loader)
+        workers=args.workers, num_classes=num_classes, image_size=args.image_size, mean=MEAN, std=STD,
+        loader=args.loader)
     tr.set_lr(optimizer, config["peak_lr"])
 
     def step(batch: dict | None) -> torch.Tensor:

@@ -847,7 +847,7 @@ def eval_transform(args: argparse.Namespace):
 
 def train_batches(args: argparse.Namespace, env: tr.DistEnv, config: dict[str, Any], start_step: int):
     return tr.train_batches(args.data, train_augmentation(args), env, global_batch=config["effective_batch"],
-                            seed=args.seed, start_step=start_step, workers=args.workers,
+                            seed=args.seed, start_step=start_step, workers=args.workers, image_size=args.image_size,
                             num_classes=config.get("num_classes") or 1, mean=MEAN, std=STD, loader=args.loader)
 
 
@@ -1333,7 +1333,7 @@ def benchmark_input(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     return tr.benchmark_input(args.data, train_augmentation(args), env,
                               global_batch=effective_batch(args, env.world_size), workers=args.workers,
                               steps=args.benchmark_steps, seed=args.seed, loader=args.loader, command=args.command,
-                              model=args.model)
+                              model=args.model, image_size=args.image_size)
 
 
 def benchmark(args: argparse.Namespace, env: tr.DistEnv) -> list[dict]:

@@ -440,27 +440,40 @@ def add_loader_flag(group: argparse._ArgumentGroup | argparse.ArgumentParser) ->
                             "on a CUDA machine, pil elsewhere")
 
 
-def train_batches(data_source: str, augmentation: Mapping[str, Any], env: DistEnv, *, global_batch: int, seed: int,
-                  start_step: int, workers: int, num_classes: int, mean: tuple[float, ...], std: tuple[float, ...],
-                  repeats: int = 1, loader: str = "pil") -> Iterator[dict]:
+def host_transform(augmentation: Mapping[str, Any] | Callable, loader: str) -> Callable:
+    """The PIL transform of an augmentation description (a recipe's own transform passes through); a transform that
+    only the host can run is refused for --loader gpu."""
+    if isinstance(augmentation, Mapping):
+        return augment.train_transform(**augmentation)
+    if loader == "gpu":
+        raise UserError(f"--loader gpu cannot run {augmentation}: use --loader pil")
+    return augmentation
+
+
+def train_batches(data_source: str, augmentation: Mapping[str, Any] | Callable, env: DistEnv, *, global_batch: int,
+                  seed: int, start_step: int, workers: int, num_classes: int, image_size: int,
+                  mean: tuple[float, ...], std: tuple[float, ...], repeats: int = 1,
+                  loader: str = "pil") -> Iterator[dict]:
     """This process's shard of each global training batch, normalised on the device. Batch k depends on (seed, k)
     only, so a resumed run continues the sequence; `synthetic` repeats one device-made batch.
 
     augmentation: the keyword arguments of `common.augment.train_transform` (image_size, random_crop, scale, hflip,
     color_jitter, auto_augment, interpolation), one description for both loaders: `loader` 'pil' decodes and
-    augments in host workers (`common.data`), 'gpu' on the device (`common.gpu_input`)."""
+    augments in host workers (`common.data`), 'gpu' on the device (`common.gpu_input`); or a recipe's own PIL
+    transform, for an augmentation only the host runs."""
     if data.describe(data_source).source == "synthetic":
-        fixed = synthetic_batch(global_batch // env.world_size, augmentation["image_size"], num_classes, env.device,
-                                seed + env.rank, mean, std)
+        fixed = synthetic_batch(global_batch // env.world_size, image_size, num_classes, env.device, seed + env.rank,
+                                mean, std)
         return iter(lambda: fixed, None)
+    transform = host_transform(augmentation, loader)
     if loader == "gpu":
         return gpu_input.train_batches(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
                                        seed=seed, start_step=start_step, workers=workers, device=env.device,
                                        process_index=env.rank, process_count=env.world_size, repeats=repeats,
                                        normalize=(mean, std))
-    host_batches = data.train_batches(data_source, augment.train_transform(**augmentation), global_batch=global_batch,
-                                      seed=seed, repeats=repeats, start_step=start_step, workers=workers,
-                                      process_index=env.rank, process_count=env.world_size)
+    host_batches = data.train_batches(data_source, transform, global_batch=global_batch, seed=seed, repeats=repeats,
+                                      start_step=start_step, workers=workers, process_index=env.rank,
+                                      process_count=env.world_size)
     return batches_to_device(host_batches, env.device, mean, std)
 
 
@@ -482,18 +495,20 @@ def eval_batches(data_source: str, env: DistEnv, *, image_size: int, crop_ratio:
     return batches_to_device(host_batches, env.device, mean, std)
 
 
-def benchmark_input(data_source: str, augmentation: Mapping[str, Any], env: DistEnv, *, global_batch: int,
-                    workers: int, steps: int, seed: int, loader: str, repeats: int = 1, **report: Any) -> dict:
+def benchmark_input(data_source: str, augmentation: Mapping[str, Any] | Callable, env: DistEnv, *, global_batch: int,
+                    workers: int, steps: int, seed: int, loader: str, image_size: int, repeats: int = 1,
+                    **report: Any) -> dict:
     """--benchmark-input: the input pipeline alone (no model, nothing written), one JSON line with img_per_sec last,
     for the loader the run would use."""
-    report.setdefault("image_size", augmentation["image_size"])
+    transform = host_transform(augmentation, loader)
     if loader == "gpu":
         return gpu_input.benchmark_input(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
                                          workers=workers, steps=steps, device=env.device, seed=seed, repeats=repeats,
-                                         process_index=env.rank, process_count=env.world_size, **report)
-    return data.benchmark_input(data_source, augment.train_transform(**augmentation), global_batch=global_batch,
+                                         process_index=env.rank, process_count=env.world_size,
+                                         image_size=image_size, **report)
+    return data.benchmark_input(data_source, transform, global_batch=global_batch,
                                 workers=workers, steps=steps, seed=seed, repeats=repeats, process_index=env.rank,
-                                process_count=env.world_size, **report)
+                                process_count=env.world_size, image_size=image_size, **report)
 
 
 def progress(start_step: int, total_steps: int, env: DistEnv, desc: str = "train") -> Iterator[int]:
