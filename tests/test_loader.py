@@ -5,8 +5,7 @@ times it."""
 import json
 
 import pytest
-from contract import (TORCH_RECIPES, assert_same_log, assert_same_state, call, final_state, log_records,
-                      make_jpeg_folder)
+from contract import TORCH_RECIPES, assert_same_log, assert_same_state, call, final_state, log_records, make_jpeg_folder
 
 
 @pytest.fixture(scope="module")
