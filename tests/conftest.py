@@ -82,3 +82,14 @@ def assert_states_close(actual: dict, expected: dict, rtol: float = 1e-2) -> Non
         scale = np.abs(want).max(initial=0.0)
         np.testing.assert_allclose(got, want, rtol=0, atol=rtol * scale + 1e-30,
                                    err_msg=f"{jax.tree_util.keystr(path)} (max |value| {scale:.3g})")
+
+
+def assert_user_error(code: int, capsys, *words: str) -> None:
+    """The fault contract's bad-input answer: exit status 2, the last stderr line `error: ...` naming `words`, no
+    traceback."""
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err, err[-3000:]
+    for word in words:
+        assert word in last, last

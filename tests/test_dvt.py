@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, recipe_env
+from conftest import REPO, assert_user_error, recipe_env
 from PIL import Image
 from timm.data import Mixup
 from timm.models.vision_transformer import VisionTransformer
@@ -65,16 +65,6 @@ def final_state(run_dir: Path) -> dict:
 
 def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
-
-
-def assert_user_error(code: int, capsys, *words: str) -> None:
-    err = capsys.readouterr().err
-    assert code == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: "), err[-3000:]
-    assert "Traceback" not in err
-    for word in words:
-        assert word in last, last
 
 
 # ---------------------------------------------------------------------------------------------- the model

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, recipe_env
+from conftest import REPO, assert_user_error, recipe_env
 from PIL import Image
 
 import howtotrain_vit as recipe
@@ -48,16 +48,6 @@ def final_state(run_dir: Path) -> dict:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_log(run_dir) if "loss" in r}
-
-
-def assert_user_error(code: int, capsys, *words: str) -> None:
-    err = capsys.readouterr().err
-    assert code == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: "), err[-3000:]
-    assert "Traceback" not in err
-    for word in words:
-        assert word in last, last
 
 
 # ---------------------------------------------------------------------------------------------- the recipe's tables

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import REPO, recipe_env
+from conftest import REPO, assert_user_error, recipe_env
 from PIL import Image
 
 import localmim_freezeout as recipe
@@ -41,15 +41,6 @@ def run(*args) -> int:
 
 def final_state(run_dir: Path) -> dict:
     return tr.load_checkpoint(tr.find_checkpoint(run_dir))
-
-
-def assert_user_error(code: int, capsys, *words: str) -> None:
-    err = capsys.readouterr().err
-    assert code == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err, err[-3000:]
-    for word in words:
-        assert word in last, last
 
 
 def tiny_config(**overrides) -> dict:
