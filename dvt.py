@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import json
 import math
-import random
 import re
 import sys
 import time
@@ -50,7 +49,6 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.mixup import cutmix_bbox_and_lam
-from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
 from timm.layers import DropPath, Mlp
 from timm.scheduler import CosineLRScheduler
@@ -148,6 +146,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--stop-after", type=int, default=0,
                    help="save and exit after this many steps of this invocation (0: run to the end)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="evaluate the last checkpoint of the run in --output-dir (every exit, and the EMA) on --data's "
+                        "val split: one log record and one JSON line, train nothing (`eval` exits early instead)")
     tr.add_loader_flag(g)
     g.add_argument("--benchmark", action="store_true",
                    help="time train steps and adaptive inference on synthetic batches, print JSON and exit")
@@ -207,7 +208,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                    help="adamw (ImageNet; no weight decay on biases and norms, as the official code) or "
                         "sgd with momentum (T2T-ViT's CIFAR transfer; weight decay on every parameter)")
-    g.add_argument("--lr", type=float, default=5e-4, help="peak lr, absolute (T2T-ViT does not scale it with batch)")
+    g.add_argument("--lr", type=float, default=5e-4, help="peak lr at --lr-ref-batch")
+    g.add_argument("--lr-ref-batch", type=int, default=0,
+                   help="the batch --lr is given at, scaled linearly to --batch-size; 0: as given (T2T-ViT and DVT "
+                        "do not scale it)")
     g.add_argument("--weight-decay", "--wd", type=float, default=0.05)
     g.add_argument("--momentum", type=float, default=0.9, help="sgd only")
     g.add_argument("--backbone-lr-scale", type=float, default=1.0,
@@ -271,6 +275,8 @@ def resolve_train_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "eval_batch_size", "grad_accum", "log_interval", "benchmark_steps", "repeats", "epochs"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr_ref_batch < 0:
+        raise UserError(f"--lr-ref-batch must be >= 0 (0: --lr as given), got {args.lr_ref_batch}")
     if args.auto_augment.lower() == "none":
         args.auto_augment = None
     if args.random_crop == "pad" and args.auto_augment:
@@ -651,8 +657,7 @@ class Augmenter:
 
     def __init__(self, config: dict[str, Any], device: torch.device):
         self.num_classes, self.smoothing = config["num_classes"], config["label_smoothing"]
-        erasing = config["random_erasing"]
-        self.erasing = RandomErasing(erasing, mode="pixel", device=device) if erasing > 0 else None
+        self.erasing = config["random_erasing"]
         self.mixup = None
         if config["mixup"] > 0 or config["cutmix"] > 0:
             self.mixup = Mixup(mixup_alpha=config["mixup"], cutmix_alpha=config["cutmix"],
@@ -662,12 +667,8 @@ class Augmenter:
                  first_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`images`, `labels`: this process's shard, whose first row is row `first_index` of the global batch."""
         images = images.clone()
-        if self.erasing is not None:
-            for offset, image in enumerate(images):
-                sample_seed = tr.sample_seed(seed, step, first_index + offset)
-                random.seed(sample_seed)  # timm draws the rectangle from python random, its pixels from torch
-                torch.manual_seed(sample_seed)
-                self.erasing(image)  # one (C, H, W) image, erased in place
+        if self.erasing > 0:
+            tr.erase_per_sample(images, self.erasing, seed=seed, step=step, first_index=first_index)
         smooth = self.smoothing / self.num_classes
         targets = F.one_hot(labels, self.num_classes).float() * (1 - self.smoothing) + smooth
         if self.mixup is None:
@@ -734,15 +735,20 @@ def param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
         scale = 1.0 if re.search(r"(^|\.)head\.", name) else args.backbone_lr_scale
         no_decay = args.optimizer == "adamw" and param.ndim <= 1
         groups.setdefault((scale, 0.0 if no_decay else args.weight_decay), []).append(param)
-    return [{"params": params, "lr": args.lr * scale, "weight_decay": decay}
+    return [{"params": params, "lr": peak_lr(args) * scale, "weight_decay": decay}
             for (scale, decay), params in groups.items()]
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
     groups = param_groups(model, args)
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    return torch.optim.AdamW(groups, lr=args.lr, eps=1e-8, fused=device.type == "cuda")
+        return torch.optim.SGD(groups, lr=peak_lr(args), momentum=args.momentum)
+    return torch.optim.AdamW(groups, lr=peak_lr(args), eps=1e-8, fused=device.type == "cuda")
+
+
+def peak_lr(args: argparse.Namespace) -> float:
+    """--lr, scaled linearly from --lr-ref-batch to --batch-size when a reference batch is given."""
+    return args.lr * args.batch_size / args.lr_ref_batch if args.lr_ref_batch else args.lr
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace) -> CosineLRScheduler:
@@ -770,9 +776,32 @@ def epoch_at(step: int, config: dict[str, Any]) -> int:
 def train(args: argparse.Namespace) -> dict:
     env = tr.init_distributed()
     try:
-        return run_training(args, env)
+        return evaluate_run(args, env) if args.eval_only else run_training(args, env)
     finally:
         tr.cleanup_distributed()
+
+
+def evaluate_run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
+    """--eval-only: the run's last checkpoint, its weights and EMA, on --data's val split; config.json and the
+    checkpoints stay as they are."""
+    state, path = tr.load_run_checkpoint(args.output_dir, "dvt.py")
+    config = dict(state["config"], data=args.data, workers=args.workers, eval_batch_size=args.eval_batch_size,
+                  loader=loader_of(args, env))
+    config.setdefault("image_size", config.get("img_size"))  # a run from before --image-size was the spelling
+    results = {}
+    for prefix, weights in (("val", state["model"]), ("ema_val", state.get("ema"))):
+        if weights is not None:
+            model = build_model(config)
+            tr.check_state_dict(model, weights, str(path))
+            model.load_state_dict(weights)
+            results |= evaluate(model.to(env.device), config, env, prefix)
+    if results:  # (synthetic data has no val split)
+        with contextlib.closing(RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard,
+                                       main=env.is_main)) as log:
+            log.write(state["step"], **results)
+    if env.is_main:
+        print(json.dumps(dict(results, step=state["step"], checkpoint=str(path))))
+    return results
 
 
 def init_weights_from(model: DVT, path: str) -> None:

@@ -184,6 +184,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
                    help="cutmix alpha (0: off; AugReg uses none): with mixup too, each batch takes one of the two, "
                         "as timm's Mixup does")
+    g.add_argument("--random-erasing", "--reprob", type=float, default=0.0,
+                   help="timm's random erasing probability, per image on the device (not in AugReg: 0)")
     g.add_argument("--dropout", type=float, help="overrides --reg")
     g.add_argument("--emb-dropout", "--emb_dropout", type=float,
                    help="dropout after the position embedding (default: --dropout)")
@@ -463,6 +465,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     # Dropout and drop path draw from torch's generator, seeded per process: their masks depend on the split (README).
     torch.manual_seed(tr.step_seed(args.seed, step, env.rank))
     images, labels = batch["image"], batch["label"]
+    if args.random_erasing > 0:  # image g of the global batch erased under a seed of (seed, step, g)
+        images = images.clone()
+        tr.erase_per_sample(images, args.random_erasing, seed=args.seed, step=step, first_index=env.rank * len(images))
     targets = one_hot(labels, num_classes, args.label_smoothing)
     images, targets = mix(images, targets, args, np.random.default_rng([args.seed, step]))  # the same on all ranks
     optimizer.zero_grad(set_to_none=True)

@@ -34,6 +34,7 @@ import dataclasses
 import functools
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -233,6 +234,20 @@ def flip_global_batch(tensor: torch.Tensor) -> torch.Tensor:
     for request in torch_dist.batch_isend_irecv(exchange):
         request.wait()
     return received.flip(0)
+
+
+def erase_per_sample(images: torch.Tensor, probability: float, *, seed: int, step: int, first_index: int) -> None:
+    """timm's RandomErasing (pixel mode, on normalised images) on each image of this process's shard, in place; image
+    g of the global batch (this shard starts at row `first_index`) draws under a seed of (seed, step, g), so the
+    erasing is the same whatever the split over processes, and in a resumed run."""
+    from timm.data.random_erasing import RandomErasing
+
+    erasing = RandomErasing(probability, mode="pixel", device=str(images.device))
+    for offset, image in enumerate(images):
+        image_seed = sample_seed(seed, step, first_index + offset)
+        random.seed(image_seed)  # timm draws the rectangle from python random, its pixels from torch
+        torch.manual_seed(image_seed)
+        erasing(image)  # one (C, H, W) image, erased in place
 
 
 # ----------------------------------------------------------------------------------------------

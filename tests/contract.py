@@ -85,7 +85,7 @@ TORCH_RECIPES = [
            ("train", "--model", "dvt_deit_s", "--img-size", "16", "--grids", "2,3,4", "--embed-dim", "32", "--depth",
             "1", "--num-heads", "2", "--token-dim", "16", *TORCH_VIT, "--training-steps", "8", "--warmup-epochs",
             "0", "--eval-interval", "2"),
-           "torch", lr_flag="--lr", wider=("--embed-dim", "48"), every_step=("--eval-interval", "1")),
+           "torch", lr_flag="--lr", wider=("--embed-dim", "48"), every_step=("--eval-interval", "1"), eval_only=True),
     Recipe("localmim-pretrain", "localmim_freezeout.py",
            ("pretrain", *LOCALMIM, "--depth", "4", "--decoder-dim", "16", "--decoder-heads", "2"), "torch",
            evaluates=False, **LOCALMIM_FLAGS),
@@ -483,3 +483,8 @@ class ContractTests:
         after = file_digests(run_dir)
         assert {k: v for k, v in after.items() if k != "log.jsonl"} == {k: v for k, v in before.items()
                                                                         if k != "log.jsonl"}
+        evaluations = [r for r in log_records(run_dir) if "val_top1" in r]
+        trained, evaluated = evaluations[-2:]  # the run's last evaluation, then --eval-only's of the last checkpoint
+        assert evaluated["step"] == trained["step"], (trained, evaluated)
+        for key in ("val_top1", "val_loss"):
+            assert evaluated[key] == pytest.approx(trained[key], rel=1e-5, abs=1e-6), (key, trained, evaluated)

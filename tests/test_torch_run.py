@@ -23,3 +23,26 @@ def test_images_to_device_normalises_as_before_and_makes_its_constants_once():
     first = tr._normalisation_constants(torch.device("cpu"), mean, std)
     tr.images_to_device(images, torch.device("cpu"), mean, std)
     assert tr._normalisation_constants(torch.device("cpu"), mean, std)[0] is first[0], "constants made again"
+
+
+def test_per_sample_erasing_is_the_same_whatever_the_split():
+    """tr.erase_per_sample: image g of the global batch is erased under (seed, step, g), so two shards of 4 erased
+    apart equal the batch of 8 erased at once; about `probability` of the images change, and another step erases
+    others."""
+    batch = torch.randn(8, 3, 16, 16)
+    whole = batch.clone()
+    tr.erase_per_sample(whole, 0.5, seed=1, step=3, first_index=0)
+    shards = [batch[:4].clone(), batch[4:].clone()]
+    tr.erase_per_sample(shards[0], 0.5, seed=1, step=3, first_index=0)
+    tr.erase_per_sample(shards[1], 0.5, seed=1, step=3, first_index=4)
+    torch.testing.assert_close(torch.cat(shards), whole, rtol=0, atol=0)
+    changed = [(whole[i] != batch[i]).any().item() for i in range(8)]
+    assert 0 < sum(changed) < 8, changed
+    many = torch.randn(400, 3, 8, 8)
+    erased = many.clone()
+    tr.erase_per_sample(erased, 0.25, seed=0, step=0, first_index=0)
+    share = (erased != many).flatten(1).any(1).float().mean().item()
+    assert 0.18 < share < 0.32, share
+    other_step = batch.clone()
+    tr.erase_per_sample(other_step, 0.5, seed=1, step=4, first_index=0)
+    assert not torch.equal(other_step, whole)
