@@ -32,7 +32,7 @@ import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
-from common.run import ArgumentParser, check_positive, due, eval_line, exit_status, run_record, say, stopping
+from common.run import ArgumentParser, due, eval_line, exit_status, run_record, say, stopping
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -52,30 +52,10 @@ MODEL_PRESETS = {
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--data", "--train-dataset-shards", default="digits",
-                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
+    g = loop.add_run_flags(p, output_dir="runs/deit3")
     g.add_argument("--valid-dataset-shards", help="deit3-jax's val shards (see `check_data`)")
-    g.add_argument("--output-dir", "--output_dir", default="runs/deit3",
-                   help="config.json, log.jsonl and checkpoints go here")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    g.add_argument("--stop-after", type=int, default=0, metavar="N",
-                   help="save and exit after N steps of this process (0: train to the end)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --pretrained-ckpt (or the last checkpoint), then exit")
-    g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
-    g.add_argument("--benchmark-steps", type=int, default=30)
-    g.add_argument("--benchmark-input", action="store_true",
-                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
-                        "batches, print JSON and exit")
-    g.add_argument("--workers", "--train-loader-workers", "--num_workers", type=int,
-                   default=min(16, os.cpu_count() or 1), help="data loader processes per host")
-    g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
-    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
-    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
-    g.add_argument("--wandb", "--project", default=None, metavar="PROJECT",
-                   help="also log to Weights & Biases (if installed)")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="s16", help="preset: " + " ".join(MODEL_PRESETS))
@@ -176,21 +156,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_data(args)
     if args.model not in MODEL_PRESETS:
         raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
-    for key, value in MODEL_PRESETS[args.model].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for name in ("init_seed", "mixup_seed", "dropout_seed", "shuffle_seed"):
-        if getattr(args, name) is None:
-            setattr(args, name, args.seed)
-    if args.image_size % args.patch_size:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
-    if args.dim % args.heads:
-        raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
-    check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum)
-    if args.batch_size % args.grad_accum:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    if args.auto_augment in ("", "none"):
-        args.auto_augment = None
+    loop.complete_flags(args, MODEL_PRESETS[args.model], seeds=("init_seed", "mixup_seed", "dropout_seed",
+                                                                "shuffle_seed"))
     return args
 
 
@@ -587,15 +554,14 @@ def run(args: argparse.Namespace) -> dict:
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
                          out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
+    stream = functools.partial(loop.train_stream, args.data, train_transform(args), mesh, global_batch=args.batch_size,
+                               seed=args.shuffle_seed, repeats=args.augment_repeats, workers=args.workers,
+                               image_size=args.image_size, num_classes=num_classes)  # batches from a given step
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
-        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
-            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
-            repeats=args.augment_repeats, start_step=0, workers=args.workers, image_size=args.image_size,
-            num_classes=num_classes)
+        real = None if args.data == "synthetic" else stream(start_step=0)  # end to end, beside the device alone
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
-                              batches=real,
-                              train_flops_per_image=train_flops_per_image(config), model=args.model,
+                              batches=real, train_flops_per_image=train_flops_per_image(config), model=args.model,
                               image_size=args.image_size, dtype=args.precision)
 
     eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
@@ -612,26 +578,18 @@ def run(args: argparse.Namespace) -> dict:
                 state["params"] = jax.device_put(load_pretrained(state["params"], args), dist.replicated(mesh))
             else:
                 state, _ = ckpt.restore(state)
-            log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard)
-            metrics = evaluate(state)
-            log.write(int(state["step"]), **metrics)
-            log.close()
-            if dist.is_main_process():
-                print(json.dumps(metrics))
-            return metrics
+            return loop.report_eval(args.output_dir, int(state["step"]), evaluate(state), wandb=args.wandb,
+                                    tensorboard=args.tensorboard)
     with loop.open_run(args.output_dir, resume=args.resume, recipe=run_config["trained_by"],
                        settings=vars(args)) as ckpt:  # waits for pending writes, also on errors
         state, meta = loop.restore_or_start(ckpt, state, resume=args.resume)
         log = RunLog(args.output_dir, run_config, start_step=int(state["step"]), wandb_project=args.wandb,
                      tensorboard=args.tensorboard)
         start_step, steps_per_epoch = int(state["step"]), run_config["steps_per_epoch"]
-        if dist.is_main_process():
-            print(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), "
-                  f"peak lr {run_config['peak_lr']:g}, {jax.device_count()} device(s) on {jax.process_count()} "
-                  f"host(s), starting at step {start_step}", file=sys.stderr)
-        batches = loop.train_stream(args.data, train_transform(args), mesh, global_batch=args.batch_size,
-                                    seed=args.shuffle_seed, repeats=args.augment_repeats, start_step=start_step,
-                                    workers=args.workers, image_size=args.image_size, num_classes=num_classes)
+        say(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), peak lr "
+            f"{run_config['peak_lr']:g}, {jax.device_count()} device(s) on {jax.process_count()} host(s), starting at "
+            f"step {start_step}", main=dist.is_main_process())
+        batches = stream(start_step=start_step)
         eval_interval = args.eval_interval or steps_per_epoch or total_steps
         save_interval = args.save_interval or eval_interval
         best_top1 = meta.get("best_top1", -1.0)

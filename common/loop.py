@@ -7,8 +7,10 @@ those of `common.run` (`due`, `stopping`, `say`, `eval_line`).
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -21,6 +23,63 @@ from tqdm import tqdm
 
 from common import UserError, checkpoint, data, dist, run, runtime
 from common.checkpoint import Checkpointer
+from common.runlog import RunLog
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: str | None) -> argparse._ArgumentGroup:
+    """The "run" flags of every JAX recipe, spelled as the CLI contract says (canonical first, then the names users
+    bring from MAE's and deit3-jax's code): where the data and the run live, resume and stop, the benchmarks,
+    loader workers, intervals and logging. Returns the group, for the recipe's own run flags."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--data", "--data-path", "--data_path", "--train-dataset-shards", default="digits",
+                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
+    g.add_argument("--output-dir", "--output_dir", default=output_dir,
+                   help="config.json, log.jsonl and checkpoints go here")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="save and exit after N steps of this process (0: train to the end)")
+    g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
+    g.add_argument("--benchmark-steps", type=int, default=30)
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
+                        "batches, print JSON and exit")
+    g.add_argument("--workers", "--train-loader-workers", "--num_workers", type=int,
+                   default=min(16, os.cpu_count() or 1), help="data loader processes per host")
+    g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
+    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
+    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
+    g.add_argument("--wandb", "--project", default=None, metavar="PROJECT",
+                   help="also log to Weights & Biases (if installed)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    return g
+
+
+def complete_flags(args: argparse.Namespace, defaults: Mapping[str, Any], *, seeds: Iterable[str]) -> None:
+    """What every JAX recipe does with its parsed flags: each flag the command line left unset (None) takes its
+    value from `defaults` (the --model preset, then the recipe's table), each of `seeds` takes --seed, --auto-augment
+    'none' is off; then the image must split into patches, the width into heads, and the global batch into
+    --grad-accum micro-batches. A bad combination is a UserError naming the flags."""
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for name in seeds:
+        if getattr(args, name) is None:
+            setattr(args, name, args.seed)
+    if getattr(args, "auto_augment", None) in ("", "none"):
+        args.auto_augment = None
+    if args.image_size % args.patch_size:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.dim % args.heads:
+        raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    grad_accum = getattr(args, "grad_accum", 1)
+    run.check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=grad_accum)
+    if args.batch_size % grad_accum:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {grad_accum}")
+
 
 # ----------------------------------------------------------------------------------------------
 # Batches
@@ -178,6 +237,17 @@ def open_run(output_dir: str, *, resume: bool, recipe: str, settings: dict) -> C
 def restore_or_start(ckpt: Checkpointer, state: Any, *, resume: bool) -> tuple[Any, dict]:
     """The state to start from: the last checkpoint with --resume (`open_run` checked there is one), else `state`."""
     return ckpt.restore(state) if resume else (state, {})
+
+
+def report_eval(output_dir: str, step: int, metrics: dict, *, wandb: str | None, tensorboard: bool) -> dict:
+    """--eval-only: the metrics as one record of the run's log.jsonl (config.json and checkpoints stay as they are)
+    and as one JSON line on stdout."""
+    log = RunLog(output_dir, None, wandb_project=wandb, tensorboard=tensorboard)
+    log.write(step, **metrics)
+    log.close()
+    if dist.is_main_process():
+        print(json.dumps(metrics))
+    return metrics
 
 
 @jax.jit
