@@ -36,7 +36,8 @@ from common.run import ArgumentParser, due, eval_line, exit_status, run_record, 
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
-# Flags and presets. Flag names follow deit3-jax, the JAX reimplementation users come from.
+# Flags and presets: the repo's one spelling first, then deit3-jax's (the JAX reimplementation users come
+# from), so that its command lines run unchanged.
 # ----------------------------------------------------------------------------------------------
 
 # DeiT-III Table 9 / the ViT paper: (layers, dim, heads, patch size).

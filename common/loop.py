@@ -1,5 +1,6 @@
-"""The plumbing of a JAX training loop, shared by the JAX recipes: batches onto the mesh, gradient accumulation,
-evaluation totals, the verbs of the loop (progress bar, log window, checked save, preemption) and the benchmark.
+"""The plumbing of a JAX training loop, shared by the JAX recipes: the run flags, batches onto the mesh, gradient
+accumulation, evaluation totals, the verbs of the loop (progress bar, log window, checked save, preemption) and the
+benchmark.
 
 The loop itself (step -> log -> eval -> save -> stop) is written out in each recipe script, with these verbs and
 those of `common.run` (`due`, `stopping`, `say`, `eval_line`).
