@@ -376,3 +376,14 @@ def test_a_deit3_jax_msgpack_checkpoint_loads_and_exports(tiny_run, tmp_path, ca
     code = run_main(*TINY, "--training-steps", "1", "--pretrained-ckpt", tmp_path / "from_run.pth.msgpack",
                     "--output-dir", tmp_path / "bad")
     assert_error(code, capsys, "deit3-jax")
+
+
+def test_deit3_jax_shard_pair_in_a_make_shards_folder_becomes_that_folder(tmp_path):
+    """--train-dataset-shards / --valid-dataset-shards inside a folder with scripts/make_shards.py's info.json: --data
+    is that folder, whose info.json gives both splits with their sizes (so the run is evaluated)."""
+    import deit3_jax
+
+    (tmp_path / "info.json").write_text("{}")
+    args = deit3_jax.parse_args(["--train-dataset-shards", f"{tmp_path}/train-{{0..1}}.tar",
+                                 "--valid-dataset-shards", f"{tmp_path}/val-{{0..0}}.tar"])
+    assert args.data == str(tmp_path) and not hasattr(args, "valid_dataset_shards")
