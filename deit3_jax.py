@@ -32,11 +32,12 @@ import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
-from common.run import ArgumentParser, check_positive, exit_status, run_record
+from common.run import ArgumentParser, due, eval_line, exit_status, run_record, say, stopping
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
-# Flags and presets. Flag names follow deit3-jax, the JAX reimplementation users come from.
+# Flags and presets: the repo's one spelling first, then deit3-jax's (the JAX reimplementation users come
+# from), so that its command lines run unchanged.
 # ----------------------------------------------------------------------------------------------
 
 # DeiT-III Table 9 / the ViT paper: (layers, dim, heads, patch size).
@@ -52,25 +53,10 @@ MODEL_PRESETS = {
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--data", default="digits",
-                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
-    g.add_argument("--output-dir", default="runs/deit3", help="config.json, log.jsonl and checkpoints go here")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g = loop.add_run_flags(p, output_dir="runs/deit3")
+    g.add_argument("--valid-dataset-shards", help="deit3-jax's val shards (see `check_data`)")
     g.add_argument("--eval-only", action="store_true",
                    help="evaluate --pretrained-ckpt (or the last checkpoint), then exit")
-    g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
-    g.add_argument("--benchmark-steps", type=int, default=30)
-    g.add_argument("--benchmark-input", action="store_true",
-                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
-                        "batches, print JSON and exit")
-    g.add_argument("--workers", "--train-loader-workers", type=int, default=min(16, os.cpu_count() or 1),
-                   help="data loader processes per host")
-    g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
-    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
-    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
-    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="s16", help="preset: " + " ".join(MODEL_PRESETS))
@@ -78,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=int, help="override the preset's width")
     g.add_argument("--heads", type=int, help="override the preset's number of heads")
     g.add_argument("--patch-size", type=int, help="override the preset's patch size")
-    g.add_argument("--image-size", type=int, default=224)
-    g.add_argument("--labels", type=int, default=-1, help="number of classes (-1: from the data)")
+    g.add_argument("--image-size", "--img-size", "--input-size", "--input_size", type=int, default=224)
+    g.add_argument("--num-classes", "--labels", type=int, default=-1, help="number of classes (-1: from the data)")
     g.add_argument("--layerscale", action=argparse.BooleanOptionalAction, default=True,
                    help="LayerScale on both residual branches (DeiT-III §3)")
     g.add_argument("--layerscale-init", type=float, default=1e-4,
@@ -87,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--posemb", choices=["learnable", "sincos2d"], default="learnable")
     g.add_argument("--pooling", choices=["cls", "gap"], default="cls")
     g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--droppath", type=float, default=0.1, help="stochastic depth, the same rate in every block")
+    g.add_argument("--drop-path", "--droppath", type=float, default=0.1,
+                   help="stochastic depth, the same rate in every block")
     g.add_argument("--grad-ckpt", action="store_true", help="rematerialise each block in the backward pass")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+    g.add_argument("--precision", "--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; parameters and optimizer state stay float32")
 
     g = p.add_argument_group("data and augmentation")
@@ -99,33 +86,35 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-crop", choices=["none", "rrc", "src"], default="rrc",
                    help="random resized crop (in1k) or simple random crop (in21k)")
     g.add_argument("--color-jitter", type=float, default=0.3)
-    g.add_argument("--auto-augment", default="3a", help="timm auto-augment string; '3a' is 3-Augment, 'none' off")
-    g.add_argument("--random-erasing", type=float, default=0.0)
+    g.add_argument("--auto-augment", "--aa", default="3a",
+                   help="timm auto-augment string; '3a' is 3-Augment, 'none' off")
+    g.add_argument("--random-erasing", "--reprob", type=float, default=0.0)
     g.add_argument("--augment-repeats", type=int, default=3,
                    help="repeated augmentation: decode once, augment n times")
-    g.add_argument("--test-crop-ratio", type=float, default=1.0)
+    g.add_argument("--test-crop-ratio", "--crop-pct", type=float, default=1.0)
     g.add_argument("--mixup", type=float, default=0.8, help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="cutmix alpha (0: off)")
 
     g = p.add_argument_group("loss and optimizer")
     g.add_argument("--criterion", choices=["ce", "bce"], default="bce")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--label-smoothing", "--smoothing", type=float, default=0.0)
     g.add_argument("--optimizer", choices=["adamw", "lamb"], default="lamb")
-    g.add_argument("--learning-rate", type=float, default=3e-3,
+    g.add_argument("--lr", "--learning-rate", type=float, default=3e-3,
                    help="peak lr, absolute (DeiT-III gives it at batch 2048 and disables lr scaling)")
     g.add_argument("--lr-ref-batch", type=int, default=0,
                    help="if > 0, scale the lr linearly: lr * batch-size / lr-ref-batch")
     g.add_argument("--warmup-lr", type=float, default=1e-6)
-    g.add_argument("--min-lr", type=float, default=1e-5)
-    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--min-lr", "--min_lr", type=float, default=1e-5)
+    g.add_argument("--weight-decay", "--weight_decay", type=float, default=0.05)
     g.add_argument("--adam-b1", type=float, default=0.9)
     g.add_argument("--adam-b2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--lr-decay", type=float, default=1.0, help="layer-wise lr decay (1.0: off)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global-norm clip (0: off)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", "--accum-iter", "--accum_iter", type=int, default=1,
+                   help="micro-batches per optimizer step")
     g.add_argument("--epochs", type=float, default=800)
-    g.add_argument("--warmup-epochs", type=float, default=5)
+    g.add_argument("--warmup-epochs", "--warmup_epochs", type=float, default=5)
     g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides --epochs")
     g.add_argument("--warmup-steps", type=int, default=-1, help="if >= 0, overrides --warmup-epochs")
 
@@ -137,28 +126,39 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shuffle-seed", type=int)
     g.add_argument("--pretrained-ckpt", help="initialise from this checkpoint (pos-emb resized to --image-size)")
     g.add_argument("--label-mapping", help="JSON list of [src, dst] class pairs to map a pretrained head")
+
+    # deit3-jax's command lines also name its W&B run and its val loader: accepted, not used here.
+    for flag in ("--name", "--ipaddr", "--hostname", "--valid-loader-workers"):
+        p.add_argument(flag, dest=f"unused_{flag[2:].replace('-', '_')}", help=argparse.SUPPRESS)
     return p
+
+
+def check_data(args: argparse.Namespace) -> None:
+    """deit3-jax names its train and val webdataset shards apart (`--train-dataset-shards "pipe:curl -s -L
+    URL/imagenet1k-train-{0000..1023}.tar" --valid-dataset-shards ...`); here one --data names both. Shards in a
+    folder that holds scripts/make_shards.py's info.json become that folder (train and val, sizes known); raw
+    train shards (a pattern, `pipe:` commands) train as they are, and common.data has no exact evaluation of raw
+    val shards (their sizes are unknown): then the run is not evaluated."""
+    valid = args.__dict__.pop("valid_dataset_shards")
+    if not valid:
+        return
+    folder = os.path.dirname(args.data)
+    if folder and os.path.dirname(valid) == folder and os.path.isfile(os.path.join(folder, "info.json")):
+        args.data = folder
+    else:
+        print(f"note: --valid-dataset-shards {valid}: raw val shards are not evaluated; write the shards with "
+              "scripts/make_shards.py and give their folder as --data to evaluate", file=sys.stderr)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
+    for name in [name for name in vars(args) if name.startswith("unused_")]:
+        delattr(args, name)
+    check_data(args)
     if args.model not in MODEL_PRESETS:
         raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
-    for key, value in MODEL_PRESETS[args.model].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for name in ("init_seed", "mixup_seed", "dropout_seed", "shuffle_seed"):
-        if getattr(args, name) is None:
-            setattr(args, name, args.seed)
-    if args.image_size % args.patch_size:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
-    if args.dim % args.heads:
-        raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
-    check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum)
-    if args.batch_size % args.grad_accum:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
-    if args.auto_augment in ("", "none"):
-        args.auto_augment = None
+    loop.complete_flags(args, MODEL_PRESETS[args.model], seeds=("init_seed", "mixup_seed", "dropout_seed",
+                                                                "shuffle_seed"))
     return args
 
 
@@ -298,8 +298,8 @@ def model_config(args: argparse.Namespace, num_classes: int) -> ViTConfig:
     return ViTConfig(num_classes=num_classes, image_size=args.image_size, patch_size=args.patch_size,
                      layers=args.layers, dim=args.dim, heads=args.heads,
                      layerscale_init=args.layerscale_init if args.layerscale else None, posemb=args.posemb,
-                     pooling=args.pooling, dropout=args.dropout, droppath=args.droppath, grad_ckpt=args.grad_ckpt,
-                     dtype=args.dtype)
+                     pooling=args.pooling, dropout=args.dropout, droppath=args.drop_path, grad_ckpt=args.grad_ckpt,
+                     dtype=args.precision)
 
 
 def train_flops_per_image(c: ViTConfig) -> float:
@@ -415,7 +415,10 @@ def load_pretrained(params, args: argparse.Namespace):
     """Copy a pretrained checkpoint into `params`: pos-emb resized bicubically to the new grid (DeiT-III
     fine-tuning at 224 after pretraining at 192), head remapped with --label-mapping (in21k -> in1k) or
     left freshly initialised when the number of classes differs."""
-    source, _ = checkpoint.load_params_and_config(args.pretrained_ckpt, which="last")
+    if args.pretrained_ckpt.endswith(".msgpack"):
+        source, _ = read_deit3_jax_checkpoint(args.pretrained_ckpt)
+    else:
+        source, _ = checkpoint.load_params_and_config(args.pretrained_ckpt, which="last")
     source = dict(source)
     target_grid = args.image_size // args.patch_size
     num_classes = np.shape(params["head"]["kernel"])[1]
@@ -463,6 +466,47 @@ def map_head(source_head: dict, target_head: dict, mapping_file: str) -> dict:
     return {"kernel": kernel, "bias": bias}
 
 
+def read_deit3_jax_checkpoint(path: str) -> tuple[dict, dict]:
+    """A deit3-jax `.msgpack` checkpoint (flax.serialization of its params: model/embed/wte, model/layer_3/attn/wq,
+    ...) as this model's params (timm's names), and the architecture it implies (the config that
+    scripts/convert_flax_to_timm.py needs). deit3-jax's qkv are three (dim, heads, head_dim) kernels, its MLP uses
+    the tanh GELU (here and in timm the exact one: logits differ by ~1e-3), and its gap pooling normalises before
+    the mean (here fc_norm after it), so only its cls-token models are taken."""
+    from flax import serialization
+
+    try:
+        with open(path, "rb") as f:
+            tree = serialization.msgpack_restore(f.read())
+        model = tree.get("model", tree)
+        embed, layers = model["embed"], sorted(int(k.split("_")[1]) for k in model if k.startswith("layer_"))
+        if "cls_token" not in embed or "wpe" not in embed:
+            raise UserError(f"{path}: only deit3-jax models with --pooling cls and --posemb learnable load here")
+        kernel = np.asarray(embed["wte"]["kernel"])
+        patch_size, dim = kernel.shape[0], kernel.shape[-1]
+        params = {"patch_embed": {"proj": embed["wte"]}, "cls_token": embed["cls_token"],
+                  "pos_embed": np.reshape(embed["wpe"], (1, -1, dim)), "norm": model["norm"]}
+        for i in layers:
+            layer, attn = model[f"layer_{i}"], model[f"layer_{i}"]["attn"]
+            qkv = [attn[name] for name in ("wq", "wk", "wv")]
+            params[f"blocks_{i}"] = {
+                "norm1": layer["norm1"], "norm2": layer["norm2"],
+                "mlp": {"fc1": layer["ff"]["w1"], "fc2": layer["ff"]["w2"]},
+                "attn": {"qkv": {"kernel": np.concatenate([np.reshape(w["kernel"], (dim, dim)) for w in qkv], axis=1),
+                                 "bias": np.concatenate([np.ravel(w["bias"]) for w in qkv])},
+                         "proj": {"kernel": np.reshape(attn["wo"]["kernel"], (dim, dim)), "bias": attn["wo"]["bias"]}}}
+            if "scale1" in layer:
+                params[f"blocks_{i}"].update(ls1={"gamma": layer["scale1"]}, ls2={"gamma": layer["scale2"]})
+        if "head" in model:
+            params["head"] = model["head"]
+        config = dict(image_size=int(np.shape(embed["wpe"])[0] * patch_size), patch_size=int(patch_size), dim=int(dim),
+                      layers=len(layers), heads=int(np.shape(model["layer_0"]["attn"]["wq"]["kernel"])[1]),
+                      num_classes=len(model["head"]["bias"]) if "head" in model else 0, pooling="cls",
+                      layerscale="scale1" in model["layer_0"], layerscale_init=1e-4, no_embed_class=True)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path} is not a deit3-jax checkpoint: {type(e).__name__}: {e}") from None
+    return jax.tree_util.tree_map(np.asarray, params), config
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop: one Mesh over all devices of all hosts, state replicated, batches sharded on 'data'.
 # ----------------------------------------------------------------------------------------------
@@ -473,14 +517,14 @@ def setup(args: argparse.Namespace):
     dist.initialize()
     mesh = dist.data_mesh()
     loop.check_batch_sizes(args.batch_size, args.eval_batch_size, mixing=args.mixup > 0 or args.cutmix > 0)
-    spec = data.describe(args.data, num_classes=args.labels)
+    spec = data.describe(args.data, num_classes=args.num_classes)
     config = model_config(args, spec.num_classes)
     model = VisionTransformer(config)
 
     steps_per_epoch, total_steps, warmup_steps = loop.run_length(
         spec, args.batch_size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         training_steps=args.training_steps, warmup_steps=args.warmup_steps, benchmark=args.benchmark)
-    peak_lr = schedules.scaled_lr(args.learning_rate, args.batch_size, args.lr_ref_batch)
+    peak_lr = schedules.scaled_lr(args.lr, args.batch_size, args.lr_ref_batch)
     schedule = schedules.warmup_cosine(peak_lr, total_steps, warmup_steps, warmup_lr=args.warmup_lr,
                                        min_lr=args.min_lr)
 
@@ -511,16 +555,15 @@ def run(args: argparse.Namespace) -> dict:
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
                          out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
+    stream = functools.partial(loop.train_stream, args.data, train_transform(args), mesh, global_batch=args.batch_size,
+                               seed=args.shuffle_seed, repeats=args.augment_repeats, workers=args.workers,
+                               image_size=args.image_size, num_classes=num_classes)  # batches from a given step
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
-        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
-            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
-            repeats=args.augment_repeats, start_step=0, workers=args.workers, image_size=args.image_size,
-            num_classes=num_classes)
+        real = None if args.data == "synthetic" else stream(start_step=0)  # end to end, beside the device alone
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
-                              batches=real,
-                              train_flops_per_image=train_flops_per_image(config), model=args.model,
-                              image_size=args.image_size, dtype=args.dtype)
+                              batches=real, train_flops_per_image=train_flops_per_image(config), model=args.model,
+                              image_size=args.image_size, dtype=args.precision)
 
     eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
 
@@ -536,34 +579,50 @@ def run(args: argparse.Namespace) -> dict:
                 state["params"] = jax.device_put(load_pretrained(state["params"], args), dist.replicated(mesh))
             else:
                 state, _ = ckpt.restore(state)
-            log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard)
-            metrics = evaluate(state)
-            log.write(int(state["step"]), **metrics)
-            log.close()
-            if dist.is_main_process():
-                print(json.dumps(metrics))
-            return metrics
+            return loop.report_eval(args.output_dir, int(state["step"]), evaluate(state), wandb=args.wandb,
+                                    tensorboard=args.tensorboard)
     with loop.open_run(args.output_dir, resume=args.resume, recipe=run_config["trained_by"],
                        settings=vars(args)) as ckpt:  # waits for pending writes, also on errors
         state, meta = loop.restore_or_start(ckpt, state, resume=args.resume)
         log = RunLog(args.output_dir, run_config, start_step=int(state["step"]), wandb_project=args.wandb,
                      tensorboard=args.tensorboard)
         start_step, steps_per_epoch = int(state["step"]), run_config["steps_per_epoch"]
-        if dist.is_main_process():
-            print(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), "
-                  f"peak lr {run_config['peak_lr']:g}, {jax.device_count()} device(s) on {jax.process_count()} "
-                  f"host(s), starting at step {start_step}", file=sys.stderr)
-        batches = loop.train_stream(args.data, train_transform(args), mesh, global_batch=args.batch_size,
-                                    seed=args.shuffle_seed, repeats=args.augment_repeats, start_step=start_step,
-                                    workers=args.workers, image_size=args.image_size, num_classes=num_classes)
+        say(f"{run_config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), peak lr "
+            f"{run_config['peak_lr']:g}, {jax.device_count()} device(s) on {jax.process_count()} host(s), starting at "
+            f"step {start_step}", main=dist.is_main_process())
+        batches = stream(start_step=start_step)
         eval_interval = args.eval_interval or steps_per_epoch or total_steps
-        result = loop.train(state, train_step, batches, evaluate, ckpt=ckpt, log=log, run_config=run_config,
-                            total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=args.batch_size,
-                            log_interval=args.log_interval, eval_interval=eval_interval,
-                            save_interval=args.save_interval or eval_interval,
-                            meta=meta, output_dir=args.output_dir)
+        save_interval = args.save_interval or eval_interval
+        best_top1 = meta.get("best_top1", -1.0)
+        progress = loop.progress_bar(start_step, total_steps)
+        meter = loop.Meter(args.batch_size, steps_per_epoch, progress, skipped=meta.get("unlogged_skips", 0))
+        with loop.Preemption() as preemption:  # SIGTERM: save and exit 0
+            for step in progress:
+                batch, skipped = next(batches)
+                state, metrics = train_step(state, batch)
+                meter.count(skipped)
+                done = step + 1
+                if due(done, args.log_interval, total_steps):
+                    log.write(done, **meter.record(done, metrics, args.output_dir))
+                results = evaluate(state) if due(done, eval_interval, total_steps) else None
+                if results:
+                    top1 = results.get("val_top1", -1.0)
+                    is_best, best_top1 = top1 > best_top1, max(best_top1, top1)
+                    log.write(done, **results, best_top1=best_top1)
+                    say(eval_line(done, results))
+                stop = (preemption.stop_after(done, every=args.log_interval, last=total_steps)
+                        or stopping(args.stop_after, start_step, done))
+                if results is not None or stop or due(done, save_interval, total_steps):
+                    loop.save(ckpt, state, done, config=run_config, best_top1=best_top1, unlogged_skips=meter.skipped,
+                              loss=metrics["loss"], eval_metrics=results, best=bool(results) and is_best)
+                if results is not None:
+                    meter.restart()  # img/s times the train steps only
+                if stop:
+                    say(f"{'SIGTERM' if preemption.requested else '--stop-after'}: saved a checkpoint at step {done} "
+                        f"in {args.output_dir}; exiting")
+                    break
         log.close()
-        return result
+        return dict(meter.last, best_top1=best_top1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,6 @@ import argparse
 import copy
 import dataclasses
 import functools
-import json
 import os
 import sys
 from typing import Any
@@ -47,7 +46,7 @@ import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
-from common.run import ArgumentParser, check_positive, exit_status, run_record
+from common.run import ArgumentParser, due, eval_line, exit_status, run_record, say, stopping
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -66,10 +65,10 @@ MODEL_PRESETS = {
 RECIPES = {
     # DeiT, Table 9 and facebookresearch/deit main.py defaults (the paper's "ours" column).
     "deit": dict(
-        batch_size=1024, learning_rate=5e-4, lr_ref_batch=512,  # §6: lr = 5e-4 * batch / 512
+        batch_size=1024, lr=5e-4, lr_ref_batch=512,  # §6: lr = 5e-4 * batch / 512
         adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.05, clip_grad=0.0,
         epochs=300, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5,
-        droppath=0.1,  # Table 9 "stoch. depth 0.1", a linear ramp over depth as in timm
+        drop_path=0.1,  # Table 9 "stoch. depth 0.1", a linear ramp over depth as in timm
         ema_decay=0.99996, ema_eval=False,  # main.py keeps an EMA (--model-ema) but reports the raw weights
         augment_repeats=3,  # repeated augmentation (Hoffer et al.), Table 9 / §6
         random_erasing=0.25,  # Table 9 "Rand Erasing 0.25"
@@ -78,10 +77,10 @@ RECIPES = {
     # MAE paper, Appendix A.2 and Table 11 ("supervised training ViT-L/H from scratch"): "a wd of 0.3, a large
     # batch size of 4096, and a long warmup, following the original ViT; beta2 = 0.95"; EMA 0.9999.
     "mae": dict(
-        batch_size=4096, learning_rate=1e-4, lr_ref_batch=256,  # lr = base lr 1e-4 * batch / 256
+        batch_size=4096, lr=1e-4, lr_ref_batch=256,  # lr = base lr 1e-4 * batch / 256
         adam_b1=0.9, adam_b2=0.95, adam_eps=1e-8, weight_decay=0.3, clip_grad=0.0,
         epochs=300, warmup_epochs=20, warmup_lr=0.0, min_lr=1e-6,  # MAE's code: warmup from 0, min lr 1e-6
-        droppath=0.1,
+        drop_path=0.1,
         ema_decay=0.9999, ema_eval=True,  # Table 11 reports the EMA weights
         augment_repeats=1,
         random_erasing=0.0,  # not in Table 11; A.2: regularisations other than the table's are disabled
@@ -93,7 +92,7 @@ RECIPES = {
 # Per-size overrides. MAE Table 11: drop path 0.1 (B) / 0.2 (L/H), 300 epochs for B and 200 for L/H (0.3 for H is
 # MAE's fine-tuning value, FINETUNE.md, not the from-scratch one).
 SIZE_OVERRIDES = {
-    "mae": {"l16": dict(droppath=0.2, epochs=200), "h14": dict(droppath=0.2, epochs=200)},
+    "mae": {"l16": dict(drop_path=0.2, epochs=200), "h14": dict(drop_path=0.2, epochs=200)},
 }
 # Shared by both recipes (DeiT Table 9; MAE Table 11 lists the same, without random erasing).
 AUGMENTATION = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, label_smoothing=0.1,
@@ -103,24 +102,9 @@ AUGMENTATION = dict(auto_augment="rand-m9-mstd0.5-inc1", mixup=0.8, cutmix=1.0, 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("run")
+    g = loop.add_run_flags(p, output_dir="runs/deit")
     g.add_argument("--recipe", default="deit", help="hyperparameter set: " + " ".join(RECIPES))
-    g.add_argument("--data", default="digits",
-                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
-    g.add_argument("--output-dir", default="runs/deit", help="config.json, log.jsonl and checkpoints go here")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     g.add_argument("--eval-only", action="store_true", help="evaluate the last checkpoint in --output-dir, then exit")
-    g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
-    g.add_argument("--benchmark-steps", type=int, default=30)
-    g.add_argument("--benchmark-input", action="store_true",
-                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
-                        "batches, print JSON and exit")
-    g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data loader processes per host")
-    g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
-    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
-    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
-    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
 
     g = p.add_argument_group("model (defaults: --model preset, then --recipe)")
     g.add_argument("--model", default="s16", help="preset: " + " ".join(MODEL_PRESETS))
@@ -128,14 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=int)
     g.add_argument("--heads", type=int)
     g.add_argument("--patch-size", type=int)
-    g.add_argument("--image-size", type=int, default=224)
-    g.add_argument("--labels", type=int, default=-1, help="number of classes (-1: from the data)")
+    g.add_argument("--image-size", "--img-size", "--input-size", "--input_size", type=int, default=224)
+    g.add_argument("--num-classes", "--labels", type=int, default=-1, help="number of classes (-1: from the data)")
     g.add_argument("--pooling", choices=["cls", "gap"])
     g.add_argument("--head-init", choices=["trunc_normal", "zero"])
     g.add_argument("--dropout", type=float, default=0.0)
-    g.add_argument("--droppath", type=float, help="stochastic depth of the last block (linear ramp from 0)")
+    g.add_argument("--drop-path", "--droppath", "--drop_path", type=float,
+                   help="stochastic depth of the last block (linear ramp from 0)")
     g.add_argument("--grad-ckpt", action="store_true", help="rematerialise each block in the backward pass")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+    g.add_argument("--precision", "--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; parameters and optimizer state stay float32")
 
     g = p.add_argument_group("distillation (DeiT §4)")
@@ -151,33 +136,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distill-tau", type=float, default=3.0, help="soft distillation temperature (§5.1: 3.0)")
 
     g = p.add_argument_group("data and augmentation")
-    g.add_argument("--batch-size", type=int, help="global batch over all devices and hosts")
-    g.add_argument("--eval-batch-size", type=int, default=256)
+    g.add_argument("--batch-size", "--train-batch-size", type=int, help="global batch over all devices and hosts")
+    g.add_argument("--eval-batch-size", "--valid-batch-size", type=int, default=256)
     g.add_argument("--random-crop", choices=["rrc", "none"], default="rrc",
                    help="RandomResizedCrop (the papers'), or none: resize + center crop (tiny images, e.g. digits)")
     g.add_argument("--color-jitter", type=float, default=0.0,
                    help="DeiT's code passes 0.3, which timm ignores whenever RandAugment is on")
-    g.add_argument("--auto-augment", default=AUGMENTATION["auto_augment"], help="timm auto-augment string, 'none' off")
-    g.add_argument("--random-erasing", type=float, help="random erasing probability (default: --recipe; 0: off)")
+    g.add_argument("--auto-augment", "--aa", default=AUGMENTATION["auto_augment"],
+                   help="timm auto-augment string, 'none' off")
+    g.add_argument("--random-erasing", "--reprob", type=float,
+                   help="random erasing probability (default: --recipe; 0: off)")
     g.add_argument("--augment-repeats", type=int, help="repeated augmentation: decode once, augment n times")
-    g.add_argument("--test-crop-ratio", type=float, default=AUGMENTATION["test_crop_ratio"])
+    g.add_argument("--test-crop-ratio", "--crop-pct", type=float, default=AUGMENTATION["test_crop_ratio"])
     g.add_argument("--mixup", type=float, default=AUGMENTATION["mixup"], help="mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=AUGMENTATION["cutmix"], help="cutmix alpha (0: off)")
-    g.add_argument("--label-smoothing", type=float, default=AUGMENTATION["label_smoothing"])
+    g.add_argument("--label-smoothing", "--smoothing", type=float, default=AUGMENTATION["label_smoothing"])
 
     g = p.add_argument_group("optimizer (defaults: --recipe)")
-    g.add_argument("--learning-rate", type=float, help="base lr at --lr-ref-batch, scaled linearly to --batch-size")
+    g.add_argument("--lr", "--learning-rate", "--blr", type=float,
+                   help="peak lr at --lr-ref-batch, scaled linearly to --batch-size")
     g.add_argument("--lr-ref-batch", type=int, help="the batch the base lr is given for (0: lr is absolute)")
     g.add_argument("--warmup-lr", type=float)
-    g.add_argument("--min-lr", type=float)
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--min-lr", "--min_lr", type=float)
+    g.add_argument("--weight-decay", "--weight_decay", type=float)
     g.add_argument("--adam-b1", type=float)
     g.add_argument("--adam-b2", type=float)
     g.add_argument("--adam-eps", type=float)
     g.add_argument("--clip-grad", type=float, help="global-norm clip (0: off)")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-accum", "--accum-iter", "--accum_iter", type=int, default=1,
+                   help="micro-batches per optimizer step")
     g.add_argument("--epochs", type=float)
-    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--warmup-epochs", "--warmup_epochs", type=float)
     g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides --epochs")
     g.add_argument("--warmup-steps", type=int, default=-1, help="if >= 0, overrides --warmup-epochs")
     g.add_argument("--ema-decay", type=float, help="EMA of the weights, updated every step (0: off)")
@@ -202,23 +191,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
     defaults = {**MODEL_PRESETS[args.model], **RECIPES[args.recipe],
                 **SIZE_OVERRIDES.get(args.recipe, {}).get(args.model, {})}
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    loop.complete_flags(args, defaults, seeds=("init_seed", "mixup_seed", "dropout_seed", "shuffle_seed"))
     if args.distill_alpha is None:
         args.distill_alpha = 0.1 if args.distill == "soft" else 0.5
-    for name in ("init_seed", "mixup_seed", "dropout_seed", "shuffle_seed"):
-        if getattr(args, name) is None:
-            setattr(args, name, args.seed)
-    if args.auto_augment in ("", "none"):
-        args.auto_augment = None
-    if args.image_size % args.patch_size:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
-    if args.dim % args.heads:
-        raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
-    check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=args.grad_accum)
-    if args.batch_size % args.grad_accum:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
     if args.distill != "none" and args.pooling != "cls":
         raise UserError("distillation needs the cls and distillation tokens: use --pooling cls")
     if args.distill != "none" and not args.teacher_ckpt:
@@ -358,7 +333,7 @@ def model_config(args: argparse.Namespace, num_classes: int) -> ViTConfig:
     return ViTConfig(num_classes=num_classes, image_size=args.image_size, patch_size=args.patch_size,
                      layers=args.layers, dim=args.dim, heads=args.heads, pooling=args.pooling,
                      distilled=args.distill != "none", head_init=args.head_init, dropout=args.dropout,
-                     droppath=args.droppath, grad_ckpt=args.grad_ckpt, dtype=args.dtype)
+                     droppath=args.drop_path, grad_ckpt=args.grad_ckpt, dtype=args.precision)
 
 
 def train_flops_per_image(c: ViTConfig) -> float:
@@ -466,8 +441,8 @@ class FlaxTeacher:
         if config.get("script") != "deit_jax.py":
             raise UserError(f"--teacher-ckpt {path} is not a checkpoint of deit_jax.py (for a timm model give "
                             "its name with --teacher)")
-        teacher_args = argparse.Namespace(**{**config, "droppath": 0.0, "dropout": 0.0, "grad_ckpt": False,
-                                             "dtype": args.dtype})
+        teacher_args = argparse.Namespace(**{**config, "drop_path": 0.0, "dropout": 0.0, "grad_ckpt": False,
+                                             "precision": args.precision})
         if config["num_classes"] != num_classes or config["image_size"] != args.image_size:
             raise UserError(f"teacher {path} has {config['num_classes']} classes at {config['image_size']} px; "
                             f"this run {num_classes} at {args.image_size}")
@@ -569,7 +544,7 @@ def setup(args: argparse.Namespace):
     dist.initialize()
     mesh = dist.data_mesh()
     loop.check_batch_sizes(args.batch_size, args.eval_batch_size, mixing=args.mixup > 0 or args.cutmix > 0)
-    spec = data.describe(args.data, num_classes=args.labels)
+    spec = data.describe(args.data, num_classes=args.num_classes)
     config = model_config(args, spec.num_classes)
     model = VisionTransformer(config)
     teacher = make_teacher(args, spec.num_classes, mesh)
@@ -577,7 +552,7 @@ def setup(args: argparse.Namespace):
     steps_per_epoch, total_steps, warmup_steps = loop.run_length(
         spec, args.batch_size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         training_steps=args.training_steps, warmup_steps=args.warmup_steps, benchmark=args.benchmark)
-    peak_lr = schedules.scaled_lr(args.learning_rate, args.batch_size, args.lr_ref_batch)
+    peak_lr = schedules.scaled_lr(args.lr, args.batch_size, args.lr_ref_batch)
     schedule = schedules.warmup_cosine(peak_lr, total_steps, warmup_steps, warmup_lr=args.warmup_lr,
                                        min_lr=args.min_lr)
 
@@ -619,16 +594,16 @@ def run(args: argparse.Namespace) -> dict:
         teacher_logits = teacher(teacher_inputs(state["step"], batch)) if teacher else None
         return update(state, batch, teacher_logits)
 
+    stream = functools.partial(loop.train_stream, args.data, train_transform(args), mesh, global_batch=args.batch_size,
+                               seed=args.shuffle_seed, repeats=args.augment_repeats, workers=args.workers,
+                               image_size=args.image_size, num_classes=num_classes)  # batches from a given step
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
-        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
-            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
-            repeats=args.augment_repeats, start_step=0, workers=args.workers, image_size=args.image_size,
-            num_classes=num_classes)
+        real = None if args.data == "synthetic" else stream(start_step=0)  # end to end, beside the device alone
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
-                              batches=real,
-                              train_flops_per_image=train_flops_per_image(config), model=args.model,
-                              recipe=args.recipe, distill=args.distill, image_size=args.image_size, dtype=args.dtype)
+                              batches=real, train_flops_per_image=train_flops_per_image(config), model=args.model,
+                              recipe=args.recipe, distill=args.distill, image_size=args.image_size,
+                              dtype=args.precision)
 
     eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
 
@@ -646,35 +621,51 @@ def run(args: argparse.Namespace) -> dict:
     if args.eval_only:  # an existing run's config.json and checkpoints stay as they are
         with checkpoint.Checkpointer(args.output_dir) as ckpt:
             state, _ = ckpt.restore(state)
-            metrics = evaluate(state)
-            log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard)
-            log.write(int(state["step"]), **metrics)
-            log.close()
-            if dist.is_main_process():
-                print(json.dumps(metrics))
-            return metrics
+            return loop.report_eval(args.output_dir, int(state["step"]), evaluate(state), wandb=args.wandb,
+                                    tensorboard=args.tensorboard)
     with loop.open_run(args.output_dir, resume=args.resume, recipe=run_config["trained_by"],
                        settings=vars(args)) as ckpt:  # waits for pending writes, also on errors
         state, meta = loop.restore_or_start(ckpt, state, resume=args.resume)
         log = RunLog(args.output_dir, run_config, start_step=int(state["step"]), wandb_project=args.wandb,
                      tensorboard=args.tensorboard)
         start_step, steps_per_epoch = int(state["step"]), run_config["steps_per_epoch"]
-        if dist.is_main_process():
-            print(f"{args.recipe} recipe, {run_config['params'] / 1e6:.1f}M params, {total_steps} steps "
-                  f"({steps_per_epoch}/epoch), peak lr {run_config['peak_lr']:g}, distillation {args.distill}, "
-                  f"{jax.device_count()} device(s) on {jax.process_count()} host(s), starting at step {start_step}",
-                  file=sys.stderr)
-        batches = loop.train_stream(args.data, train_transform(args), mesh, global_batch=args.batch_size,
-                                    seed=args.shuffle_seed, repeats=args.augment_repeats, start_step=start_step,
-                                    workers=args.workers, image_size=args.image_size, num_classes=num_classes)
+        say(f"{args.recipe} recipe, {run_config['params'] / 1e6:.1f}M params, {total_steps} steps "
+            f"({steps_per_epoch}/epoch), peak lr {run_config['peak_lr']:g}, distillation {args.distill}, "
+            f"{jax.device_count()} device(s) on {jax.process_count()} host(s), starting at step {start_step}",
+            main=dist.is_main_process())
+        batches = stream(start_step=start_step)
         eval_interval = args.eval_interval or steps_per_epoch or total_steps
-        result = loop.train(state, train_step, batches, evaluate, ckpt=ckpt, log=log, run_config=run_config,
-                            total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=args.batch_size,
-                            log_interval=args.log_interval, eval_interval=eval_interval,
-                            save_interval=args.save_interval or eval_interval, best_metric=best_metric,
-                            meta=meta, output_dir=args.output_dir)
+        save_interval = args.save_interval or eval_interval
+        best_top1 = meta.get("best_top1", -1.0)
+        progress = loop.progress_bar(start_step, total_steps)
+        meter = loop.Meter(args.batch_size, steps_per_epoch, progress, skipped=meta.get("unlogged_skips", 0))
+        with loop.Preemption() as preemption:  # SIGTERM: save and exit 0
+            for step in progress:
+                batch, skipped = next(batches)
+                state, metrics = train_step(state, batch)
+                meter.count(skipped)
+                done = step + 1
+                if due(done, args.log_interval, total_steps):
+                    log.write(done, **meter.record(done, metrics, args.output_dir))
+                results = evaluate(state) if due(done, eval_interval, total_steps) else None
+                if results:
+                    top1 = results.get(best_metric, -1.0)  # the EMA weights' with --ema-eval
+                    is_best, best_top1 = top1 > best_top1, max(best_top1, top1)
+                    log.write(done, **results, best_top1=best_top1)
+                    say(eval_line(done, results))
+                stop = (preemption.stop_after(done, every=args.log_interval, last=total_steps)
+                        or stopping(args.stop_after, start_step, done))
+                if results is not None or stop or due(done, save_interval, total_steps):
+                    loop.save(ckpt, state, done, config=run_config, best_top1=best_top1, unlogged_skips=meter.skipped,
+                              loss=metrics["loss"], eval_metrics=results, best=bool(results) and is_best)
+                if results is not None:
+                    meter.restart()  # img/s times the train steps only
+                if stop:
+                    say(f"{'SIGTERM' if preemption.requested else '--stop-after'}: saved a checkpoint at step {done} "
+                        f"in {args.output_dir}; exiting")
+                    break
         log.close()
-        return result
+        return dict(meter.last, best_top1=best_top1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -45,7 +45,7 @@ import optax
 
 from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
-from common.run import ArgumentParser, check_positive, exit_status, run_record
+from common.run import ArgumentParser, due, eval_line, exit_status, run_record, say, stopping
 from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
@@ -61,22 +61,22 @@ MODEL_PRESETS = {
 
 STAGES = {
     # Appendix A.1 "ImageNet Experiments", Table 8 (pretraining) and main_pretrain.py.
-    "pretrain": dict(batch_size=4096, learning_rate=1.5e-4, lr_ref_batch=256,  # lr = blr * batch / 256
+    "pretrain": dict(batch_size=4096, lr=1.5e-4, lr_ref_batch=256,  # lr = blr * batch / 256
                      adam_b1=0.9, adam_b2=0.95, weight_decay=0.05, epochs=800, warmup_epochs=40, min_lr=0.0),
     # FINETUNE.md's commands (main_finetune.py) for the released norm-pix 1600-epoch weights, which reproduce the
     # paper's Table 3 (83.6 / 85.9 / 86.9); ViT-B values, L/H in SIZE_OVERRIDES. The paper's Table 9 lists
     # other values: blr 1e-3, layer decay 0.75, drop path 0.1 (B/L) / 0.2 (H).
-    "finetune": dict(batch_size=1024, learning_rate=5e-4, lr_ref_batch=256, adam_b1=0.9, adam_b2=0.999,
-                     weight_decay=0.05, epochs=100, warmup_epochs=5, min_lr=1e-6, layer_decay=0.65, droppath=0.1),
+    "finetune": dict(batch_size=1024, lr=5e-4, lr_ref_batch=256, adam_b1=0.9, adam_b2=0.999,
+                     weight_decay=0.05, epochs=100, warmup_epochs=5, min_lr=1e-6, layer_decay=0.65, drop_path=0.1),
     # Table 10 (linear probing) and main_linprobe.py: LARS, no weight decay, batch 16384.
-    "linprobe": dict(batch_size=16384, learning_rate=0.1, lr_ref_batch=256, weight_decay=0.0, epochs=90,
+    "linprobe": dict(batch_size=16384, lr=0.1, lr_ref_batch=256, weight_decay=0.0, epochs=90,
                      warmup_epochs=10, min_lr=0.0),
 }
 # FINETUNE.md: L and H fine-tune 50 epochs at blr 1e-3 with layer decay 0.75 and drop path 0.2 (L) / 0.3 (H);
 # the official linear-probe runs use 50 epochs for L and H (90 for B).
 SIZE_OVERRIDES = {
-    "finetune": {"l16": dict(epochs=50, learning_rate=1e-3, layer_decay=0.75, droppath=0.2),
-                 "h14": dict(epochs=50, learning_rate=1e-3, layer_decay=0.75, droppath=0.3)},
+    "finetune": {"l16": dict(epochs=50, lr=1e-3, layer_decay=0.75, drop_path=0.2),
+                 "h14": dict(epochs=50, lr=1e-3, layer_decay=0.75, drop_path=0.3)},
     "linprobe": {"l16": dict(epochs=50), "h14": dict(epochs=50)},
 }
 # Table 9 / FINETUNE.md: the fine-tuning augmentation and regularisation (DeiT's); random erasing 0.25 is
@@ -87,22 +87,7 @@ FINETUNE_AUGMENTATION = dict(auto_augment="rand-m9-mstd0.5-inc1", random_erasing
 
 def _common_flags() -> argparse.ArgumentParser:
     p = ArgumentParser(add_help=False)
-    g = p.add_argument_group("run")
-    g.add_argument("--data", default="digits",
-                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
-    g.add_argument("--output-dir", help="config.json, log.jsonl and checkpoints go here (default runs/mae/STAGE)")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
-    g.add_argument("--benchmark-steps", type=int, default=30)
-    g.add_argument("--benchmark-input", action="store_true",
-                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
-                        "batches, print JSON and exit")
-    g.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="data loader processes per host")
-    g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
-    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
-    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
-    g.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (if installed)")
-    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    loop.add_run_flags(p, output_dir=None)  # default runs/mae/STAGE
 
     g = p.add_argument_group("model (defaults: the --model preset)")
     g.add_argument("--model", default="b16", help="preset: " + " ".join(MODEL_PRESETS))
@@ -110,22 +95,23 @@ def _common_flags() -> argparse.ArgumentParser:
     g.add_argument("--dim", type=int)
     g.add_argument("--heads", type=int)
     g.add_argument("--patch-size", type=int)
-    g.add_argument("--image-size", type=int, default=224)
+    g.add_argument("--image-size", "--img-size", "--input-size", "--input_size", type=int, default=224)
     g.add_argument("--random-crop", choices=["rrc", "none"], default="rrc",
                    help="RandomResizedCrop (the paper's), or none: resize + center crop (tiny images, e.g. digits)")
     g.add_argument("--grad-ckpt", action="store_true", help="rematerialise each block in the backward pass")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+    g.add_argument("--precision", "--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="compute dtype; parameters and optimizer state stay float32")
 
     g = p.add_argument_group("optimizer and schedule (defaults: the stage's preset)")
-    g.add_argument("--batch-size", type=int, help="global batch over all devices and hosts")
-    g.add_argument("--eval-batch-size", type=int, default=256)
-    g.add_argument("--learning-rate", type=float, help="base lr (blr) at --lr-ref-batch, scaled to --batch-size")
+    g.add_argument("--batch-size", "--train-batch-size", type=int, help="global batch over all devices and hosts")
+    g.add_argument("--eval-batch-size", "--valid-batch-size", type=int, default=256)
+    g.add_argument("--lr", "--learning-rate", "--blr", type=float,
+                   help="base lr (MAE's blr) at --lr-ref-batch, scaled to --batch-size")
     g.add_argument("--lr-ref-batch", type=int, help="the batch the base lr is given for (0: lr is absolute)")
-    g.add_argument("--min-lr", type=float)
-    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--min-lr", "--min_lr", type=float)
+    g.add_argument("--weight-decay", "--weight_decay", type=float)
     g.add_argument("--epochs", type=float)
-    g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--warmup-epochs", "--warmup_epochs", type=float)
     g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides --epochs")
     g.add_argument("--warmup-steps", type=int, default=-1, help="if >= 0, overrides --warmup-epochs")
 
@@ -140,15 +126,18 @@ def _common_flags() -> argparse.ArgumentParser:
 def _adam_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adam-b1", type=float)
     p.add_argument("--adam-b2", type=float)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", "--accum-iter", "--accum_iter", type=int, default=1,
+                   help="micro-batches per optimizer step")
 
 
 def _init_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", help="pretrained encoder: a run dir / checkpoint of `mae_jax.py pretrain`, or an official "
                                   "MAE or timm .pth / .safetensors file (vit_*_patch16_224.mae layout)")
-    p.add_argument("--labels", type=int, default=-1, help="number of classes (-1: from the data)")
+    p.add_argument("--num-classes", "--labels", "--nb_classes", type=int, default=-1,
+                   help="number of classes (-1: from the data)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the last checkpoint in --output-dir, then exit")
-    p.add_argument("--test-crop-ratio", type=float, default=0.875, help="eval: resize 256, center crop 224")
+    p.add_argument("--test-crop-ratio", "--crop-pct", type=float, default=0.875,
+                   help="eval: resize 256, center crop 224")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,13 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     _adam_flags(s)
     _init_flags(s)
     s.add_argument("--layer-decay", type=float, help="layer-wise lr decay (FINETUNE.md: 0.65 B, 0.75 L/H)")
-    s.add_argument("--droppath", type=float, help="stochastic depth of the last block (linear ramp from 0)")
+    s.add_argument("--drop-path", "--droppath", "--drop_path", type=float,
+                   help="stochastic depth of the last block (linear ramp from 0)")
     s.add_argument("--clip-grad", type=float, default=0.0, help="global-norm clip (0: off, as the paper)")
-    s.add_argument("--auto-augment", default=FINETUNE_AUGMENTATION["auto_augment"], help="timm string, 'none' off")
-    s.add_argument("--random-erasing", type=float, default=FINETUNE_AUGMENTATION["random_erasing"])
+    s.add_argument("--auto-augment", "--aa", default=FINETUNE_AUGMENTATION["auto_augment"],
+                   help="timm string, 'none' off")
+    s.add_argument("--random-erasing", "--reprob", type=float, default=FINETUNE_AUGMENTATION["random_erasing"])
     s.add_argument("--mixup", type=float, default=FINETUNE_AUGMENTATION["mixup"], help="mixup alpha (0: off)")
     s.add_argument("--cutmix", type=float, default=FINETUNE_AUGMENTATION["cutmix"], help="cutmix alpha (0: off)")
-    s.add_argument("--label-smoothing", type=float, default=FINETUNE_AUGMENTATION["label_smoothing"])
+    s.add_argument("--label-smoothing", "--smoothing", type=float, default=FINETUNE_AUGMENTATION["label_smoothing"])
 
     s = stages.add_parser("linprobe", parents=[common], help="linear probe on the frozen encoder's cls token",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -201,23 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_PRESETS)}")
     defaults = {**MODEL_PRESETS[args.model], **STAGES[args.stage],
                 **SIZE_OVERRIDES.get(args.stage, {}).get(args.model, {})}
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
     args.output_dir = args.output_dir or f"runs/mae/{args.stage}"
-    for name in ("init_seed", "shuffle_seed", "noise_seed"):
-        if getattr(args, name) is None:
-            setattr(args, name, args.seed)
-    if getattr(args, "auto_augment", None) in ("", "none"):
-        args.auto_augment = None
-    if args.image_size % args.patch_size:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
-    if args.dim % args.heads:
-        raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
-    check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                       grad_accum=getattr(args, "grad_accum", 1))
-    if args.batch_size % getattr(args, "grad_accum", 1):
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {args.grad_accum}")
+    loop.complete_flags(args, defaults, seeds=("init_seed", "shuffle_seed", "noise_seed"))
     if args.stage == "pretrain":
         if not 0 <= args.mask_ratio < 1:
             raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
@@ -653,12 +629,20 @@ def make_eval_step(args: argparse.Namespace, model, head: ProbeHead | None = Non
 # ----------------------------------------------------------------------------------------------
 
 
+# MAE's pretraining decoder (models_mae.py): dropped when the encoder is loaded for fine-tuning or exported.
+DECODER_PARAMS = ("decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "mask_token")
+
+
+def is_encoder_param(name: str) -> bool:
+    """False for the decoder's parameters in a timm-style name ('decoder_blocks.0.attn.qkv.weight')."""
+    return re.split(r"[./]", name)[0] not in DECODER_PARAMS
+
+
 def read_encoder(path: str, config: ViTConfig) -> dict:
     """The pretrained encoder's params (Flax layout, timm names) with a position embedding of this model's grid."""
     if os.path.isfile(path):
         state = convert.read_torch_state_dict(path, "--init")
-        params = convert.timm_to_flax({name: value for name, value in state.items()
-                                       if convert.is_encoder_param(name)})
+        params = convert.timm_to_flax({name: value for name, value in state.items() if is_encoder_param(name)})
     elif os.path.isdir(path):
         params, source = checkpoint.load_params_and_config(path)
         if source.get("script") != "mae_jax.py" or source.get("stage") != "pretrain":
@@ -700,8 +684,8 @@ def load_encoder(template: dict, path: str, config: ViTConfig) -> dict:
 
 def vit_config(args: argparse.Namespace) -> ViTConfig:
     return ViTConfig(image_size=args.image_size, patch_size=args.patch_size, layers=args.layers, dim=args.dim,
-                     heads=args.heads, droppath=getattr(args, "droppath", 0.0), grad_ckpt=args.grad_ckpt,
-                     dtype=args.dtype)
+                     heads=args.heads, droppath=getattr(args, "drop_path", 0.0), grad_ckpt=args.grad_ckpt,
+                     dtype=args.precision)
 
 
 def decoder_config(args: argparse.Namespace) -> DecoderConfig:
@@ -735,12 +719,12 @@ def setup(args: argparse.Namespace):
     mesh = dist.data_mesh()
     mixing = args.stage == "finetune" and (args.mixup > 0 or args.cutmix > 0)
     loop.check_batch_sizes(args.batch_size, args.eval_batch_size, mixing=mixing)
-    spec = data.describe(args.data, num_classes=getattr(args, "labels", -1))
+    spec = data.describe(args.data, num_classes=getattr(args, "num_classes", -1))
     num_classes = 0 if args.stage == "pretrain" else spec.num_classes
     steps_per_epoch, total_steps, warmup_steps = loop.run_length(
         spec, args.batch_size, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         training_steps=args.training_steps, warmup_steps=args.warmup_steps, benchmark=args.benchmark)
-    peak_lr = schedules.scaled_lr(args.learning_rate, args.batch_size, args.lr_ref_batch)
+    peak_lr = schedules.scaled_lr(args.lr, args.batch_size, args.lr_ref_batch)
     schedule = schedules.warmup_cosine(peak_lr, total_steps, warmup_steps, min_lr=args.min_lr)
 
     model, head, state = init_state(args, num_classes)
@@ -793,18 +777,17 @@ def run(args: argparse.Namespace) -> dict:
                          out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
     config = vit_config(args)
 
+    stream = functools.partial(loop.train_stream, args.data, train_transform(args), mesh, global_batch=args.batch_size,
+                               seed=args.shuffle_seed, repeats=1, workers=args.workers, image_size=args.image_size,
+                               num_classes=max(num_classes, 1))  # batches from a given step
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, max(num_classes, 1), 0)
-        real = None if args.data == "synthetic" else loop.train_stream(  # end to end, beside the device alone
-            args.data, train_transform(args), mesh, global_batch=args.batch_size, seed=args.shuffle_seed,
-            repeats=1, start_step=0, workers=args.workers, image_size=args.image_size,
-            num_classes=max(num_classes, 1))
+        real = None if args.data == "synthetic" else stream(start_step=0)  # end to end, beside the device alone
         flops = train_flops_per_image(args.stage, config, decoder_config(args) if args.stage == "pretrain" else None,
                                       num_classes)
         return loop.benchmark(train_step, state, batch, steps=args.benchmark_steps, global_batch=args.batch_size,
-                              batches=real,
-                              train_flops_per_image=flops, stage=args.stage, model=args.model,
-                              image_size=args.image_size, dtype=args.dtype)
+                              batches=real, train_flops_per_image=flops, stage=args.stage, model=args.model,
+                              image_size=args.image_size, dtype=args.precision)
     if args.stage == "pretrain" and args.visualize:
         return {"png": visualize(args, model, state, args.visualize)}
 
@@ -819,35 +802,77 @@ def run(args: argparse.Namespace) -> dict:
     if getattr(args, "eval_only", False):  # an existing run's config.json and checkpoints stay as they are
         with checkpoint.Checkpointer(args.output_dir) as ckpt:
             state, _ = ckpt.restore(state)
-            metrics = evaluate(state)
-            log = RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard)
-            log.write(int(state["step"]), **metrics)
-            log.close()
-            if dist.is_main_process():
-                print(json.dumps(metrics))
-            return metrics
+            return loop.report_eval(args.output_dir, int(state["step"]), evaluate(state), wandb=args.wandb,
+                                    tensorboard=args.tensorboard)
     with loop.open_run(args.output_dir, resume=args.resume, recipe=run_config["trained_by"],
                        settings=vars(args)) as ckpt:  # waits for pending writes, also on errors
         state, meta = loop.restore_or_start(ckpt, state, resume=args.resume)
         log = RunLog(args.output_dir, run_config, start_step=int(state["step"]), wandb_project=args.wandb,
                      tensorboard=args.tensorboard)
         start_step, steps_per_epoch = int(state["step"]), run_config["steps_per_epoch"]
-        if dist.is_main_process():
-            print(f"mae {args.stage}, {run_config['params'] / 1e6:.1f}M params, {total_steps} steps "
-                  f"({steps_per_epoch}/epoch), peak lr {run_config['peak_lr']:g}, {jax.device_count()} device(s) on "
-                  f"{jax.process_count()} host(s), starting at step {start_step}", file=sys.stderr)
-        batches = loop.train_stream(args.data, train_transform(args), mesh, global_batch=args.batch_size,
-                                    seed=args.shuffle_seed, repeats=1, start_step=start_step, workers=args.workers,
-                                    image_size=args.image_size, num_classes=max(num_classes, 1))
+        say(f"mae {args.stage}, {run_config['params'] / 1e6:.1f}M params, {total_steps} steps "
+            f"({steps_per_epoch}/epoch), peak lr {run_config['peak_lr']:g}, {jax.device_count()} device(s) on "
+            f"{jax.process_count()} host(s), starting at step {start_step}", main=dist.is_main_process())
+        batches = stream(start_step=start_step)
         eval_interval = args.eval_interval or steps_per_epoch or total_steps
-        result = loop.train(state, train_step, batches, evaluate, ckpt=ckpt, log=log, run_config=run_config,
-                            total_steps=total_steps, steps_per_epoch=steps_per_epoch, global_batch=args.batch_size,
-                            log_interval=args.log_interval, eval_interval=eval_interval,
-                            save_interval=args.save_interval or eval_interval,
-                            best_metric="val_top1", meta=meta,
-                            output_dir=args.output_dir)
+        save_interval = args.save_interval or eval_interval
+        best_top1 = meta.get("best_top1", -1.0)
+        progress = loop.progress_bar(start_step, total_steps)
+        meter = loop.Meter(args.batch_size, steps_per_epoch, progress, skipped=meta.get("unlogged_skips", 0))
+        with loop.Preemption() as preemption:  # SIGTERM: save and exit 0
+            for step in progress:
+                batch, skipped = next(batches)
+                state, metrics = train_step(state, batch)
+                meter.count(skipped)
+                done = step + 1
+                if due(done, args.log_interval, total_steps):
+                    log.write(done, **meter.record(done, metrics, args.output_dir))
+                results = evaluate(state) if due(done, eval_interval, total_steps) else None
+                if results:
+                    top1 = results.get("val_top1", -1.0)  # pretraining reports val_loss only
+                    is_best, best_top1 = top1 > best_top1, max(best_top1, top1)
+                    log.write(done, **results, best_top1=best_top1)
+                    say(eval_line(done, results))
+                stop = (preemption.stop_after(done, every=args.log_interval, last=total_steps)
+                        or stopping(args.stop_after, start_step, done))
+                if results is not None or stop or due(done, save_interval, total_steps):
+                    loop.save(ckpt, state, done, config=run_config, best_top1=best_top1, unlogged_skips=meter.skipped,
+                              loss=metrics["loss"], eval_metrics=results, best=bool(results) and is_best)
+                if results is not None:
+                    meter.restart()  # img/s times the train steps only
+                if stop:
+                    say(f"{'SIGTERM' if preemption.requested else '--stop-after'}: saved a checkpoint at step {done} "
+                        f"in {args.output_dir}; exiting")
+                    break
         log.close()
-        return result
+        return dict(meter.last, best_top1=best_top1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export to timm (scripts/convert_flax_to_timm.py): the layout of each stage's checkpoint.
+# ----------------------------------------------------------------------------------------------
+
+
+def timm_params(state: dict, config: dict) -> dict:
+    """The timm-layout params of a checkpoint: the pretraining encoder without the decoder (timm `vit_*.mae`, no
+    head), the fine-tuned GAP model as is, or the probed encoder with its BatchNorm folded into the linear head
+    (timm has no BatchNorm head; the fold is exact up to float rounding)."""
+    if config.get("stage") == "pretrain":
+        return state["params"]["encoder"]
+    if config.get("stage") == "linprobe":
+        stats = state["batch_stats"]["bn"]
+        return {**state["encoder"], "head": fold_batchnorm(state["params"]["head"], stats["mean"], stats["var"])}
+    return state["params"]
+
+
+def fold_batchnorm(head: dict, mean: np.ndarray, var: np.ndarray, epsilon: float = 1e-6) -> dict:
+    """The probe's BatchNorm without affine (eps 1e-6, `ProbeHead`) and dense head as one dense layer:
+    W((x - mean) / sqrt(var + eps)) + b = (W / s) x + (b - W mean / s), s = sqrt(var + eps) per input."""
+    kernel, bias = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
+    inv_std = 1.0 / np.sqrt(np.asarray(var, np.float64) + epsilon)
+    folded = kernel * inv_std[:, None]
+    return {"kernel": folded.astype(np.float32),
+            "bias": (bias - np.asarray(mean, np.float64) @ folded).astype(np.float32)}
 
 
 # ----------------------------------------------------------------------------------------------

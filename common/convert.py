@@ -168,26 +168,6 @@ def timm_to_flax(state_dict: Mapping[str, Any]) -> dict:
     return params
 
 
-# MAE's pretraining decoder (models_mae.py): dropped when the encoder is exported or loaded for fine-tuning.
-MAE_DECODER_PARAMS = ("decoder_embed", "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred",
-                      "mask_token")
-
-
-def is_encoder_param(name: str) -> bool:
-    """False for the MAE decoder's parameters in a timm-style name ('decoder_blocks.0.attn.qkv.weight')."""
-    return re.split(r"[./]", name)[0] not in MAE_DECODER_PARAMS
-
-
-def fold_batchnorm(head: Mapping[str, Any], mean: np.ndarray, var: np.ndarray, epsilon: float) -> dict:
-    """A dense head after a BatchNorm without affine (MAE's linear probe) as one dense layer:
-    W((x - mean) / sqrt(var + eps)) + b = (W / s) x + (b - W mean / s), s = sqrt(var + eps) per input."""
-    kernel, bias = np.asarray(head["kernel"], np.float64), np.asarray(head["bias"], np.float64)
-    inv_std = 1.0 / np.sqrt(np.asarray(var, np.float64) + epsilon)
-    folded = kernel * inv_std[:, None]
-    return {"kernel": folded.astype(np.float32),
-            "bias": (bias - np.asarray(mean, np.float64) @ folded).astype(np.float32)}
-
-
 def read_torch_state_dict(path: str, flag: str) -> dict:
     """The state dict in a PyTorch .pth / .safetensors file, unwrapped from the `{"model": ...}` of DeiT's and MAE's
     checkpoints. Anything else is a UserError naming `flag` (the command-line option that gave the path)."""

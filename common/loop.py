@@ -1,15 +1,17 @@
-"""The plumbing of a JAX training loop, shared by the JAX recipes: batches onto the mesh, the step loop with
-logging / eval / checkpointing / preemption, evaluation totals, gradient accumulation and the benchmark.
+"""The plumbing of a JAX training loop, shared by the JAX recipes: the run flags, batches onto the mesh, gradient
+accumulation, evaluation totals, the verbs of the loop (progress bar, log window, checked save, preemption) and the
+benchmark.
 
-What is trained, and how (model, loss, optimizer, augmentation), stays in the recipe script: it hands this
-module a jitted `train_step(state, batch) -> (state, metrics)` and an `evaluate(state) -> metrics` callable.
+The loop itself (step -> log -> eval -> save -> stop) is written out in each recipe script, with these verbs and
+those of `common.run` (`due`, `stopping`, `say`, `eval_line`).
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
-import sys
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -23,6 +25,62 @@ from tqdm import tqdm
 from common import UserError, checkpoint, data, dist, run, runtime
 from common.checkpoint import Checkpointer
 from common.runlog import RunLog
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+
+
+def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: str | None) -> argparse._ArgumentGroup:
+    """The "run" flags of every JAX recipe, spelled as the CLI contract says (canonical first, then the names users
+    bring from MAE's and deit3-jax's code): where the data and the run live, resume and stop, the benchmarks,
+    loader workers, intervals and logging. Returns the group, for the recipe's own run flags."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--data", "--data-path", "--data_path", "--train-dataset-shards", default="digits",
+                   help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
+    g.add_argument("--output-dir", "--output_dir", default=output_dir,
+                   help="config.json, log.jsonl and checkpoints go here")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    g.add_argument("--stop-after", type=int, default=0, metavar="N",
+                   help="save and exit after N steps of this process (0: train to the end)")
+    g.add_argument("--benchmark", action="store_true", help="time train steps on synthetic data and exit")
+    g.add_argument("--benchmark-steps", type=int, default=30)
+    g.add_argument("--benchmark-input", action="store_true",
+                   help="time the input pipeline alone (--data, --workers, --batch-size) over --benchmark-steps "
+                        "batches, print JSON and exit")
+    g.add_argument("--workers", "--train-loader-workers", "--num_workers", type=int,
+                   default=min(16, os.cpu_count() or 1), help="data loader processes per host")
+    g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
+    g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
+    g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
+    g.add_argument("--wandb", "--project", default=None, metavar="PROJECT",
+                   help="also log to Weights & Biases (if installed)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (if installed)")
+    return g
+
+
+def complete_flags(args: argparse.Namespace, defaults: Mapping[str, Any], *, seeds: Iterable[str]) -> None:
+    """What every JAX recipe does with its parsed flags: each flag the command line left unset (None) takes its
+    value from `defaults` (the --model preset, then the recipe's table), each of `seeds` takes --seed, --auto-augment
+    'none' is off; then the image must split into patches, the width into heads, and the global batch into
+    --grad-accum micro-batches. A bad combination is a UserError naming the flags."""
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for name in seeds:
+        if getattr(args, name) is None:
+            setattr(args, name, args.seed)
+    if getattr(args, "auto_augment", None) in ("", "none"):
+        args.auto_augment = None
+    if args.image_size % args.patch_size:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.dim % args.heads:
+        raise UserError(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    grad_accum = getattr(args, "grad_accum", 1)
+    run.check_positive(batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, grad_accum=grad_accum)
+    if args.batch_size % grad_accum:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by --grad-accum {grad_accum}")
+
 
 # ----------------------------------------------------------------------------------------------
 # Batches
@@ -47,7 +105,7 @@ def train_stream(data_source: str, transform: Callable, mesh: Mesh, *, global_ba
     Batch k depends only on (seed, k) (see `common.data.train_batches`), so starting at `start_step` after a
     resume continues the exact sequence. `synthetic` repeats one device-made batch.
     """
-    if data.describe(data_source).source == "synthetic":
+    if data_source == "synthetic":
         fixed = synthetic_batch(mesh, global_batch, image_size, num_classes, seed)
         while True:
             yield fixed, 0
@@ -142,7 +200,7 @@ def evaluate(eval_step: Callable, weights: Mapping[str, Any], batches: Iterable[
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# Verbs of the loop
 # ----------------------------------------------------------------------------------------------
 
 
@@ -182,6 +240,17 @@ def restore_or_start(ckpt: Checkpointer, state: Any, *, resume: bool) -> tuple[A
     return ckpt.restore(state) if resume else (state, {})
 
 
+def report_eval(output_dir: str, step: int, metrics: dict, *, wandb: str | None, tensorboard: bool) -> dict:
+    """--eval-only: the metrics as one record of the run's log.jsonl (config.json and checkpoints stay as they are)
+    and as one JSON line on stdout."""
+    log = RunLog(output_dir, None, wandb_project=wandb, tensorboard=tensorboard)
+    log.write(step, **metrics)
+    log.close()
+    if dist.is_main_process():
+        print(json.dumps(metrics))
+    return metrics
+
+
 @jax.jit
 def _finite_and_largest(state: Any) -> tuple[jax.Array, jax.Array]:
     """Whether every float of the state is finite, and the largest magnitude outside the optimizer state."""
@@ -201,63 +270,59 @@ def check_savable(state: Any, step: int, output_dir: str, eval_metrics: dict | N
                       output_dir=output_dir)
 
 
-def train(state: Any, train_step: Callable, batches: Iterator[tuple[dict, int]], evaluate_fn: Callable[[Any], dict],
-          *, ckpt: Checkpointer, log: RunLog, run_config: dict, total_steps: int, steps_per_epoch: int,
-          global_batch: int, log_interval: int, eval_interval: int, save_interval: int, meta: dict,
-          best_metric: str = "val_top1", output_dir: str) -> dict:
-    """Step from the state's step to `total_steps`: log every `log_interval` steps, evaluate (and save, keeping
-    the best by `best_metric`) every `eval_interval`, save every `save_interval`, and on SIGTERM save and return.
+def progress_bar(start_step: int, total_steps: int) -> tqdm:
+    """The steps of the run, range(start_step, total_steps), as a tqdm bar (main process, stderr a terminal)."""
+    return tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
+                disable=_no_progress_bar(), dynamic_ncols=True)
 
-    meta: the restored checkpoint's (best value so far, images skipped since the last log record), {} for a new run.
-    Returns the last logged train metrics and the best value of `best_metric` (as `best_top1`).
+
+class Meter:
+    """The log window of a training loop: the images skipped and the steps timed since the last log record.
+
+    count(skipped) after each step; record(step, metrics) turns the step's metrics into the log record (loss, lr,
+    ..., img_per_sec, epoch, and skipped_images when some were skipped) and opens the next window; restart() after
+    an evaluation, so that img/s times the train steps only. `skipped` starts from a checkpoint's unlogged_skips.
     """
-    start_step, best_top1 = int(state["step"]), meta.get("best_top1", -1.0)
-    skipped, metrics, last = meta.get("unlogged_skips", 0), {}, {}
-    window_start, window_steps = time.perf_counter(), 0
-    progress = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc="train",
-                    disable=_no_progress_bar(), dynamic_ncols=True)
 
-    def save(step: int, is_best: bool = False, eval_metrics: dict | None = None) -> None:
-        run.check_finite_loss([metrics["loss"]] if "loss" in metrics else [], step, output_dir)
-        check_savable(state, step, output_dir, eval_metrics)
-        ckpt.save(step, state, {"config": run_config, "step": step, "best_top1": best_top1, "unlogged_skips": skipped},
-                  best=is_best)
+    def __init__(self, global_batch: int, steps_per_epoch: int, bar: tqdm | None = None, *, skipped: int = 0):
+        self.global_batch, self.steps_per_epoch, self.bar = global_batch, steps_per_epoch, bar
+        self.skipped, self.last = skipped, {}
+        self.restart()
 
-    with Preemption() as preemption:  # SIGTERM: save and return
-        for step in progress:
-            batch, batch_skipped = next(batches)
-            skipped += batch_skipped
-            state, metrics = train_step(state, batch)
-            window_steps += 1
-            done = step + 1
-            if done % log_interval == 0 or done == total_steps:
-                last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                run.check_finite_loss([last["loss"]] if "loss" in last else [], done, output_dir)
-                last["img_per_sec"] = window_steps * global_batch / (time.perf_counter() - window_start)
-                last["epoch"] = done / steps_per_epoch if steps_per_epoch else 0.0
-                if skipped:
-                    last["skipped_images"], skipped = skipped, 0
-                log.write(done, **last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                     img_s=f"{last['img_per_sec']:.0f}")
-                window_start, window_steps = time.perf_counter(), 0
-            evaluated = done % eval_interval == 0 or done == total_steps
-            if evaluated:  # evaluate, then save (and keep the best)
-                results = evaluate_fn(state)
-                is_best = results.get(best_metric, -1.0) > best_top1
-                best_top1 = max(best_top1, results.get(best_metric, -1.0))
-                if results:
-                    log.write(done, **results, best_top1=best_top1)
-                    tqdm.write(f"step {done}: " + " ".join(f"{k} {v:.4g}" for k, v in results.items()), file=sys.stderr)
-                save(done, is_best, results)
-                window_start, window_steps = time.perf_counter(), 0
-            stop = preemption.stop_after(done, every=log_interval, last=total_steps)
-            if not evaluated and (done % save_interval == 0 or stop):
-                save(done)
-            if stop:
-                tqdm.write(f"SIGTERM: saved a checkpoint at step {done} in {output_dir}; exiting", file=sys.stderr)
-                break
-    return dict(last, best_top1=best_top1)
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def count(self, skipped: int) -> None:
+        self.skipped += skipped
+        self.steps += 1
+
+    def record(self, step: int, metrics: Mapping[str, Any], output_dir: str) -> dict[str, float]:
+        """The log record of step `step` (a NaN/inf loss is a UserError: the run stops before any save)."""
+        record = {name: float(value) for name, value in jax.device_get(metrics).items()}
+        run.check_finite_loss([record["loss"]] if "loss" in record else [], step, output_dir)
+        record["img_per_sec"] = self.steps * self.global_batch / (time.perf_counter() - self.start)
+        record["epoch"] = step / self.steps_per_epoch if self.steps_per_epoch else 0.0
+        if self.skipped:
+            record["skipped_images"], self.skipped = self.skipped, 0
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                 img_s=f"{record['img_per_sec']:.0f}")
+        self.last = record
+        self.restart()
+        return record
+
+
+def save(ckpt: Checkpointer, state: Any, step: int, *, config: dict, best_top1: float, unlogged_skips: int,
+         loss: Any = None, eval_metrics: dict | None = None, best: bool = False) -> None:
+    """Save `state` as the run's last checkpoint (and as its best with `best`), with the meta a resume needs (the
+    config, the best value so far, the images skipped since the last log record). Refused with a UserError, the
+    previous checkpoint kept, when the step's loss, the weights or the evaluation loss are not finite
+    (`check_savable`)."""
+    output_dir = str(ckpt.output_dir)
+    run.check_finite_loss([loss] if loss is not None else [], step, output_dir)
+    check_savable(state, step, output_dir, eval_metrics)
+    ckpt.save(step, state, {"config": config, "step": step, "best_top1": best_top1, "unlogged_skips": unlogged_skips},
+              best=best)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,15 +16,13 @@ def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int, *, warmup
 
     lr(t) = warmup_lr + (peak_lr - warmup_lr) * t / warmup_steps                    for t < warmup_steps
     lr(t) = min_lr + (peak_lr - min_lr) * (1 + cos(pi * (t - w) / (total - w))) / 2   afterwards
-    (the per-iteration schedule of DeiT/MAE's code; timm steps it per epoch by default).
+    (the per-iteration schedule of DeiT/MAE's code; timm steps it per epoch by default). It is optax's
+    `warmup_cosine_decay_schedule`, as deit3-jax calls it; its decay_steps count the warmup too.
     """
     warmup_steps = max(0, min(warmup_steps, total_steps))
     decay_steps = max(1, total_steps - warmup_steps)
-    cosine = optax.cosine_decay_schedule(peak_lr, decay_steps, alpha=min_lr / peak_lr if peak_lr else 0.0)
-    if warmup_steps == 0:
-        return cosine
-    warmup = optax.linear_schedule(warmup_lr, peak_lr, warmup_steps)
-    return optax.join_schedules([warmup, cosine], [warmup_steps])
+    return optax.warmup_cosine_decay_schedule(init_value=warmup_lr, peak_value=peak_lr, warmup_steps=warmup_steps,
+                                              decay_steps=warmup_steps + decay_steps, end_value=min_lr)
 
 
 def scaled_lr(lr: float, batch_size: int, ref_batch: int) -> float:

@@ -4,7 +4,8 @@
     python scripts/convert_flax_to_timm.py runs/deit3 --arch vit       # pos-emb with a (zero) cls row, as vit_*
 
 CKPT is a run's --output-dir, its `checkpoints`/`best` folder or one step folder (the best checkpoint is
-taken from a run dir). Then, in PyTorch:
+taken from a run dir), or a deit3-jax `.msgpack` checkpoint (its parameter names are mapped to timm's).
+Then, in PyTorch:
 
     model = timm.create_model("deit3_small_patch16_224", num_classes=..., pretrained=False)   # name printed here
     model.load_state_dict(torch.load("runs/deit3/timm_model.pth"))
@@ -31,7 +32,8 @@ from common import UserError  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("ckpt", help="run dir, checkpoints/best dir or step dir of a Flax checkpoint")
+    p.add_argument("ckpt", help="run dir, checkpoints/best dir or step dir of a Flax checkpoint, or a deit3-jax "
+                                ".msgpack file")
     p.add_argument("--out", help="output .pth path (default: CKPT/timm_model.pth); .safetensors is written beside it")
     p.add_argument("--which", choices=["last", "best"], default="last",
                    help="with a run dir: its last checkpoint (the paper's number) or the best by val top-1")
@@ -70,22 +72,6 @@ def convert(params: dict, config: dict, arch: str | None) -> tuple[dict, dict]:
     return state, kwargs
 
 
-def mae_params(state: dict, config: dict) -> dict:
-    """The timm-layout params of a `mae_jax.py` checkpoint: the pretraining encoder without the decoder (timm
-    `vit_*.mae`, no head), the fine-tuned GAP model as is, or the probed encoder with its BatchNorm folded into
-    the linear head (timm has no BatchNorm head; the fold is exact up to float rounding)."""
-    from common.convert import fold_batchnorm
-
-    stage = config.get("stage")
-    if stage == "pretrain":
-        return state["params"]["encoder"]
-    if stage == "linprobe":
-        stats = state["batch_stats"]["bn"]
-        head = fold_batchnorm(state["params"]["head"], stats["mean"], stats["var"], epsilon=1e-6)
-        return {**state["encoder"], "head": head}
-    return state["params"]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -94,13 +80,19 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"checkpoint {ckpt} does not exist")
         from common.checkpoint import load_params_and_config
 
-        params, config = load_params_and_config(ckpt, which=args.which, key="ema_params" if args.ema else "params")
+        if ckpt.suffix == ".msgpack":  # a checkpoint of deit3-jax (github.com/affjljoo3581/deit3-jax)
+            import deit3_jax
+
+            params, config = deit3_jax.read_deit3_jax_checkpoint(str(ckpt))
+        else:
+            params, config = load_params_and_config(ckpt, which=args.which, key="ema_params" if args.ema else "params")
         arch = args.arch
-        if config.get("script") == "mae_jax.py":  # the encoder, or the probe's folded head: see mae_params
+        if config.get("script") == "mae_jax.py":  # the encoder, or the probe's folded head: mae_jax.timm_params
+            import mae_jax
             from common.checkpoint import load_state_and_config
 
             saved, config = load_state_and_config(ckpt, which=args.which)
-            params, arch = mae_params(saved, config), args.arch or "vit"  # MAE's pos_embed has the cls row
+            params, arch = mae_jax.timm_params(saved, config), args.arch or "vit"  # MAE's pos_embed has the cls row
         state, kwargs = convert(params, config, arch)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -37,7 +37,7 @@ def run_config(**overrides) -> dict:
     """A run config as deit3_jax saves it (its flags plus the resolved num_classes), for a tiny model."""
     config = dict(image_size=32, patch_size=8, layers=2, dim=64, heads=4, labels=10, num_classes=10,
                   layerscale=True, layerscale_init=1e-4, posemb="learnable", pooling="cls",
-                  dropout=0.0, droppath=0.0, grad_ckpt=False, dtype="float32")
+                  dropout=0.0, drop_path=0.0, grad_ckpt=False, precision="float32")
     config.update(overrides)
     return config
 

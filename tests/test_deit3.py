@@ -266,3 +266,124 @@ def test_finetune_at_new_resolution_with_label_mapping_then_eval_only(tmp_path, 
     code = run_main(*TINY, "--training-steps", "1", "--pretrained-ckpt", tmp_path / "none", "--output-dir",
                     tmp_path / "bad")
     assert_error(code, capsys, "none")
+
+
+# ---------------------------------------------------------------------------------------------- deit3-jax's files
+
+def webdataset_shard(path: Path, labels: list[int]) -> None:
+    """A webdataset .tar: one 40x36 JPEG (`NNNNNN.jpg`) and its class (`NNNNNN.cls`) per sample."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for i, label in enumerate(labels):
+            image = io.BytesIO()
+            Image.new("RGB", (40, 36), (80 * label, 255 - 80 * label, 20 * i)).save(image, format="JPEG")
+            for suffix, payload in (("jpg", image.getvalue()), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def test_a_deit3_jax_command_line_runs_unchanged(tmp_path, capsys, monkeypatch):
+    """A command line of deit3-jax's config/ scripts (its flag names: --train-dataset-shards with a `pipe:` command,
+    --train-batch-size, --learning-rate, --droppath, --labels, --layerscale, its W&B and val-loader flags) parses and
+    trains; its flags land under this script's canonical names in config.json."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # --project is --wandb: never go online from a test
+    for name, count in (("train-0", 8), ("train-1", 8), ("val-0", 6)):
+        webdataset_shard(tmp_path / f"{name}.tar", [i % 3 for i in range(count)])
+    out = tmp_path / "run"
+    argv = ["--output-dir", out,
+            "--train-dataset-shards", f"pipe:cat {tmp_path}/train-{{0..1}}.tar",
+            "--valid-dataset-shards", f"pipe:cat {tmp_path}/val-{{0..0}}.tar",
+            "--train-batch-size", "8", "--valid-batch-size", "8", "--train-loader-workers", "0",
+            "--valid-loader-workers", "0", "--random-crop", "rrc", "--color-jitter", "0.3", "--auto-augment", "3a",
+            "--random-erasing", "0.0", "--augment-repeats", "3", "--test-crop-ratio", "1.0", "--mixup", "0.8",
+            "--cutmix", "1.0", "--criterion", "bce", "--label-smoothing", "0.0", "--layers", "2", "--dim", "32",
+            "--heads", "2", "--labels", "3", "--layerscale", "--patch-size", "8", "--image-size", "32",
+            "--posemb", "learnable", "--pooling", "cls", "--dropout", "0.0", "--droppath", "0.1", "--init-seed", "0",
+            "--mixup-seed", "0", "--dropout-seed", "0", "--shuffle-seed", "0", "--optimizer", "lamb",
+            "--learning-rate", "0.003", "--weight-decay", "0.02", "--adam-b1", "0.9", "--adam-b2", "0.999",
+            "--adam-eps", "1e-8", "--lr-decay", "1.0", "--clip-grad", "1.0", "--grad-accum", "1",
+            "--warmup-steps", "1", "--training-steps", "2", "--log-interval", "1", "--eval-interval", "2",
+            "--project", "deit3-jax", "--name", "deit3-tiny", "--ipaddr", "127.0.0.1", "--hostname", "localhost"]
+    code = run_main(*argv)
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert sorted(losses(out)) == [1, 2] and all(np.isfinite(list(losses(out).values())))
+    flags = json.loads((out / "config.json").read_text())["flags"]
+    expected = dict(data=f"pipe:cat {tmp_path}/train-{{0..1}}.tar", batch_size=8, eval_batch_size=8, workers=0,
+                    num_classes=3, lr=0.003, drop_path=0.1, layerscale=True, wandb="deit3-jax", training_steps=2)
+    assert {key: flags.get(key) for key in expected} == expected
+    assert not {"name", "ipaddr", "hostname", "valid_loader_workers", "valid_dataset_shards"} & set(flags)
+    assert "--valid-dataset-shards" in err, "say that raw val shards are not evaluated"
+
+
+def deit3_jax_tree(params: dict, heads: int) -> dict:
+    """This model's params in deit3-jax's layout (src/modeling.py: embed/wte, embed/wpe (grid, grid, dim),
+    layer_i/attn/wq (dim, heads, head_dim), ff/w1, scale1, ...), as its msgpack checkpoints hold them."""
+    dim = params["cls_token"].shape[-1]
+    grid = int(round(params["pos_embed"].shape[1] ** 0.5))
+    model = {"embed": {"wte": params["patch_embed"]["proj"], "cls_token": params["cls_token"],
+                       "wpe": params["pos_embed"].reshape(grid, grid, dim)},
+             "norm": params["norm"], "head": params["head"]}
+    for name, block in params.items():
+        if not name.startswith("blocks_"):
+            continue
+        qkv, proj = block["attn"]["qkv"], block["attn"]["proj"]
+        attn = {w: {"kernel": qkv["kernel"][:, i * dim:(i + 1) * dim].reshape(dim, heads, dim // heads),
+                    "bias": qkv["bias"][i * dim:(i + 1) * dim].reshape(heads, dim // heads)}
+                for i, w in enumerate(("wq", "wk", "wv"))}
+        attn["wo"] = {"kernel": proj["kernel"].reshape(heads, dim // heads, dim), "bias": proj["bias"]}
+        model[name.replace("blocks_", "layer_")] = {
+            "attn": attn, "ff": {"w1": block["mlp"]["fc1"], "w2": block["mlp"]["fc2"]}, "norm1": block["norm1"],
+            "norm2": block["norm2"], "scale1": block["ls1"]["gamma"], "scale2": block["ls2"]["gamma"]}
+    return {"model": model}
+
+
+def test_a_deit3_jax_msgpack_checkpoint_loads_and_exports(tiny_run, tmp_path, capsys):
+    """deit3-jax's checkpoints (flax.serialization.msgpack_serialize of its params) load as --pretrained-ckpt with
+    every weight in place, and scripts/convert_flax_to_timm.py exports them as it exports this script's own run."""
+    import importlib.util
+
+    import torch
+    from flax import serialization
+
+    source, _ = checkpoint.load_params_and_config(tiny_run)
+    msgpack = tmp_path / "deit3-tiny-last.msgpack"
+    msgpack.write_bytes(serialization.msgpack_serialize(deit3_jax_tree(source, heads=4)))
+    fine = tmp_path / "fine"
+    assert run_main(*TINY, "--training-steps", "1", "--lr", "0", "--warmup-lr", "0", "--min-lr", "0",
+                    "--eval-interval", "1000", "--pretrained-ckpt", msgpack, "--output-dir", fine) == 0
+    tuned, _ = checkpoint.load_params_and_config(fine)
+    for name in ("pos_embed", "cls_token"):
+        np.testing.assert_allclose(tuned[name], source[name], atol=1e-6, err_msg=name)
+    for name in ("qkv", "proj"):
+        np.testing.assert_allclose(tuned["blocks_1"]["attn"][name]["kernel"],
+                                   source["blocks_1"]["attn"][name]["kernel"], atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(tuned["blocks_0"]["ls2"]["gamma"], source["blocks_0"]["ls2"]["gamma"], atol=1e-6)
+
+    spec = importlib.util.spec_from_file_location("convert_flax_to_timm", REPO / "scripts" / "convert_flax_to_timm.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(msgpack), "--out", str(tmp_path / "from_msgpack.pth")]) == 0, capsys.readouterr().err
+    assert script.main([str(tiny_run), "--out", str(tmp_path / "from_run.pth")]) == 0, capsys.readouterr().err
+    ours, theirs = torch.load(tmp_path / "from_msgpack.pth"), torch.load(tmp_path / "from_run.pth")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert "deit3_small" not in capsys.readouterr().out  # the tiny model has no timm name; it still loads strict
+    code = run_main(*TINY, "--training-steps", "1", "--pretrained-ckpt", tmp_path / "from_run.pth.msgpack",
+                    "--output-dir", tmp_path / "bad")
+    assert_error(code, capsys, "deit3-jax")
+
+
+def test_deit3_jax_shard_pair_in_a_make_shards_folder_becomes_that_folder(tmp_path):
+    """--train-dataset-shards / --valid-dataset-shards inside a folder with scripts/make_shards.py's info.json: --data
+    is that folder, whose info.json gives both splits with their sizes (so the run is evaluated)."""
+    import deit3_jax
+
+    (tmp_path / "info.json").write_text("{}")
+    args = deit3_jax.parse_args(["--train-dataset-shards", f"{tmp_path}/train-{{0..1}}.tar",
+                                 "--valid-dataset-shards", f"{tmp_path}/val-{{0..0}}.tar"])
+    assert args.data == str(tmp_path) and not hasattr(args, "valid_dataset_shards")

@@ -20,14 +20,14 @@ import deit_jax
 PRESETS = Path(__file__).resolve().parents[1] / "scripts" / "deit"
 
 # Shared by both recipes: DeiT Table 9 augmentation and regularisation (MAE Table 11 lists the same but random erasing).
-SHARED = dict(data="/data/imagenet", labels=1000, image_size=224, random_crop="rrc",
+SHARED = dict(data="/data/imagenet", num_classes=1000, image_size=224, random_crop="rrc",
               auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.0, mixup=0.8, cutmix=1.0,
               label_smoothing=0.1, test_crop_ratio=0.875, dropout=0.0, adam_b1=0.9, adam_eps=1e-8, clip_grad=0.0,
               grad_accum=1, seed=0)
-DEIT = dict(SHARED, recipe="deit", batch_size=1024, epochs=300, warmup_epochs=5, learning_rate=5e-4, lr_ref_batch=512,
-            warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, adam_b2=0.999, droppath=0.1, augment_repeats=3,
+DEIT = dict(SHARED, recipe="deit", batch_size=1024, epochs=300, warmup_epochs=5, lr=5e-4, lr_ref_batch=512,
+            warmup_lr=1e-6, min_lr=1e-5, weight_decay=0.05, adam_b2=0.999, drop_path=0.1, augment_repeats=3,
             random_erasing=0.25, pooling="cls", head_init="trunc_normal", ema_decay=0.99996, ema_eval=False)
-MAE = dict(SHARED, recipe="mae", batch_size=4096, warmup_epochs=20, learning_rate=1e-4, lr_ref_batch=256,
+MAE = dict(SHARED, recipe="mae", batch_size=4096, warmup_epochs=20, lr=1e-4, lr_ref_batch=256,
            warmup_lr=0.0, min_lr=1e-6, weight_decay=0.3, adam_b2=0.95, augment_repeats=1,
            random_erasing=0.0, pooling="gap", head_init="zero", ema_decay=0.9999, ema_eval=True, distill="none")
 
@@ -39,7 +39,7 @@ for model, top1, distilled_top1 in (("t16", 72.2, 74.5), ("s16", 79.8, 81.2), ("
                                             teacher_ckpt="/data/teachers/regnety_160-a5fe301d.pth",
                                             distill_alpha=0.5), distilled_top1)
 for model, top1, droppath, epochs in (("b16", 82.3, 0.1, 300), ("l16", 82.6, 0.2, 200), ("h14", 83.1, 0.2, 200)):
-    ROWS[f"mae_scratch_{model}"] = (dict(MAE, model=model, droppath=droppath, epochs=epochs), top1)
+    ROWS[f"mae_scratch_{model}"] = (dict(MAE, model=model, drop_path=droppath, epochs=epochs), top1)
 
 
 def parse(name: str):
@@ -67,14 +67,15 @@ def test_preset_matches_paper(name):
 @pytest.mark.parametrize("recipe,table", [("deit", DEIT), ("mae", MAE)])
 def test_recipe_defaults_are_the_papers(recipe, table):
     """Without a preset, `--recipe` alone gives the table's values (b16; per-size values for the MAE recipe)."""
-    args = deit_jax.parse_args(["--recipe", recipe, "--model", "b16", "--data", "/data/imagenet", "--labels", "1000"])
-    expected = dict(table, droppath=0.1, epochs=300)
+    args = deit_jax.parse_args(["--recipe", recipe, "--model", "b16", "--data", "/data/imagenet",
+                                "--num-classes", "1000"])
+    expected = dict(table, drop_path=0.1, epochs=300)
     mismatches = {key: (getattr(args, key), value) for key, value in expected.items()
                   if getattr(args, key) != (pytest.approx(value) if isinstance(value, float) else value)}
     assert not mismatches, f"--recipe {recipe}: flag (default, paper) {mismatches}"
     for model in ("l16", "h14"):  # MAE Table 11: drop path 0.2 for both L and H
         large = deit_jax.parse_args(["--recipe", recipe, "--model", model])
-        assert (large.droppath, large.epochs) == ((0.2, 200) if recipe == "mae" else (0.1, 300)), model
+        assert (large.drop_path, large.epochs) == ((0.2, 200) if recipe == "mae" else (0.1, 300)), model
 
 
 def test_effective_learning_rates():
@@ -83,4 +84,4 @@ def test_effective_learning_rates():
 
     for name, lr in (("deit_b16", 1e-3), ("mae_scratch_b16", 1.6e-3)):
         args, _ = parse(name)
-        assert schedules.scaled_lr(args.learning_rate, args.batch_size, args.lr_ref_batch) == pytest.approx(lr)
+        assert schedules.scaled_lr(args.lr, args.batch_size, args.lr_ref_batch) == pytest.approx(lr)

@@ -218,21 +218,21 @@ def test_lars_follows_mae_util_lars():
 def test_stage_presets_are_the_papers():
     """Tables 8-10 and the official code: blr, batch, betas, wd, warmup, epochs, layer decay, drop path."""
     pre = mae_jax.parse_args(["pretrain", "--model", "b16"])
-    assert (pre.learning_rate, pre.batch_size, pre.adam_b2, pre.weight_decay, pre.warmup_epochs, pre.epochs,
+    assert (pre.lr, pre.batch_size, pre.adam_b2, pre.weight_decay, pre.warmup_epochs, pre.epochs,
             pre.mask_ratio, pre.norm_pix_loss, pre.decoder_layers, pre.decoder_dim, pre.min_crop_scale) == \
         (1.5e-4, 4096, 0.95, 0.05, 40, 800, 0.75, True, 8, 512, 0.2)
-    assert schedules.scaled_lr(pre.learning_rate, pre.batch_size, pre.lr_ref_batch) == pytest.approx(2.4e-3)
+    assert schedules.scaled_lr(pre.lr, pre.batch_size, pre.lr_ref_batch) == pytest.approx(2.4e-3)
     for model, lr, epochs, decay, droppath in [("b16", 5e-4, 100, 0.65, 0.1), ("l16", 1e-3, 50, 0.75, 0.2),
                                                ("h14", 1e-3, 50, 0.75, 0.3)]:
         ft = mae_jax.parse_args(["finetune", "--model", model])
-        assert (ft.learning_rate, ft.epochs, ft.layer_decay, ft.droppath, ft.batch_size, ft.warmup_epochs,
+        assert (ft.lr, ft.epochs, ft.layer_decay, ft.drop_path, ft.batch_size, ft.warmup_epochs,
                 ft.min_lr, ft.weight_decay, ft.mixup, ft.cutmix, ft.label_smoothing, ft.random_erasing,
                 ft.auto_augment) == (lr, epochs, decay, droppath, 1024, 5, 1e-6, 0.05, 0.8, 1.0, 0.1, 0.25,
                                      "rand-m9-mstd0.5-inc1")
     probe = mae_jax.parse_args(["linprobe", "--model", "l16"])
-    assert (probe.learning_rate, probe.batch_size, probe.weight_decay, probe.warmup_epochs, probe.epochs,
+    assert (probe.lr, probe.batch_size, probe.weight_decay, probe.warmup_epochs, probe.epochs,
             probe.pooling) == (0.1, 16384, 0.0, 10, 50, "cls")
-    assert schedules.scaled_lr(probe.learning_rate, probe.batch_size, probe.lr_ref_batch) == pytest.approx(6.4)
+    assert schedules.scaled_lr(probe.lr, probe.batch_size, probe.lr_ref_batch) == pytest.approx(6.4)
 
 
 # ---------------------------------------------------------------------------------------------- digits
@@ -419,18 +419,18 @@ def test_bad_init_checkpoints_are_refused(pretrained, downstream, tmp_path, caps
 
 PRESETS = REPO / "scripts" / "mae"
 PAPER = {  # Tables 8-10 and the official code; the fine-tune / probe rows start from the 1600-epoch pretraining
-    "pretrain": dict(batch_size=4096, learning_rate=1.5e-4, lr_ref_batch=256, adam_b1=0.9, adam_b2=0.95,
+    "pretrain": dict(batch_size=4096, lr=1.5e-4, lr_ref_batch=256, adam_b1=0.9, adam_b2=0.95,
                      weight_decay=0.05, warmup_epochs=40, min_lr=0.0, mask_ratio=0.75, norm_pix_loss=True,
                      decoder_layers=8, decoder_dim=512, decoder_heads=16, min_crop_scale=0.2, random_crop="rrc"),
     "finetune": dict(batch_size=1024, lr_ref_batch=256, adam_b1=0.9, adam_b2=0.999, weight_decay=0.05,
                      warmup_epochs=5, min_lr=1e-6, random_crop="rrc", auto_augment="rand-m9-mstd0.5-inc1",
                      random_erasing=0.25, mixup=0.8, cutmix=1.0, label_smoothing=0.1, clip_grad=0.0),
-    "linprobe": dict(batch_size=16384, learning_rate=0.1, lr_ref_batch=256, weight_decay=0.0, warmup_epochs=10,
+    "linprobe": dict(batch_size=16384, lr=0.1, lr_ref_batch=256, weight_decay=0.0, warmup_epochs=10,
                      pooling="cls", lars_momentum=0.9, random_crop="rrc"),
 }
 ROWS = {f"pretrain_{m}_{e}ep": dict(PAPER["pretrain"], model=m, epochs=e)
         for m in ("b16", "l16", "h14") for e in (800, 1600)}
-ROWS |= {f"finetune_{m}": dict(PAPER["finetune"], model=m, epochs=e, learning_rate=lr, layer_decay=ld, droppath=dp)
+ROWS |= {f"finetune_{m}": dict(PAPER["finetune"], model=m, epochs=e, lr=lr, layer_decay=ld, drop_path=dp)
          for m, e, lr, ld, dp in (("b16", 100, 5e-4, 0.65, 0.1), ("l16", 50, 1e-3, 0.75, 0.2),
                                   ("h14", 50, 1e-3, 0.75, 0.3))}
 ROWS |= {f"linprobe_{m}": dict(PAPER["linprobe"], model=m, epochs=e)

@@ -40,22 +40,22 @@ COMMON = dict(layerscale=True, layerscale_init=1e-4, posemb="learnable", pooling
               lr_decay=1.0, random_erasing=0.0, test_crop_ratio=1.0, warmup_epochs=5, seed=0)
 
 # Table 1, ImageNet-1k column.
-IN1K_PRETRAIN = dict(COMMON, data=IN1K_DATA, labels=1000, batch_size=2048, optimizer="lamb", clip_grad=1.0,
+IN1K_PRETRAIN = dict(COMMON, data=IN1K_DATA, num_classes=1000, batch_size=2048, optimizer="lamb", clip_grad=1.0,
                      grad_accum=1, criterion="bce", label_smoothing=0.0, mixup=0.8, cutmix=1.0, random_crop="rrc",
                      color_jitter=0.3, auto_augment="3a", augment_repeats=3)
 # Fine-tune at 224 (official README): no clipping; color jitter is off under RandAugment (timm).
-IN1K_FINETUNE = dict(COMMON, data=IN1K_DATA, labels=1000, image_size=224, batch_size=512, epochs=20,
-                     optimizer="adamw", learning_rate=1e-5, weight_decay=0.1, clip_grad=0.0, grad_accum=1,
+IN1K_FINETUNE = dict(COMMON, data=IN1K_DATA, num_classes=1000, image_size=224, batch_size=512, epochs=20,
+                     optimizer="adamw", lr=1e-5, weight_decay=0.1, clip_grad=0.0, grad_accum=1,
                      criterion="ce", label_smoothing=0.1, mixup=0.8, cutmix=1.0, random_crop="rrc",
                      color_jitter=0.0, auto_augment="rand-m9-mstd0.5-inc1", augment_repeats=1)
 # Table 1, ImageNet-21k column (19,167 classes in the winter-21 release).
-IN21K_PRETRAIN = dict(COMMON, data=IN21K_DATA, labels=19167, batch_size=2048, optimizer="lamb",
-                      learning_rate=3e-3, weight_decay=0.02, clip_grad=1.0, grad_accum=1, criterion="ce",
+IN21K_PRETRAIN = dict(COMMON, data=IN21K_DATA, num_classes=19167, batch_size=2048, optimizer="lamb",
+                      lr=3e-3, weight_decay=0.02, clip_grad=1.0, grad_accum=1, criterion="ce",
                       label_smoothing=0.1, mixup=0.0, cutmix=1.0, random_crop="src", color_jitter=0.3,
                       auto_augment="3a", augment_repeats=1)
 # in21k -> in1k fine-tune at 224: 50 epochs, LAMB lr 3e-4, the in21k augmentation.
-IN21K_FINETUNE = dict(IN21K_PRETRAIN, data=IN1K_DATA, labels=1000, image_size=224, epochs=50,
-                      learning_rate=3e-4, label_mapping="scripts/deit3/in21k_to_in1k.json")
+IN21K_FINETUNE = dict(IN21K_PRETRAIN, data=IN1K_DATA, num_classes=1000, image_size=224, epochs=50,
+                      lr=3e-4, label_mapping="scripts/deit3/in21k_to_in1k.json")
 
 # ImageNet-1k pretraining: model -> (pretrain image size, lr, {epochs: (weight decay, drop path, paper top-1)}).
 # Top-1 is the model's final number: at 224 after the 224 fine-tune for B, L, H; S is trained at 224 directly.
@@ -75,9 +75,9 @@ IN21K = {
 }
 
 # The offline demo (not a paper row): the README's first run, about 95% val top-1 in 3 minutes on 2 CPU cores.
-DIGITS_DEMO = dict(COMMON, data="digits", labels=10, model="t16", image_size=32, patch_size=4, layers=4, dim=96,
-                   heads=3, droppath=0.0, batch_size=64, epochs=20, warmup_epochs=2, optimizer="adamw",
-                   learning_rate=2e-3, weight_decay=0.05, clip_grad=1.0, grad_accum=1, criterion="ce",
+DIGITS_DEMO = dict(COMMON, data="digits", num_classes=10, model="t16", image_size=32, patch_size=4, layers=4, dim=96,
+                   heads=3, drop_path=0.0, batch_size=64, epochs=20, warmup_epochs=2, optimizer="adamw",
+                   lr=2e-3, weight_decay=0.05, clip_grad=1.0, grad_accum=1, criterion="ce",
                    label_smoothing=0.1, mixup=0.0, cutmix=0.0, random_crop="none", color_jitter=0.0,
                    auto_augment=None, augment_repeats=1, workers=0)
 
@@ -88,19 +88,19 @@ def _rows() -> dict[str, tuple[dict, float | None]]:
     for model, (size, lr, per_epochs) in IN1K.items():
         for epochs, (wd, droppath, top1) in per_epochs.items():
             pretrain = f"in1k_{model}_{epochs}ep_pretrain"
-            rows[pretrain] = (dict(IN1K_PRETRAIN, model=model, image_size=size, epochs=epochs, learning_rate=lr,
-                                   weight_decay=wd, droppath=droppath), top1)
+            rows[pretrain] = (dict(IN1K_PRETRAIN, model=model, image_size=size, epochs=epochs, lr=lr,
+                                   weight_decay=wd, drop_path=droppath), top1)
             if model != "s16":  # S is pretrained at 224: no fine-tune stage
                 rows[f"in1k_{model}_{epochs}ep_finetune224"] = (dict(
-                    IN1K_FINETUNE, model=model, droppath=droppath,
+                    IN1K_FINETUNE, model=model, drop_path=droppath,
                     pretrained_ckpt=f"runs/deit3/{pretrain}"), top1)
     for model, (size, droppath, ft_droppath, ft_accum, per_epochs) in IN21K.items():
         for epochs, top1 in per_epochs.items():
             pretrain = f"in21k_{model}_{epochs}ep_pretrain"
             rows[pretrain] = (dict(IN21K_PRETRAIN, model=model, image_size=size, epochs=epochs,
-                                   droppath=droppath), top1)
+                                   drop_path=droppath), top1)
             rows[f"in21k_{model}_{epochs}ep_finetune_in1k"] = (dict(
-                IN21K_FINETUNE, model=model, droppath=ft_droppath, grad_accum=ft_accum,
+                IN21K_FINETUNE, model=model, drop_path=ft_droppath, grad_accum=ft_accum,
                 pretrained_ckpt=f"runs/deit3/{pretrain}"), top1)
     rows["digits_demo"] = (DIGITS_DEMO, None)
     for name, (expected, _) in rows.items():
@@ -114,8 +114,8 @@ ROWS = _rows()
 
 # Written out in every preset, even where the value equals the parser's default (one full command line per row).
 EXPLICIT_FLAGS = {
-    "--data", "--output-dir", "--labels", "--model", "--image-size", "--batch-size", "--epochs", "--warmup-epochs",
-    "--optimizer", "--learning-rate", "--lr-ref-batch", "--weight-decay", "--droppath", "--criterion",
+    "--data", "--output-dir", "--num-classes", "--model", "--image-size", "--batch-size", "--epochs", "--warmup-epochs",
+    "--optimizer", "--lr", "--lr-ref-batch", "--weight-decay", "--drop-path", "--criterion",
     "--label-smoothing", "--mixup", "--cutmix", "--random-crop", "--color-jitter", "--auto-augment",
     "--random-erasing", "--augment-repeats", "--test-crop-ratio", "--clip-grad", "--layerscale", "--grad-accum",
 }

@@ -15,18 +15,18 @@ OUT=${OUT:-runs/deit/deit_b16}
 python deit_jax.py \
     --data "$DATA" \
     --output-dir "$OUT" \
-    --labels 1000 \
+    --num-classes 1000 \
     --recipe deit \
     --model b16 \
     --image-size 224 \
     --pooling cls \
     --head-init trunc_normal \
     --dropout 0.0 \
-    --droppath 0.1 \
+    --drop-path 0.1 \
     --batch-size 1024 \
     --epochs 300 \
     --warmup-epochs 5 \
-    --learning-rate 5e-4 \
+    --lr 5e-4 \
     --lr-ref-batch 512 \
     --warmup-lr 1e-6 \
     --min-lr 1e-5 \

@@ -20,11 +20,11 @@ python deit_jax.py \
     --layers 4 \
     --dim 96 \
     --heads 3 \
-    --droppath 0.0 \
+    --drop-path 0.0 \
     --batch-size 64 \
     --epochs 20 \
     --warmup-epochs 2 \
-    --learning-rate 2e-3 \
+    --lr 2e-3 \
     --lr-ref-batch 0 \
     --weight-decay 0.05 \
     --random-crop none \

@@ -17,18 +17,18 @@ OUT=${OUT:-runs/deit/mae_scratch_b16}
 python deit_jax.py \
     --data "$DATA" \
     --output-dir "$OUT" \
-    --labels 1000 \
+    --num-classes 1000 \
     --recipe mae \
     --model b16 \
     --image-size 224 \
     --pooling gap \
     --head-init zero \
     --dropout 0.0 \
-    --droppath 0.1 \
+    --drop-path 0.1 \
     --batch-size 4096 \
     --epochs 300 \
     --warmup-epochs 20 \
-    --learning-rate 1e-4 \
+    --lr 1e-4 \
     --lr-ref-batch 256 \
     --warmup-lr 0.0 \
     --min-lr 1e-6 \

@@ -15,7 +15,7 @@ EPOCHS=${EPOCHS:-20}
 python deit3_jax.py \
     --data digits \
     --output-dir "$OUT" \
-    --labels 10 \
+    --num-classes 10 \
     --model t16 \
     --image-size 32 \
     --patch-size 4 \
@@ -27,12 +27,12 @@ python deit3_jax.py \
     --posemb learnable \
     --pooling cls \
     --dropout 0.0 \
-    --droppath 0.0 \
+    --drop-path 0.0 \
     --batch-size 64 \
     --epochs "$EPOCHS" \
     --warmup-epochs 2 \
     --optimizer adamw \
-    --learning-rate 2e-3 \
+    --lr 2e-3 \
     --lr-ref-batch 0 \
     --warmup-lr 1e-6 \
     --min-lr 1e-5 \

@@ -18,7 +18,7 @@ OUT=${OUT:-runs/deit3/in1k_b16_400ep_pretrain}
 python deit3_jax.py \
     --data "$DATA" \
     --output-dir "$OUT" \
-    --labels 1000 \
+    --num-classes 1000 \
     --model b16 \
     --image-size 192 \
     --layerscale \
@@ -26,12 +26,12 @@ python deit3_jax.py \
     --posemb learnable \
     --pooling cls \
     --dropout 0.0 \
-    --droppath 0.1 \
+    --drop-path 0.1 \
     --batch-size 2048 \
     --epochs 400 \
     --warmup-epochs 5 \
     --optimizer lamb \
-    --learning-rate 3e-3 \
+    --lr 3e-3 \
     --lr-ref-batch 0 \
     --warmup-lr 1e-6 \
     --min-lr 1e-5 \

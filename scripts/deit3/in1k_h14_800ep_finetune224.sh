@@ -25,7 +25,7 @@ python deit3_jax.py \
     --data "$DATA" \
     --output-dir "$OUT" \
     --pretrained-ckpt "$PRETRAINED" \
-    --labels 1000 \
+    --num-classes 1000 \
     --model h14 \
     --image-size 224 \
     --layerscale \
@@ -33,12 +33,12 @@ python deit3_jax.py \
     --posemb learnable \
     --pooling cls \
     --dropout 0.0 \
-    --droppath 0.6 \
+    --drop-path 0.6 \
     --batch-size 512 \
     --epochs 20 \
     --warmup-epochs 5 \
     --optimizer adamw \
-    --learning-rate 1e-5 \
+    --lr 1e-5 \
     --lr-ref-batch 0 \
     --warmup-lr 1e-6 \
     --min-lr 1e-5 \

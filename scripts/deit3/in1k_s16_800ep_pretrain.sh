@@ -16,7 +16,7 @@ OUT=${OUT:-runs/deit3/in1k_s16_800ep_pretrain}
 python deit3_jax.py \
     --data "$DATA" \
     --output-dir "$OUT" \
-    --labels 1000 \
+    --num-classes 1000 \
     --model s16 \
     --image-size 224 \
     --layerscale \
@@ -24,12 +24,12 @@ python deit3_jax.py \
     --posemb learnable \
     --pooling cls \
     --dropout 0.0 \
-    --droppath 0.05 \
+    --drop-path 0.05 \
     --batch-size 2048 \
     --epochs 800 \
     --warmup-epochs 5 \
     --optimizer lamb \
-    --learning-rate 4e-3 \
+    --lr 4e-3 \
     --lr-ref-batch 0 \
     --warmup-lr 1e-6 \
     --min-lr 1e-5 \

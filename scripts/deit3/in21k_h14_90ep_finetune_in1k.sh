@@ -31,7 +31,7 @@ python deit3_jax.py \
     --output-dir "$OUT" \
     --pretrained-ckpt "$PRETRAINED" \
     --label-mapping "$LABEL_MAPPING" \
-    --labels 1000 \
+    --num-classes 1000 \
     --model h14 \
     --image-size 224 \
     --layerscale \
@@ -39,12 +39,12 @@ python deit3_jax.py \
     --posemb learnable \
     --pooling cls \
     --dropout 0.0 \
-    --droppath 0.45 \
+    --drop-path 0.45 \
     --batch-size 2048 \
     --epochs 50 \
     --warmup-epochs 5 \
     --optimizer lamb \
-    --learning-rate 3e-4 \
+    --lr 3e-4 \
     --lr-ref-batch 0 \
     --warmup-lr 1e-6 \
     --min-lr 1e-5 \

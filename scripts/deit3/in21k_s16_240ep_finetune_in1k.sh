@@ -30,7 +30,7 @@ python deit3_jax.py \
     --output-dir "$OUT" \
     --pretrained-ckpt "$PRETRAINED" \
     --label-mapping "$LABEL_MAPPING" \
-    --labels 1000 \
+    --num-classes 1000 \
     --model s16 \
     --image-size 224 \
     --layerscale \
@@ -38,12 +38,12 @@ python deit3_jax.py \
     --posemb learnable \
     --pooling cls \
     --dropout 0.0 \
-    --droppath 0.05 \
+    --drop-path 0.05 \
     --batch-size 2048 \
     --epochs 50 \
     --warmup-epochs 5 \
     --optimizer lamb \
-    --learning-rate 3e-4 \
+    --lr 3e-4 \
     --lr-ref-batch 0 \
     --warmup-lr 1e-6 \
     --min-lr 1e-5 \

@@ -19,7 +19,7 @@ OUT=${OUT:-runs/deit3/in21k_s16_240ep_pretrain}
 python deit3_jax.py \
     --data "$DATA21K" \
     --output-dir "$OUT" \
-    --labels 19167 \
+    --num-classes 19167 \
     --model s16 \
     --image-size 224 \
     --layerscale \
@@ -27,12 +27,12 @@ python deit3_jax.py \
     --posemb learnable \
     --pooling cls \
     --dropout 0.0 \
-    --droppath 0.05 \
+    --drop-path 0.05 \
     --batch-size 2048 \
     --epochs 240 \
     --warmup-epochs 5 \
     --optimizer lamb \
-    --learning-rate 3e-3 \
+    --lr 3e-3 \
     --lr-ref-batch 0 \
     --warmup-lr 1e-6 \
     --min-lr 1e-5 \

@@ -10,13 +10,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/mae/digits_demo}
-MODEL=(--data digits --image-size 16 --patch-size 4 --layers 4 --dim 96 --heads 4 --dtype float32 --workers 0)
-FINETUNE=(finetune "${MODEL[@]}" --batch-size 64 --epochs 15 --warmup-epochs 1 --learning-rate 4e-3
-          --random-crop none --auto-augment none --random-erasing 0 --mixup 0 --cutmix 0 --droppath 0.0
+MODEL=(--data digits --image-size 16 --patch-size 4 --layers 4 --dim 96 --heads 4 --precision float32 --workers 0)
+FINETUNE=(finetune "${MODEL[@]}" --batch-size 64 --epochs 15 --warmup-epochs 1 --lr 4e-3
+          --random-crop none --auto-augment none --random-erasing 0 --mixup 0 --cutmix 0 --drop-path 0.0
           --test-crop-ratio 1.0)
 
 PRETRAIN=(pretrain "${MODEL[@]}" --output-dir "$OUT/pretrain" --decoder-layers 2 --decoder-dim 64 --decoder-heads 4
-          --no-norm-pix-loss --batch-size 64 --epochs 60 --warmup-epochs 5 --learning-rate 1.5e-3)
+          --no-norm-pix-loss --batch-size 64 --epochs 60 --warmup-epochs 5 --lr 1.5e-3)
 
 python mae_jax.py "${PRETRAIN[@]}"
 python mae_jax.py "${PRETRAIN[@]}" --visualize 8   # -> $OUT/pretrain/reconstructions.png

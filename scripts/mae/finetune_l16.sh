@@ -24,20 +24,20 @@ python mae_jax.py finetune \
     --data "$DATA" \
     --output-dir "$OUT" \
     --init "$PRETRAINED" \
-    --labels 1000 \
+    --num-classes 1000 \
     --model l16 \
     --image-size 224 \
     --batch-size 1024 \
     --epochs 50 \
     --warmup-epochs 5 \
-    --learning-rate 1e-3 \
+    --lr 1e-3 \
     --lr-ref-batch 256 \
     --min-lr 1e-6 \
     --weight-decay 0.05 \
     --adam-b1 0.9 \
     --adam-b2 0.999 \
     --layer-decay 0.75 \
-    --droppath 0.2 \
+    --drop-path 0.2 \
     --clip-grad 0 \
     --grad-accum 1 \
     --random-crop rrc \

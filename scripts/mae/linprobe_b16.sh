@@ -19,14 +19,14 @@ python mae_jax.py linprobe \
     --data "$DATA" \
     --output-dir "$OUT" \
     --init "$PRETRAINED" \
-    --labels 1000 \
+    --num-classes 1000 \
     --model b16 \
     --image-size 224 \
     --pooling cls \
     --batch-size 16384 \
     --epochs 90 \
     --warmup-epochs 10 \
-    --learning-rate 0.1 \
+    --lr 0.1 \
     --lr-ref-batch 256 \
     --min-lr 0.0 \
     --weight-decay 0.0 \

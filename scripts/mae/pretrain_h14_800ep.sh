@@ -30,7 +30,7 @@ python mae_jax.py pretrain \
     --batch-size 4096 \
     --epochs 800 \
     --warmup-epochs 40 \
-    --learning-rate 1.5e-4 \
+    --lr 1.5e-4 \
     --lr-ref-batch 256 \
     --min-lr 0.0 \
     --weight-decay 0.05 \
