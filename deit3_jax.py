@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", "--droppath", type=float, default=0.1,
                    help="stochastic depth, the same rate in every block")
     g.add_argument("--grad-ckpt", action="store_true", help="rematerialise each block in the backward pass")
-    g.add_argument("--precision", "--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="compute dtype; parameters and optimizer state stay float32")
+    g.add_argument("--precision", "--dtype", type=loop.compute_dtype, choices=["bfloat16", "float32"],
+                   default="bfloat16", help="compute dtype (or bf16, fp32); parameters and optimizer state: float32")
 
     g = p.add_argument_group("data and augmentation")
     g.add_argument("--batch-size", "--train-batch-size", type=int, default=2048,

@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", "--droppath", "--drop_path", type=float,
                    help="stochastic depth of the last block (linear ramp from 0)")
     g.add_argument("--grad-ckpt", action="store_true", help="rematerialise each block in the backward pass")
-    g.add_argument("--precision", "--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="compute dtype; parameters and optimizer state stay float32")
+    g.add_argument("--precision", "--dtype", type=loop.compute_dtype, choices=["bfloat16", "float32"],
+                   default="bfloat16", help="compute dtype (or bf16, fp32); parameters and optimizer state: float32")
 
     g = p.add_argument_group("distillation (DeiT §4)")
     g.add_argument("--distill", choices=["none", "soft", "hard"], default="none",

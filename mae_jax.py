@@ -99,8 +99,8 @@ def _common_flags() -> argparse.ArgumentParser:
     g.add_argument("--random-crop", choices=["rrc", "none"], default="rrc",
                    help="RandomResizedCrop (the paper's), or none: resize + center crop (tiny images, e.g. digits)")
     g.add_argument("--grad-ckpt", action="store_true", help="rematerialise each block in the backward pass")
-    g.add_argument("--precision", "--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="compute dtype; parameters and optimizer state stay float32")
+    g.add_argument("--precision", "--dtype", type=loop.compute_dtype, choices=["bfloat16", "float32"],
+                   default="bfloat16", help="compute dtype (or bf16, fp32); parameters and optimizer state: float32")
 
     g = p.add_argument_group("optimizer and schedule (defaults: the stage's preset)")
     g.add_argument("--batch-size", "--train-batch-size", type=int, help="global batch over all devices and hosts")

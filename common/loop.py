@@ -31,6 +31,11 @@ from common.runlog import RunLog
 # ----------------------------------------------------------------------------------------------
 
 
+def compute_dtype(name: str) -> str:
+    """--precision: the contract's bf16 / fp32 as the JAX dtype names bfloat16 / float32 (which pass as they are)."""
+    return {"bf16": "bfloat16", "fp32": "float32"}.get(name, name)
+
+
 def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: str | None) -> argparse._ArgumentGroup:
     """The "run" flags of every JAX recipe, spelled as the CLI contract says (canonical first, then the names users
     bring from MAE's and deit3-jax's code): where the data and the run live, resume and stop, the benchmarks,

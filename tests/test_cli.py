@@ -142,3 +142,18 @@ def test_readme_command_parses(line, shim):
     if script not in SCRIPTS:
         pytest.skip(f"{script} is a tool, tested with its own tests")
     parse(script, argv, processes)
+
+
+REQUIRED = {("localmim_freezeout.py", "finetune"): ["--pretrained", "random"],
+            ("localmim_freezeout.py", "linprobe"): ["--pretrained", "random"]}
+
+
+@pytest.mark.parametrize("script, command", [(s, c) for s, commands in TRAINING_COMMANDS.items() for c in commands],
+                         ids=str)
+def test_the_contracts_precision_names_parse_everywhere(script, command):
+    """--precision bf16 and fp32 mean the same compute dtype in every training command (JAX spells them bfloat16 and
+    float32 inside)."""
+    extra = REQUIRED.get((script, command[0] if command else ""), [])
+    for name in ("bf16", "fp32"):
+        args = script_module(script).parse_args([*command, *extra, "--precision", name])
+        assert args.precision in ({"bf16": "bfloat16", "fp32": "float32"}[name], name), args.precision
