@@ -22,6 +22,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -505,6 +506,17 @@ def read_deit3_jax_checkpoint(path: str) -> tuple[dict, dict]:
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise UserError(f"{path} is not a deit3-jax checkpoint: {type(e).__name__}: {e}") from None
     return jax.tree_util.tree_map(np.asarray, params), config
+
+
+def timm_export(path: Path, *, which: str = "last", ema: bool = False, arch: str | None = None) -> convert.TimmExport:
+    """scripts/convert_to_timm.py's rule: a run's params (or a deit3-jax .msgpack) as timm's deit3_* / vit_* model."""
+    if ema:
+        raise UserError("DeiT-III keeps no EMA of its weights")
+    if Path(path).suffix == ".msgpack":
+        params, config = read_deit3_jax_checkpoint(str(path))
+    else:
+        params, config = checkpoint.load_params_and_config(path, which=which)
+    return convert.flax_params_to_timm(params, config, arch)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -529,6 +530,15 @@ def make_eval_step(model: VisionTransformer):
         return loop.classification_totals(predict(outputs), batch["label"])
 
     return eval_fn
+
+
+def timm_export(path: Path, *, which: str = "last", ema: bool = False, arch: str | None = None) -> convert.TimmExport:
+    """scripts/convert_to_timm.py's rule: a run's params (or, with `ema`, their EMA) as timm's vit_* / deit_* model
+    (with the distillation token: `VisionTransformerDistilled`)."""
+    params, config = checkpoint.load_params_and_config(path, which=which, key="ema_params" if ema else "params")
+    if config.get("ema_eval") and config.get("ema_decay") and not ema:
+        say("note: this run reported its EMA weights; pass --ema to export those")
+    return convert.flax_params_to_timm(params, config, arch)
 
 
 # ----------------------------------------------------------------------------------------------

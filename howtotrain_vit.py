@@ -47,7 +47,7 @@ from timm.layers import lecun_normal_
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from common import UserError, augment, data, gpu_input, run
+from common import UserError, augment, convert, data, gpu_input, run
 from common import torch_run as tr
 from common.run import ArgumentParser, check_positive, exit_status, run_record
 from common.runlog import RunLog, plot_runs, read_log
@@ -349,6 +349,19 @@ def load_trained(path: str | Path, subdirs: tuple[str, ...] = ("checkpoints",)) 
     tr.check_state_dict(model, state["model"], str(file))
     model.load_state_dict(state["model"])
     return model, state, file
+
+
+def timm_export(path: str | Path, *, which: str = "last", ema: bool = False, arch: str | None = None):
+    """scripts/convert_to_timm.py's rule: the run's model is timm's already (`timm.create_model` + the paper's head:
+    with --pre-logits a tanh layer before it, which timm's ViTs no longer have, so say how to build that)."""
+    if ema or arch:
+        raise UserError("a howtotrain_vit.py run exports its own weights: no --ema, no --arch")
+    model, state, _ = load_trained(path, ("best", "checkpoints") if which == "best" else ("checkpoints",))
+    config = state["config"]
+    create = f"timm.create_model({config['model']!r}, **{config['model_kwargs']})"
+    if config["pre_logits"]:
+        create += "; model.head = Sequential(pre_logits=Linear(D, D), act=Tanh(), fc=Linear(D, classes))"
+    return convert.TimmExport(model.state_dict(), lambda: build_model(config), create)
 
 
 def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device: torch.device) -> torch.optim.AdamW:

@@ -1381,43 +1381,41 @@ def benchmark(args: argparse.Namespace, env: tr.DistEnv) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def export(args: argparse.Namespace) -> Path:
-    """Write timm_model.pth and .safetensors, check that they load strict into timm's VisionTransformer and print
-    how to create it. A linear probe's BatchNorm (no affine) is folded into its linear layer."""
-    from safetensors.torch import save_file
-
-    state, path = tr.load_run_checkpoint(args.run_dir, RECIPE)
+def timm_export(path: str | Path, *, which: str = "last", ema: bool = False, arch: str | None = None):
+    """scripts/convert_to_timm.py's rule (and `export`'s): the pretrained encoder as timm's VisionTransformer without
+    a head, the fine-tuned model with global_pool='avg', the linear probe with its BatchNorm (no affine) folded into
+    its linear layer."""
+    if ema or arch or which != "last":
+        raise UserError("a localmim_freezeout.py run exports its last weights: no --which best, --ema or --arch")
+    state, path = tr.load_run_checkpoint(path, RECIPE)
     config, weights = state["config"], state["model"]
+    pooling = "avg" if config["command"] == "finetune" else "token"
     if config["command"] == "pretrain":
-        tensors = read_encoder_state(str(path))
-        kwargs, pooling = vit_kwargs(config, num_classes=0), "token"
-    elif config["command"] == "finetune":
-        tensors, kwargs = dict(weights), vit_kwargs(config, config["num_classes"], "avg")
-        pooling = "avg"
+        tensors, kwargs = read_encoder_state(str(path)), vit_kwargs(config, num_classes=0)
     else:
-        tensors, kwargs, pooling = dict(weights), vit_kwargs(config, config["num_classes"]), "token"
+        tensors, kwargs = dict(weights), vit_kwargs(config, config["num_classes"], pooling)
+    if config["command"] == "linprobe":
         scale = (tensors.pop("head.0.running_var") + 1e-6).rsqrt()
         mean = tensors.pop("head.0.running_mean")
         tensors.pop("head.0.num_batches_tracked")
         weight, bias = tensors.pop("head.1.weight"), tensors.pop("head.1.bias")
         tensors["head.weight"] = weight * scale
         tensors["head.bias"] = bias - (weight * scale) @ mean
-    tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
-    model = VisionTransformer(**kwargs)
-    model.load_state_dict(tensors, strict=True)  # every key and shape, or a RuntimeError naming the mismatch
-    out = Path(args.out) if args.out else (Path(args.run_dir) if Path(args.run_dir).is_dir() else path.parent) / \
-        "timm_model.pth"
-    make_output_dir(out.parent)
-    torch.save(tensors, out)
-    save_file(tensors, str(out.with_suffix(".safetensors")))
     name = convert.timm_model_name(dict(kwargs, global_pool="token", fc_norm=False))
-    extra = ", global_pool='avg'" if pooling == "avg" else ""
-    print(f"wrote {out} and {out.with_suffix('.safetensors')} ({len(tensors)} tensors)")
-    if name:
-        print(f"timm model: timm.create_model({name!r}, num_classes={kwargs['num_classes']}{extra})")
-    else:
-        print(f"timm model: VisionTransformer(**{json.dumps(kwargs)})")
-    return out
+    create = (f"timm.create_model({name!r}, num_classes={kwargs['num_classes']}"
+              f"{', global_pool=' + repr(pooling) if pooling == 'avg' else ''})" if name else
+              f"VisionTransformer(**{json.dumps(kwargs)})")
+    return convert.TimmExport(tensors, lambda: VisionTransformer(**kwargs), create)
+
+
+def export(args: argparse.Namespace) -> Path:
+    """timm_model.pth and .safetensors of the run (`timm_export`), checked by loading them strict into timm's
+    VisionTransformer; prints how to create it."""
+    out = Path(args.out) if args.out else (Path(args.run_dir) if Path(args.run_dir).is_dir() else
+                                           tr.find_checkpoint(args.run_dir).parent) / "timm_model.pth"
+    export = timm_export(args.run_dir)
+    make_output_dir(out.parent)
+    return convert.write_timm_export(export, out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import functools
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -849,8 +850,17 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Export to timm (scripts/convert_flax_to_timm.py): the layout of each stage's checkpoint.
+# Export to timm (scripts/convert_to_timm.py): the layout of each stage's checkpoint.
 # ----------------------------------------------------------------------------------------------
+
+
+def timm_export(path: Path, *, which: str = "last", ema: bool = False, arch: str | None = None) -> convert.TimmExport:
+    """scripts/convert_to_timm.py's rule: the pretraining encoder (timm `vit_*.mae`), the fine-tuned model (`vit_*`
+    with global_pool='avg') or the linear probe (BatchNorm folded into the head), MAE's pos_embed with its cls row."""
+    if ema:
+        raise UserError("MAE keeps no EMA of its weights")
+    state, config = checkpoint.load_state_and_config(path, which=which)
+    return convert.flax_params_to_timm(timm_params(state, config), config, arch or "vit")
 
 
 def timm_params(state: dict, config: dict) -> dict:

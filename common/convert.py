@@ -14,9 +14,12 @@ the architecture comes from the run's config (`timm_kwargs`) and the arrays from
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -282,6 +285,81 @@ def timm_model_name(kwargs: Mapping[str, Any], distilled: bool = False) -> str |
                 type(model.norm).__name__, type(model.fc_norm).__name__, type(model.blocks[0].mlp.act).__name__)
 
     return name if signature(ours) == signature(preset) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# A run as timm weights: what scripts/convert_to_timm.py writes, whichever recipe trained it
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TimmExport:
+    """A recipe's rule for `scripts/convert_to_timm.py` returns this: the timm state dict, a function that builds the
+    timm model it must load into (strict), and how a user creates that model."""
+
+    tensors: dict[str, Any]
+    build_model: Callable[[], Any]
+    create: str  # e.g. "timm.create_model('vit_base_patch16_224', num_classes=1000)"
+
+
+def flax_params_to_timm(params: Mapping[str, Any], config: Mapping[str, Any], arch: str | None = None) -> TimmExport:
+    """A JAX recipe's params and run config as a timm `VisionTransformer` (or DeiT's `VisionTransformerDistilled`).
+
+    arch: 'deit3' keeps the position embedding on the patches only (timm `no_embed_class=True`, the `deit3_*`
+    models); 'vit' prepends a zero row for the cls token (`vit_*` models; exact, since the row is zero); None keeps
+    the layout the model was trained with."""
+    for key in ("image_size", "patch_size", "dim", "layers", "heads"):
+        if key not in config:
+            raise UserError(f"the checkpoint's config has no {key!r}: not a checkpoint of a ViT recipe")
+    if config.get("num_classes") is None and "head" in params:
+        config = {**config, "num_classes": len(params["head"]["bias"])}
+    grid = config["image_size"] // config["patch_size"]
+    prefix_tokens = int("cls_token" in params) + int("dist_token" in params)
+    fixed_pos_embed = None
+    if "pos_embed" in params:
+        patches_only = params["pos_embed"].shape[1] == grid * grid
+    elif config.get("posemb") == "sincos2d":
+        fixed_pos_embed, patches_only = sincos_2d_pos_embed(grid, config["dim"]), True
+    else:
+        raise UserError("the checkpoint has no pos_embed and its config no posemb=sincos2d")
+    if arch == "deit3" and not patches_only and prefix_tokens:
+        raise UserError("--arch deit3: this model adds position embeddings to its cls token; use --arch vit")
+    cls_rows = prefix_tokens if arch == "vit" and patches_only else 0
+    state = flax_to_timm(params, pos_embed=fixed_pos_embed, cls_rows_in_pos_embed=cls_rows)
+    try:
+        kwargs = timm_kwargs(config, no_embed_class=state["pos_embed"].shape[1] == grid * grid)
+    except ValueError as e:
+        raise UserError(f"the checkpoint's config: {e}") from None
+    distilled = "dist_token" in state  # DeiT's distillation token: timm's VisionTransformerDistilled
+    name = timm_model_name(kwargs, distilled)
+    if name:
+        pool = ", global_pool='avg'" if kwargs["global_pool"] == "avg" else ""
+        create = f"timm.create_model({name!r}, num_classes={kwargs['num_classes']}{pool})"
+    else:
+        create = f"{timm_model_class(distilled).__name__}(**{json.dumps(kwargs)})"
+    return TimmExport(state, lambda: timm_model_class(distilled)(**kwargs), create)
+
+
+def write_timm_export(export: TimmExport, out: str | os.PathLike) -> Path:
+    """`out` (.pth) and the same tensors as .safetensors beside it, after checking that they load strict into the
+    model (every key and shape, or an error naming the mismatch); prints what was written and how to create the
+    model."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {name: torch.as_tensor(np.asarray(value) if not hasattr(value, "detach") else value).detach().float()
+               .contiguous() for name, value in export.tensors.items()}
+    try:
+        export.build_model().load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"the exported weights do not load into {export.create}: {e}") from None
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, out)
+    save_file(tensors, str(out.with_suffix(".safetensors")))
+    print(f"wrote {out} and {out.with_suffix('.safetensors')} ({len(tensors)} tensors)")
+    print(f"timm model: {export.create}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class Recipe:
     eval_only: bool = False         # has --eval-only
     every_step: tuple[str, ...] = ("--save-interval", "1", "--eval-interval", "1")  # save (and eval) every step
     evaluates: bool = True          # the training run evaluates on val/
+    timm_export: bool = True        # scripts/convert_to_timm.py exports its runs (a timm architecture)
 
     @property
     def module(self):
@@ -85,7 +86,8 @@ TORCH_RECIPES = [
            ("train", "--model", "dvt_deit_s", "--img-size", "16", "--grids", "2,3,4", "--embed-dim", "32", "--depth",
             "1", "--num-heads", "2", "--token-dim", "16", *TORCH_VIT, "--training-steps", "8", "--warmup-epochs",
             "0", "--eval-interval", "2"),
-           "torch", lr_flag="--lr", wider=("--embed-dim", "48"), every_step=("--eval-interval", "1"), eval_only=True),
+           "torch", lr_flag="--lr", wider=("--embed-dim", "48"), every_step=("--eval-interval", "1"), eval_only=True,
+           timm_export=False),
     Recipe("localmim-pretrain", "localmim_freezeout.py",
            ("pretrain", *LOCALMIM, "--depth", "4", "--decoder-dim", "16", "--decoder-heads", "2"), "torch",
            evaluates=False, **LOCALMIM_FLAGS),
@@ -322,6 +324,14 @@ def plot_runs_script():
     return module
 
 
+def script_module(name: str):
+    """A script under scripts/ as a module."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), REPO / "scripts" / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def copy_run(run_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
 
@@ -385,6 +395,21 @@ class ContractTests:
         assert plot_runs_script().main([str(run_dir), str(stopped), "--output", str(output)]) == 0
         with Image.open(output) as image:
             assert image.size[0] >= 1000 and len(image.convert("RGB").getcolors(1 << 16) or ()) > 20
+
+    def test_convert_to_timm_exports_the_run(self, recipe, reference, tmp_path, capsys):
+        """scripts/convert_to_timm.py RUN_DIR finds the recipe's rule through config.json, writes weights that load
+        strict into the timm model it names (the writer checks every key and shape), and leaves the run alone; a
+        recipe whose models timm does not have says so."""
+        run_dir = reference[0]
+        before, out = file_digests(run_dir), tmp_path / "timm.pth"
+        code = script_module("convert_to_timm.py").main([str(run_dir), "--out", str(out)])
+        captured = capsys.readouterr()
+        assert file_digests(run_dir) == before
+        if not recipe.timm_export:
+            assert_one_error_line(code, captured.err, "no timm export")
+            return
+        assert code == 0, captured.err[-3000:]
+        assert out.is_file() and out.with_suffix(".safetensors").is_file() and "timm model: " in captured.out
 
     # ------------------------------------------------------------------------------------ bad arguments
 
