@@ -647,8 +647,12 @@ PRESETS = REPO / "scripts" / "localmim"
 # Reference table (LocalMIM README / paper): ViT-B pretraining 256 x 8 GPUs, blr 2e-4, wd 0.05, mask 0.75, 9 bins;
 # warmup 10 epochs for 100-epoch runs, 40 otherwise. Fine-tuning 1024, 100 epochs, warmup 20, dp 0.1, RE 0.25,
 # mixup 0.8, cutmix 1.0, wd 0.05; lr / layer decay / min lr 4e-3 / 0.75 / 1e-6 (100 ep) or 2e-3 / 0.65 / 1e-5 (1600 ep).
+# ViT-L 800 epochs: pretraining 128 x 4 accumulation x 8 GPUs = 4096, blr 1.5e-4, warmup 40, 18 bins + bias;
+# fine-tuning 64 x 2 accumulation x 8 = 1024, 50 epochs, warmup 5, lr 3e-3, layer decay 0.75, min lr 1e-6, dp 0.2.
+# (Accumulation at the L presets' default GPUS=8; test_study_presets_keep_the_effective_batch checks other counts.)
 PRETRAIN = dict(model="vit_base_patch16", image_size=224, batch_size_per_process=256, lr=2e-4, lr_ref_batch=256,
-                weight_decay=0.05, mask_ratio=0.75, hog_nbins=9, target="hog", min_lr=1e-6, freezeout=False)
+                weight_decay=0.05, mask_ratio=0.75, hog_nbins=9, hog_bias=False, target="hog", min_lr=1e-6,
+                freezeout=False)
 FINETUNE = dict(model="vit_base_patch16", image_size=224, batch_size_per_process=128, epochs=100, warmup_epochs=20,
                 drop_path=0.1, random_erasing=0.25, mixup=0.8, cutmix=1.0, weight_decay=0.05, label_smoothing=0.1,
                 dist_eval=True, auto_augment="rand-m9-mstd0.5-inc1", lr_ref_batch=0)
@@ -662,6 +666,10 @@ ROWS["knn_b16"] = dict(model="vit_base_patch16", nb_knn=[10, 20, 100, 200], temp
 ROWS["freezeout_pretrain_b16_100ep"] = dict(PRETRAIN, epochs=100, warmup_epochs=10, freezeout=True,
                                             how_scale="cubic", t0=0.8, not_scale_lr=False)
 ROWS["freezeout_finetune_b16_100ep"] = ROWS["finetune_b16_100ep"]
+ROWS["pretrain_l16_800ep"] = dict(PRETRAIN, model="vit_large_patch16", batch_size_per_process=128, grad_accum=4,
+                                  lr=1.5e-4, hog_nbins=18, hog_bias=True, epochs=800, warmup_epochs=40)
+ROWS["finetune_l16_800ep"] = dict(FINETUNE, model="vit_large_patch16", batch_size_per_process=64, grad_accum=2,
+                                  epochs=50, warmup_epochs=5, lr=3e-3, layer_decay=0.75, min_lr=1e-6, drop_path=0.2)
 
 
 def preset_argv(path: Path, **env: str) -> list[str]:
@@ -694,11 +702,25 @@ def test_preset_matches_the_paper(name):
 
 
 @pytest.mark.parametrize("name, batch", [("freezeout_pretrain_b16_100ep", 2048),
-                                         ("freezeout_finetune_b16_100ep", 1024)])
+                                         ("freezeout_finetune_b16_100ep", 1024),
+                                         ("pretrain_l16_800ep", 4096), ("finetune_l16_800ep", 1024)])
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])
 def test_study_presets_keep_the_effective_batch(name, batch, gpus):
     args = recipe.parse_args(preset_argv(PRESETS / f"{name}.sh", GPUS=str(gpus)))
     assert recipe.effective_batch(args, gpus) == batch
+
+
+def test_vit_l_presets_have_the_papers_lr_taps_and_expected_top1():
+    """ViT-L: lr 1.5e-4 x 4096 / 256 = 2.4e-3 for pretraining, 3e-3 absolute for fine-tuning; taps
+    [1, 3, depth - 3, depth - 1] = blocks 1, 3, 21, 23 (0-based); both headers state 85.8 and their source."""
+    pretrain = recipe.parse_args(preset_argv(PRESETS / "pretrain_l16_800ep.sh"))
+    assert recipe.peak_lr(pretrain, 8) == pytest.approx(2.4e-3)
+    assert recipe.stage_layout(pretrain.arch["layers"], pretrain.all_stages)[0] == [1, 3, 21, 23]
+    finetune = recipe.parse_args(preset_argv(PRESETS / "finetune_l16_800ep.sh", GPUS="2"))
+    assert recipe.peak_lr(finetune, 2) == 3e-3
+    for name in ("pretrain_l16_800ep", "finetune_l16_800ep"):
+        header = (PRESETS / f"{name}.sh").read_text().split("set -euo")[0]
+        assert "85.8" in header and "official README" in header, name
 
 
 def test_the_studys_underscore_command_lines_run_unchanged():
