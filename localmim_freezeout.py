@@ -13,9 +13,10 @@ linear probing and DINO's kNN evaluation, in PyTorch on timm's VisionTransformer
 The recipe in one paragraph (paper §3-4 and the official models_mim.py): MAE's encoder (sin-cos position embedding,
 75% of the patches masked, cls token) with a LayerNorm on the outputs of blocks 2, 4, 10 and 12 (ViT-B), each
 followed by its own light decoder (one 256-d transformer block) that reconstructs the masked regions at its own
-scale: HOG histograms of 4, 8, 16 and 32 px cells (56², 28², 14², 7² targets). The four losses are summed with equal
-weights. MAE's optimiser: AdamW (0.9, 0.95), wd 0.05 except biases and norms, lr = blr · batch / 256, linear warmup
-then half-cosine per iteration, mixed precision, no gradient clipping.
+scale: HOG histograms of 4, 8, 16 and 32 px cells (56², 28², 14², 7² targets; 9 bins, ViT-L 18 bins and an untrained
+random bias in the HOG convolution, `--hog-bias`). The four losses are summed with equal weights. MAE's optimiser:
+AdamW (0.9, 0.95), wd 0.05 except biases and norms, lr = blr · batch / 256, linear warmup then half-cosine per
+iteration, mixed precision, no gradient clipping.
 
 FreezeOut (paper §2; the study notes in shared/reference/pytorch_recipes.md): layer i (patch embedding 0, block b at
 b + 1) trains with its own cosine over the first t_i of the post-warmup iterations, t_i = scale(t0 + (1 - t0) i / L),
@@ -227,7 +228,12 @@ def add_pretrain_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", choices=["hog", "pixels"], default="hog",
                    help="hog: per-cell histograms of oriented gradients (the paper's); pixels: the cell's pixels, "
                         "normalised per cell (MAE's norm_pix_loss)")
-    g.add_argument("--hog-nbins", "--hog_nbins", type=int, default=9, help="orientation bins per colour channel")
+    g.add_argument("--hog-nbins", "--hog_nbins", type=int, default=9,
+                   help="orientation bins per colour channel (paper: 9 for ViT-B, 18 for ViT-L)")
+    g.add_argument("--hog-bias", "--hog_bias", action="store_true",
+                   help="ViT-L's HOG (official README): each stage's Sobel convolution has a bias, drawn once from "
+                        "--seed with PyTorch's Conv2d init U(-1/3, 1/3) and never trained, added to gx and gy before "
+                        "the magnitude and phase (models_mim.py HOGLayer(bias=True))")
     g.add_argument("--decoder-dim", type=int, default=256, help="paper: 256")
     g.add_argument("--decoder-heads", type=int, default=8, help="paper: 8")
     g.add_argument("--all-stages", "--all_stages", action="store_true",
@@ -336,6 +342,9 @@ def resolve_pretrain_args(args: argparse.Namespace) -> None:
         raise UserError(f"--t0 must be in (0, 1], got {args.t0}")
     if not 0 <= args.mask_ratio < 1:
         raise UserError(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
+    if args.hog_bias and args.target != "hog":
+        raise UserError(f"--hog-bias is a bias of the HOG target's convolution: it needs --target hog, got "
+                        f"--target {args.target}")
     if any(not 0 <= round(f * args.arch["layers"]) < args.arch["layers"] for f in args.benchmark_frozen):
         raise UserError("--benchmark-frozen takes fractions in [0, 1) that leave at least the last block trainable")
     grid = args.image_size // args.arch["patch_size"]
@@ -470,22 +479,29 @@ class StageDecoder(nn.Module):
 SOBEL = ((1.0, 0.0, -1.0), (2.0, 0.0, -2.0), (1.0, 0.0, -1.0))
 
 
-def hog_histograms(images: torch.Tensor, nbins: int) -> torch.Tensor:
+def hog_histograms(images: torch.Tensor, nbins: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, nbins, H, W): each pixel's gradient magnitude in its orientation bin, per channel.
 
     models_mim.py HOGLayer: 3x3 Sobel filters with reflect padding (gx = [[1,0,-1],[2,0,-2],[1,0,-1]] as a
-    cross-correlation, gy its transpose), magnitude ||(gx, gy)||, phase atan2(gx, gy), hard unsigned binning
-    floor(phase / pi * nbins) mod nbins."""
+    cross-correlation, gy its transpose) plus the convolution's bias (bias[0] on gx, bias[1] on gy; --hog-bias),
+    magnitude ||(gx, gy)||, phase atan2(gx, gy), hard unsigned binning floor(phase / pi * nbins) mod nbins."""
     batch, channels, height, width = images.shape
     x = F.pad(images.reshape(batch * channels, 1, height, width).float(), (1, 1, 1, 1), mode="reflect")
     kernel = torch.tensor(SOBEL, device=images.device)
-    gxy = F.conv2d(x, torch.stack([kernel, kernel.t()])[:, None])  # (BC, 2, H, W)
+    gxy = F.conv2d(x, torch.stack([kernel, kernel.t()])[:, None], bias)  # (BC, 2, H, W)
     gx, gy = gxy[:, 0], gxy[:, 1]
     magnitude = (gx * gx + gy * gy).sqrt()[:, None]
     phase = torch.atan2(gx, gy)
     bins = torch.floor(phase / math.pi * nbins).long().remainder(nbins)[:, None]
     hist = torch.zeros(batch * channels, nbins, height, width, device=images.device).scatter_(1, bins, magnitude)
     return hist.view(batch, channels, nbins, height, width)
+
+
+def hog_conv_bias() -> torch.Tensor:
+    """The bias of models_mim.py's HOGLayer(bias=True) convolution, nn.Conv2d(1, 2, 3): PyTorch's default init
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 1 x 3 x 3, drawn from the global generator as that layer draws it
+    (its weight first, then overwritten by the Sobel filters), never trained. (2,): the gx and gy biases."""
+    return nn.Conv2d(1, 2, 3).bias.detach().clone()
 
 
 def hog_target(hist: torch.Tensor, cell: int) -> torch.Tensor:
@@ -530,7 +546,8 @@ def stage_mask(mask: torch.Tensor, grid: int, scale: float) -> torch.Tensor:
 
 class LocalMIM(nn.Module):
     """Encoder (`encoder`: timm's VisionTransformer, no head, its `norm` being the last stage's), the other stages'
-    LayerNorms (`stage_norms`) and one decoder per stage (`decoders`)."""
+    LayerNorms (`stage_norms`), one decoder per stage (`decoders`) and, with --hog-bias, each stage's HOG bias
+    (`hog_bias`, (stages, 2))."""
 
     def __init__(self, config: dict[str, Any]):
         super().__init__()
@@ -546,6 +563,12 @@ class LocalMIM(nn.Module):
         self.decoders = nn.ModuleList([
             StageDecoder(dim, config["decoder_dim"], config["decoder_heads"], self.target_dim(scale), scale,
                          self.grid) for scale in self.scales])
+        # models_mim.py builds one HOGLayer per stage after the decoders (hog_enc), each with its own random bias
+        # under --hog_bias. Drawn here from the run's seed and kept as a buffer: saved in every checkpoint and
+        # restored on --resume; not an encoder tensor, so `export` and --pretrained leave it out. Runs from before
+        # --hog-bias have no key in their config.
+        hog_bias = [hog_conv_bias() for _ in self.scales] if config.get("hog_bias") else None
+        self.register_buffer("hog_bias", torch.stack(hog_bias) if hog_bias else None)
 
     def cell(self, scale: float) -> int:
         return round(self.patch_size / scale)
@@ -582,8 +605,11 @@ class LocalMIM(nn.Module):
         with torch.no_grad(), no_autocast:
             if self.target == "pixels":
                 return {k: pixel_target(images, self.cell(self.scales[k])) for k in stages}
-            hist = hog_histograms(images, self.nbins)
-            return {k: hog_target(hist, self.cell(self.scales[k])) for k in stages}
+            if self.hog_bias is None:  # one histogram for every stage; only the cell size differs
+                hist = hog_histograms(images, self.nbins)
+                return {k: hog_target(hist, self.cell(self.scales[k])) for k in stages}
+            return {k: hog_target(hog_histograms(images, self.nbins, self.hog_bias[k]), self.cell(self.scales[k]))
+                    for k in stages}
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor, active: list[bool] | None = None,
                 no_grad_units: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

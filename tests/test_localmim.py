@@ -52,9 +52,11 @@ def tiny_config(**overrides) -> dict:
 # ---------------------------------------------------------------------------------------------- HOG and stages
 
 
-def reference_hog(image: np.ndarray, nbins: int, cell: int) -> np.ndarray:
-    """(C, H, W) -> (cells, C * nbins), pixel by pixel: Sobel cross-correlation with reflect padding, magnitude, phase
-    atan2(gx, gy), bin floor(phase / pi * nbins) mod nbins, mean over each cell, L2 over the bins per channel."""
+def reference_hog(image: np.ndarray, nbins: int, cell: int, bias: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """(C, H, W) -> (cells, C * nbins), pixel by pixel: Sobel cross-correlation with reflect padding plus the
+    convolution's bias (bias[0] on gx, bias[1] on gy: models_mim.py HOGLayer's nn.Conv2d(1, 2, 3) output channels),
+    magnitude, phase atan2(gx, gy), bin floor(phase / pi * nbins) mod nbins, mean over each cell, L2 over the bins per
+    channel."""
     channels, height, width = image.shape
     hist = np.zeros((channels, nbins, height // cell, width // cell))
     for c in range(channels):
@@ -62,8 +64,8 @@ def reference_hog(image: np.ndarray, nbins: int, cell: int) -> np.ndarray:
         for y in range(height):
             for x in range(width):
                 window = padded[y:y + 3, x:x + 3]
-                gx = sum(SOBEL_X[a][b] * window[a, b] for a in range(3) for b in range(3))
-                gy = sum(SOBEL_X[b][a] * window[a, b] for a in range(3) for b in range(3))
+                gx = sum(SOBEL_X[a][b] * window[a, b] for a in range(3) for b in range(3)) + bias[0]
+                gy = sum(SOBEL_X[b][a] * window[a, b] for a in range(3) for b in range(3)) + bias[1]
                 orientation = math.floor(math.atan2(gx, gy) / math.pi * nbins) % nbins
                 hist[c, orientation, y // cell, x // cell] += math.hypot(gx, gy) / cell**2
         hist[c] /= np.maximum(np.sqrt((hist[c] ** 2).sum(0)), 1e-12)
@@ -85,6 +87,55 @@ def test_hog_target_equals_a_direct_computation():
     red = recipe.hog_target(hist, 4)[0, :, :9]
     crossed = red.sum(-1) > 0
     assert crossed.sum() == 4 and torch.equal(red[crossed], torch.eye(9)[4].expand(4, -1))
+
+
+def test_hog_bias_enters_the_sobel_responses_before_magnitude_and_phase():
+    """--hog-bias (ViT-L): each stage's target is the HOG of Sobel + that stage's bias, computed pixel by pixel; the
+    bias moves the target (on a flat region the gradient is the bias alone, so every pixel votes)."""
+    yy, xx = np.mgrid[0:16, 0:16]
+    image = np.stack([(xx >= 7) * 10.0, xx + 2.0 * yy, np.random.default_rng(1).normal(size=(16, 16))])
+    images = torch.tensor(image, dtype=torch.float32)[None]
+    config = tiny_config(hog_bias=True, hog_nbins=18)
+    torch.manual_seed(0)
+    model = recipe.LocalMIM(config)
+    assert model.hog_bias.shape == (4, 2) and len(set(model.hog_bias.flatten().tolist())) == 8, "one bias per stage"
+    targets = model.targets(images, [0, 1, 2, 3])
+    for stage, cell in enumerate((1, 2, 4, 8)):  # patch 4 at scales 4, 2, 1, 0.5
+        bias = tuple(model.hog_bias[stage].tolist())
+        np.testing.assert_allclose(targets[stage][0].numpy(), reference_hog(image, 18, cell, bias), atol=1e-5,
+                                   err_msg=f"stage {stage}")
+        unbiased = reference_hog(image, 18, cell)
+        assert np.abs(targets[stage][0].numpy() - unbiased).max() > 0.1, f"stage {stage}: the bias changes nothing"
+    # The red channel left of the edge is flat: its gradient is the bias (b_x, b_y) itself, in bin
+    # floor(atan2(b_x, b_y) / pi * 18) mod 18, with unit norm after the L2 normalisation.
+    b_x, b_y = model.hog_bias[2].tolist()
+    flat_cell = targets[2][0, 0, :18]  # cell (0, 0), columns 0-3: no Sobel response
+    assert flat_cell.argmax().item() == math.floor(math.atan2(b_x, b_y) / math.pi * 18) % 18
+    assert flat_cell.max().item() == pytest.approx(1.0)
+
+
+def test_hog_bias_is_pytorchs_conv_init_drawn_from_the_seed():
+    """models_mim.py builds hog_enc (four HOGLayer(bias=True): nn.Conv2d(1, 2, 3)) after the decoders: each draws a
+    2x1x3x3 weight (overwritten by Sobel) then a bias U(-1/sqrt(9), 1/sqrt(9)). The same seed gives the same biases,
+    another seed others; without --hog-bias nothing is drawn and no buffer is saved."""
+    config = tiny_config(hog_bias=True)
+    torch.manual_seed(3)
+    biased = recipe.LocalMIM(config)
+    torch.manual_seed(3)
+    plain = recipe.LocalMIM(dict(config, hog_bias=False))
+    expected = []
+    for _ in range(4):  # continue the generator where the model without the bias left it
+        torch.empty(2, 1, 3, 3).uniform_(-1, 1)  # the conv weight's draw (kaiming_uniform_)
+        expected.append(torch.empty(2).uniform_(-1 / 3, 1 / 3))
+    assert torch.equal(biased.hog_bias, torch.stack(expected))
+    assert biased.hog_bias.abs().max() < 1 / 3 and not biased.hog_bias.requires_grad
+    assert "hog_bias" in biased.state_dict() and "hog_bias" not in plain.state_dict()
+    assert all(torch.equal(v, biased.state_dict()[k]) for k, v in plain.state_dict().items()), \
+        "the bias is drawn last: the rest of the model is the same"
+    torch.manual_seed(3)
+    assert torch.equal(recipe.LocalMIM(config).hog_bias, biased.hog_bias)
+    torch.manual_seed(4)
+    assert not torch.equal(recipe.LocalMIM(config).hog_bias, biased.hog_bias)
 
 
 def test_stage_targets_and_predictions_have_the_stage_scales():
@@ -508,6 +559,28 @@ def test_resume_after_stop_equals_uninterrupted_run(small_folder, tmp_path):
     assert (tmp_path / "stopped" / "command.txt").read_text().count("pretrain") == 2, "each invocation is recorded"
 
 
+def test_hog_bias_run_resumes_bitwise_and_exports_without_the_bias(small_folder, tmp_path, capsys):
+    """A --hog-bias run stopped and resumed equals the uninterrupted one (the bias is in the checkpoint); its export
+    holds the encoder only and loads strict into timm."""
+    args = [*TINY, "--data", str(small_folder), "--epochs", "2", "--warmup-epochs", "1", "--blr", "1e-2",
+            "--log-interval", "1", "--batch-size", "16", "--hog-bias", "--hog-nbins", "18"]
+    assert run("pretrain", *args, "--output-dir", tmp_path / "straight") == 0
+    assert run("pretrain", *args, "--stop-after", "2", "--output-dir", tmp_path / "stopped") == 0
+    assert torch.equal(final_state(tmp_path / "stopped")["model"]["hog_bias"],
+                       final_state(tmp_path / "straight")["model"]["hog_bias"])
+    assert run("pretrain", *args, "--resume", "--output-dir", tmp_path / "stopped") == 0
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
+    assert straight["step"] == resumed["step"] == 6 and straight["config"]["hog_bias"]
+    assert straight["model"]["hog_bias"].shape == (4, 2)
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), f"{key} differs after resuming"
+    assert run("export", tmp_path / "stopped", "--out", tmp_path / "enc.pth") == 0
+    tensors = torch.load(tmp_path / "enc.pth")
+    assert not any("hog" in key for key in tensors), "the HOG bias is not an encoder tensor"
+    model = timm.models.vision_transformer.VisionTransformer(**recipe.vit_kwargs(resumed["config"], num_classes=0))
+    model.load_state_dict(tensors, strict=True)
+
+
 def test_finetune_resume_equals_uninterrupted_run(small_folder, tmp_path):
     """RandAugment, random erasing, mixup/cutmix and drop path on: their draws follow (seed, step)."""
     args = [*ARCH, "--data", str(small_folder), "--pretrained", "random", "--batch-size", "16", "--epochs", "3",
@@ -562,6 +635,7 @@ def test_benchmark_prints_throughput_and_the_freezeout_saving(tmp_path, capsys):
     (["finetune", *ARCH], ["--pretrained"]),
     (["knn", *ARCH, "--pretrained", "/nowhere/run"], ["/nowhere/run"]),
     (["pretrain", *TINY, "--data", "/nowhere/data"], ["/nowhere/data"]),
+    (["pretrain", *TINY, "--target", "pixels", "--hog-bias"], ["--hog-bias", "--target"]),
 ])
 def test_bad_input_is_one_error_line(argv, words, tmp_path, capsys):
     assert_user_error(recipe.main([*argv, "--output-dir", str(tmp_path)]), capsys, *words)
@@ -573,8 +647,12 @@ PRESETS = REPO / "scripts" / "localmim"
 # Reference table (LocalMIM README / paper): ViT-B pretraining 256 x 8 GPUs, blr 2e-4, wd 0.05, mask 0.75, 9 bins;
 # warmup 10 epochs for 100-epoch runs, 40 otherwise. Fine-tuning 1024, 100 epochs, warmup 20, dp 0.1, RE 0.25,
 # mixup 0.8, cutmix 1.0, wd 0.05; lr / layer decay / min lr 4e-3 / 0.75 / 1e-6 (100 ep) or 2e-3 / 0.65 / 1e-5 (1600 ep).
+# ViT-L 800 epochs: pretraining 128 x 4 accumulation x 8 GPUs = 4096, blr 1.5e-4, warmup 40, 18 bins + bias;
+# fine-tuning 64 x 2 accumulation x 8 = 1024, 50 epochs, warmup 5, lr 3e-3, layer decay 0.75, min lr 1e-6, dp 0.2.
+# (Accumulation at the L presets' default GPUS=8; test_study_presets_keep_the_effective_batch checks other counts.)
 PRETRAIN = dict(model="vit_base_patch16", image_size=224, batch_size_per_process=256, lr=2e-4, lr_ref_batch=256,
-                weight_decay=0.05, mask_ratio=0.75, hog_nbins=9, target="hog", min_lr=1e-6, freezeout=False)
+                weight_decay=0.05, mask_ratio=0.75, hog_nbins=9, hog_bias=False, target="hog", min_lr=1e-6,
+                freezeout=False)
 FINETUNE = dict(model="vit_base_patch16", image_size=224, batch_size_per_process=128, epochs=100, warmup_epochs=20,
                 drop_path=0.1, random_erasing=0.25, mixup=0.8, cutmix=1.0, weight_decay=0.05, label_smoothing=0.1,
                 dist_eval=True, auto_augment="rand-m9-mstd0.5-inc1", lr_ref_batch=0)
@@ -588,6 +666,10 @@ ROWS["knn_b16"] = dict(model="vit_base_patch16", nb_knn=[10, 20, 100, 200], temp
 ROWS["freezeout_pretrain_b16_100ep"] = dict(PRETRAIN, epochs=100, warmup_epochs=10, freezeout=True,
                                             how_scale="cubic", t0=0.8, not_scale_lr=False)
 ROWS["freezeout_finetune_b16_100ep"] = ROWS["finetune_b16_100ep"]
+ROWS["pretrain_l16_800ep"] = dict(PRETRAIN, model="vit_large_patch16", batch_size_per_process=128, grad_accum=4,
+                                  lr=1.5e-4, hog_nbins=18, hog_bias=True, epochs=800, warmup_epochs=40)
+ROWS["finetune_l16_800ep"] = dict(FINETUNE, model="vit_large_patch16", batch_size_per_process=64, grad_accum=2,
+                                  epochs=50, warmup_epochs=5, lr=3e-3, layer_decay=0.75, min_lr=1e-6, drop_path=0.2)
 
 
 def preset_argv(path: Path, **env: str) -> list[str]:
@@ -620,11 +702,25 @@ def test_preset_matches_the_paper(name):
 
 
 @pytest.mark.parametrize("name, batch", [("freezeout_pretrain_b16_100ep", 2048),
-                                         ("freezeout_finetune_b16_100ep", 1024)])
+                                         ("freezeout_finetune_b16_100ep", 1024),
+                                         ("pretrain_l16_800ep", 4096), ("finetune_l16_800ep", 1024)])
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])
 def test_study_presets_keep_the_effective_batch(name, batch, gpus):
     args = recipe.parse_args(preset_argv(PRESETS / f"{name}.sh", GPUS=str(gpus)))
     assert recipe.effective_batch(args, gpus) == batch
+
+
+def test_vit_l_presets_have_the_papers_lr_taps_and_expected_top1():
+    """ViT-L: lr 1.5e-4 x 4096 / 256 = 2.4e-3 for pretraining, 3e-3 absolute for fine-tuning; taps
+    [1, 3, depth - 3, depth - 1] = blocks 1, 3, 21, 23 (0-based); both headers state 85.8 and their source."""
+    pretrain = recipe.parse_args(preset_argv(PRESETS / "pretrain_l16_800ep.sh"))
+    assert recipe.peak_lr(pretrain, 8) == pytest.approx(2.4e-3)
+    assert recipe.stage_layout(pretrain.arch["layers"], pretrain.all_stages)[0] == [1, 3, 21, 23]
+    finetune = recipe.parse_args(preset_argv(PRESETS / "finetune_l16_800ep.sh", GPUS="2"))
+    assert recipe.peak_lr(finetune, 2) == 3e-3
+    for name in ("pretrain_l16_800ep", "finetune_l16_800ep"):
+        header = (PRESETS / f"{name}.sh").read_text().split("set -euo")[0]
+        assert "85.8" in header and "official README" in header, name
 
 
 def test_the_studys_underscore_command_lines_run_unchanged():
