@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
+from common import UserError, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
 from common.run import ArgumentParser, due, eval_line, exit_status, run_record, say, stopping
 from common.runlog import RunLog
@@ -319,14 +319,10 @@ def train_flops_per_image(c: ViTConfig) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_transform(args: argparse.Namespace):
-    # DeiT-III §3: 3-Augment + color jitter 0.3 on RRC (in1k) or simple random crop (in21k).
-    return augment.train_transform(args.image_size, random_crop=args.random_crop, color_jitter=args.color_jitter,
-                                   auto_augment=args.auto_augment)
-
-
-def eval_transform(args: argparse.Namespace):
-    return augment.eval_transform(args.image_size, crop_ratio=args.test_crop_ratio)
+def train_augmentation(args: argparse.Namespace) -> dict:
+    """DeiT-III §3: 3-Augment + color jitter 0.3 on RRC (in1k) or simple random crop (in21k); for either --loader."""
+    return dict(image_size=args.image_size, random_crop=args.random_crop, color_jitter=args.color_jitter,
+                auto_augment=args.auto_augment)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,20 +552,21 @@ def setup(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> dict:
     if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
-        dist.initialize()
-        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+        return loop.benchmark_input(args.data, train_augmentation(args), global_batch=args.batch_size,
                                     workers=args.workers, steps=args.benchmark_steps, seed=args.shuffle_seed,
-                                    repeats=args.augment_repeats, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), model=args.model, image_size=args.image_size)
+                                    repeats=args.augment_repeats, loader=args.loader, model=args.model,
+                                    image_size=args.image_size)
     mesh, model, config, optimizer, schedule, state, run_config = setup(args)
+    loader = loop.loader_choice(args.loader)
     num_classes, total_steps = config.num_classes, run_config["total_steps"]
     base_keys = {"mixup": jax.random.PRNGKey(args.mixup_seed), "dropout": jax.random.PRNGKey(args.dropout_seed)}
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     train_step = jax.jit(make_train_step(args, model, optimizer, schedule, num_classes, base_keys),
                          out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
-    stream = functools.partial(loop.train_stream, args.data, train_transform(args), mesh, global_batch=args.batch_size,
-                               seed=args.shuffle_seed, repeats=args.augment_repeats, workers=args.workers,
-                               image_size=args.image_size, num_classes=num_classes)  # batches from a given step
+    stream = functools.partial(loop.train_stream, args.data, train_augmentation(args), mesh,
+                               global_batch=args.batch_size, seed=args.shuffle_seed, repeats=args.augment_repeats,
+                               workers=args.workers, image_size=args.image_size, num_classes=num_classes,
+                               loader=loader)  # batches from a given step
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
         real = None if args.data == "synthetic" else stream(start_step=0)  # end to end, beside the device alone
@@ -580,9 +577,8 @@ def run(args: argparse.Namespace) -> dict:
     eval_step = jax.jit(make_eval_step(model), out_shardings=dist.replicated(mesh))
 
     def evaluate(state) -> dict:
-        batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
-                                    workers=args.workers, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+        batches = loop.eval_stream(args.data, image_size=args.image_size, crop_ratio=args.test_crop_ratio,
+                                   global_batch=args.eval_batch_size, workers=args.workers, loader=loader)
         return loop.evaluate(eval_step, {"val_": state["params"]}, batches, mesh)
 
     if args.eval_only:  # an existing run's config.json and checkpoints stay as they are

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from common import UserError, augment, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
+from common import UserError, checkpoint, convert, data, dist, jax_augment, loop, optim, schedules
 from common.attention import attention
 from common.run import ArgumentParser, due, eval_line, exit_status, run_record, say, stopping
 from common.runlog import RunLog
@@ -358,14 +358,11 @@ def predict(outputs) -> jax.Array:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_transform(args: argparse.Namespace):
-    # DeiT Table 9: RandomResizedCrop (bicubic) + flip + RandAugment m9-mstd0.5-inc1.
-    return augment.train_transform(args.image_size, random_crop=args.random_crop, color_jitter=args.color_jitter,
-                                   auto_augment=args.auto_augment)
-
-
-def eval_transform(args: argparse.Namespace):
-    return augment.eval_transform(args.image_size, crop_ratio=args.test_crop_ratio)  # resize 256, crop 224
+def train_augmentation(args: argparse.Namespace) -> dict:
+    """DeiT Table 9: RandomResizedCrop (bicubic) + flip + RandAugment m9-mstd0.5-inc1; for either --loader. The eval
+    resizes to 256 and crops 224 (--test-crop-ratio 0.875)."""
+    return dict(image_size=args.image_size, random_crop=args.random_crop, color_jitter=args.color_jitter,
+                auto_augment=args.auto_augment)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -584,13 +581,12 @@ def setup(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> dict:
     if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
-        dist.initialize()
-        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+        return loop.benchmark_input(args.data, train_augmentation(args), global_batch=args.batch_size,
                                     workers=args.workers, steps=args.benchmark_steps, seed=args.shuffle_seed,
-                                    repeats=args.augment_repeats, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), model=args.model,
+                                    repeats=args.augment_repeats, loader=args.loader, model=args.model,
                                     recipe=args.recipe, image_size=args.image_size)
     mesh, model, teacher, config, optimizer, schedule, state, run_config = setup(args)
+    loader = loop.loader_choice(args.loader)
     num_classes, total_steps = config.num_classes, run_config["total_steps"]
     inputs = make_inputs(args, num_classes, jax.random.PRNGKey(args.mixup_seed))
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -604,9 +600,10 @@ def run(args: argparse.Namespace) -> dict:
         teacher_logits = teacher(teacher_inputs(state["step"], batch)) if teacher else None
         return update(state, batch, teacher_logits)
 
-    stream = functools.partial(loop.train_stream, args.data, train_transform(args), mesh, global_batch=args.batch_size,
-                               seed=args.shuffle_seed, repeats=args.augment_repeats, workers=args.workers,
-                               image_size=args.image_size, num_classes=num_classes)  # batches from a given step
+    stream = functools.partial(loop.train_stream, args.data, train_augmentation(args), mesh,
+                               global_batch=args.batch_size, seed=args.shuffle_seed, repeats=args.augment_repeats,
+                               workers=args.workers, image_size=args.image_size, num_classes=num_classes,
+                               loader=loader)  # batches from a given step
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, num_classes, 0)
         real = None if args.data == "synthetic" else stream(start_step=0)  # end to end, beside the device alone
@@ -622,9 +619,8 @@ def run(args: argparse.Namespace) -> dict:
         weights = {"val_": state["params"]}
         if "ema_params" in state:
             weights["ema_val_"] = state["ema_params"]
-        batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
-                                    workers=args.workers, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+        batches = loop.eval_stream(args.data, image_size=args.image_size, crop_ratio=args.test_crop_ratio,
+                                   global_batch=args.eval_batch_size, workers=args.workers, loader=loader)
         return loop.evaluate(eval_step, weights, batches, mesh)
 
     best_metric = "ema_val_top1" if args.ema_eval and args.ema_decay > 0 else "val_top1"

@@ -481,13 +481,14 @@ def train_flops_per_image(stage: str, c: ViTConfig, d: DecoderConfig | None = No
 # ----------------------------------------------------------------------------------------------
 
 
-def train_transform(args: argparse.Namespace):
-    crop = dict(random_crop=args.random_crop)
+def train_augmentation(args: argparse.Namespace) -> dict:
+    """The stage's augmentation, for either --loader."""
+    crop = dict(image_size=args.image_size, random_crop=args.random_crop)
     if args.stage == "pretrain":  # Table 1e: RandomResizedCrop (0.2, 1) + flip only
-        return augment.train_transform(args.image_size, scale=(args.min_crop_scale, 1.0), **crop)
+        return dict(crop, scale=(args.min_crop_scale, 1.0))
     if args.stage == "linprobe":  # main_linprobe.py: RandomResizedCrop + flip
-        return augment.train_transform(args.image_size, **crop)
-    return augment.train_transform(args.image_size, auto_augment=args.auto_augment, **crop)  # DeiT's, Table 9
+        return crop
+    return dict(crop, auto_augment=args.auto_augment)  # DeiT's, Table 9
 
 
 def eval_transform(args: argparse.Namespace):
@@ -765,22 +766,22 @@ def eval_weights(args: argparse.Namespace, state: dict):
 
 def run(args: argparse.Namespace) -> dict:
     if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
-        dist.initialize()
-        return data.benchmark_input(args.data, train_transform(args), global_batch=args.batch_size,
+        return loop.benchmark_input(args.data, train_augmentation(args), global_batch=args.batch_size,
                                     workers=args.workers, steps=args.benchmark_steps, seed=args.shuffle_seed,
-                                    repeats=1, process_index=jax.process_index(),
-                                    process_count=jax.process_count(), stage=args.stage,
-                                    model=args.model, image_size=args.image_size)
+                                    repeats=1, loader=args.loader, stage=args.stage, model=args.model,
+                                    image_size=args.image_size)
     mesh, model, head, optimizer, schedule, state, run_config = setup(args)
+    loader = loop.loader_choice(args.loader)
     num_classes, total_steps = run_config["num_classes"], run_config["total_steps"]
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     train_step = jax.jit(make_step(args, model, head, optimizer, schedule, num_classes),
                          out_shardings=(state_sharding, dist.replicated(mesh)), donate_argnums=0)
     config = vit_config(args)
 
-    stream = functools.partial(loop.train_stream, args.data, train_transform(args), mesh, global_batch=args.batch_size,
-                               seed=args.shuffle_seed, repeats=1, workers=args.workers, image_size=args.image_size,
-                               num_classes=max(num_classes, 1))  # batches from a given step
+    stream = functools.partial(loop.train_stream, args.data, train_augmentation(args), mesh,
+                               global_batch=args.batch_size, seed=args.shuffle_seed, repeats=1, workers=args.workers,
+                               image_size=args.image_size, num_classes=max(num_classes, 1),
+                               loader=loader)  # batches from a given step
     if args.benchmark:
         batch = loop.synthetic_batch(mesh, args.batch_size, args.image_size, max(num_classes, 1), 0)
         real = None if args.data == "synthetic" else stream(start_step=0)  # end to end, beside the device alone
@@ -795,9 +796,9 @@ def run(args: argparse.Namespace) -> dict:
     eval_step = jax.jit(make_eval_step(args, model, head), out_shardings=dist.replicated(mesh))
 
     def evaluate(state) -> dict:
-        batches = data.eval_batches(args.data, eval_transform(args), global_batch=args.eval_batch_size,
-                                    workers=args.workers, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+        batches = loop.eval_stream(args.data, image_size=args.image_size,
+                                   crop_ratio=getattr(args, "test_crop_ratio", 0.875),
+                                   global_batch=args.eval_batch_size, workers=args.workers, loader=loader)
         return loop.evaluate(eval_step, {"val_": eval_weights(args, state)}, batches, mesh)
 
     if getattr(args, "eval_only", False):  # an existing run's config.json and checkpoints stay as they are

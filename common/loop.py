@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from common import UserError, checkpoint, data, dist, run, runtime
+from common import UserError, augment, checkpoint, data, dist, run, runtime
 from common.checkpoint import Checkpointer
 from common.runlog import RunLog
 
@@ -55,6 +55,10 @@ def add_run_flags(parser: argparse.ArgumentParser, *, output_dir: str | None) ->
                         "batches, print JSON and exit")
     g.add_argument("--workers", "--train-loader-workers", "--num_workers", type=int,
                    default=min(16, os.cpu_count() or 1), help="data loader processes per host")
+    g.add_argument("--loader", choices=("auto", "gpu", "pil"), default="auto",
+                   help="gpu: the host reads bytes, the GPU decodes (nvJPEG) and augments whole batches, which reach "
+                        "JAX by DLPack (common/gpu_input.py); pil: host workers decode and augment (common/data.py); "
+                        "auto: gpu when JAX runs on CUDA GPUs, pil elsewhere (TPU, CPU)")
     g.add_argument("--log-interval", type=int, default=50, help="steps between log lines")
     g.add_argument("--eval-interval", type=int, default=0, help="steps between evals (0: once per epoch)")
     g.add_argument("--save-interval", type=int, default=0, help="steps between checkpoints (0: at each eval)")
@@ -103,23 +107,105 @@ def synthetic_batch(mesh: Mesh, global_batch: int, image_size: int, num_classes:
     return make(jax.random.PRNGKey(seed))
 
 
-def train_stream(data_source: str, transform: Callable, mesh: Mesh, *, global_batch: int, seed: int, repeats: int,
-                 start_step: int, workers: int, image_size: int, num_classes: int) -> Iterator[tuple[dict, int]]:
+def loader_device() -> Any:
+    """The torch device where `--loader gpu` decodes and augments: the CUDA GPU of this host's first JAX device (its
+    batches then reach JAX by DLPack without a host copy), or the CPU when JAX runs elsewhere."""
+    import torch
+
+    device = jax.local_devices()[0]
+    if device.platform == "gpu" and torch.cuda.is_available():
+        return torch.device("cuda", device.local_hardware_id or 0)
+    return torch.device("cpu")
+
+
+def loader_choice(flag: str) -> str:
+    """--loader auto|gpu|pil -> 'gpu' or 'pil' (auto: gpu when JAX runs on CUDA GPUs)."""
+    from common import gpu_input
+
+    return gpu_input.loader_choice(flag, loader_device())
+
+
+def to_mesh(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's rows of a batch as global arrays sharded over the 'data' axis: numpy arrays from the PIL loader
+    (`dist.global_batch`), or torch tensors from `--loader gpu`, taken over by DLPack where they lie and cut into
+    the rows of each of this host's devices."""
+    batch = {key: value for key, value in batch.items() if key != "skipped"}
+    if not any(hasattr(value, "__dlpack__") and not isinstance(value, np.ndarray) for value in batch.values()):
+        return dist.global_batch(batch, mesh)
+    import torch
+
+    from common.gpu_input import to_jax
+
+    sharding, arrays = dist.batch_sharded(mesh), {}
+    for key, value in batch.items():
+        local = to_jax(value.int() if value.dtype == torch.int64 else value)  # JAX's labels are int32
+        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        rows = {device: index[0] for device, index in sharding.addressable_devices_indices_map(global_shape).items()}
+        first = min(row.start or 0 for row in rows.values())
+        shards = [jax.device_put(local[(row.start or 0) - first:(row.stop or global_shape[0]) - first], device)
+                  for device, row in rows.items()]
+        arrays[key] = jax.make_array_from_single_device_arrays(global_shape, sharding, shards)
+    return arrays
+
+
+def train_stream(data_source: str, augmentation: Mapping[str, Any], mesh: Mesh, *, global_batch: int, seed: int,
+                 repeats: int, start_step: int, workers: int, image_size: int, num_classes: int,
+                 loader: str = "pil") -> Iterator[tuple[dict, int]]:
     """Global train batches on the mesh, with the number of unreadable images skipped to make each.
 
-    Batch k depends only on (seed, k) (see `common.data.train_batches`), so starting at `start_step` after a
-    resume continues the exact sequence. `synthetic` repeats one device-made batch.
+    augmentation: the keyword arguments of `common.augment.train_transform`, one description for both loaders
+    (`loader` 'pil': host workers, `common.data`; 'gpu': `common.gpu_input` on this host's GPU, uint8 batches
+    handed to JAX by DLPack). Batch k depends only on (seed, k) (`common.data.train_batches`), so starting at
+    `start_step` after a resume continues the exact sequence. `synthetic` repeats one device-made batch.
     """
     if data_source == "synthetic":
         fixed = synthetic_batch(mesh, global_batch, image_size, num_classes, seed)
         while True:
             yield fixed, 0
-    batches = data.train_batches(data_source, transform, global_batch=global_batch, seed=seed, repeats=repeats,
-                                 start_step=start_step, workers=workers, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+    if loader == "gpu":
+        from common import gpu_input
+
+        batches = gpu_input.train_batches(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
+                                          seed=seed, repeats=repeats, start_step=start_step, workers=workers,
+                                          device=loader_device(), process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    else:
+        batches = data.train_batches(data_source, augment.train_transform(**augmentation), global_batch=global_batch,
+                                     seed=seed, repeats=repeats, start_step=start_step, workers=workers,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
     for host_batch in batches:
-        skipped = host_batch.pop("skipped", 0)
-        yield dist.global_batch(host_batch, mesh), skipped
+        yield to_mesh(host_batch, mesh), int(host_batch.get("skipped", 0))
+
+
+def eval_stream(data_source: str, *, image_size: int, crop_ratio: float, global_batch: int, workers: int,
+                loader: str = "pil", interpolation: str = "bicubic") -> Iterator[dict]:
+    """This host's rows of each val batch (resize the shorter side to image_size / crop_ratio, centre crop), from
+    either loader; `evaluate` puts them on the mesh."""
+    if loader == "gpu":
+        from common import gpu_input
+
+        spec = gpu_input.AugSpec(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
+        return gpu_input.eval_batches(data_source, spec, global_batch=global_batch, workers=workers,
+                                      device=loader_device(), process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+    transform = augment.eval_transform(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
+    return data.eval_batches(data_source, transform, global_batch=global_batch, workers=workers,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def benchmark_input(data_source: str, augmentation: Mapping[str, Any], *, global_batch: int, workers: int,
+                    steps: int, seed: int, repeats: int, loader: str, **report: Any) -> dict:
+    """--benchmark-input: the input pipeline alone (no model, nothing written), one JSON line, img_per_sec last."""
+    dist.initialize()
+    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if loader_choice(loader) == "gpu":
+        from common import gpu_input
+
+        return gpu_input.benchmark_input(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
+                                         workers=workers, steps=steps, device=loader_device(), seed=seed,
+                                         repeats=repeats, **process, **report)
+    return data.benchmark_input(data_source, augment.train_transform(**augmentation), global_batch=global_batch,
+                                workers=workers, steps=steps, seed=seed, repeats=repeats, **process, **report)
 
 
 def check_batch_sizes(global_batch: int, eval_batch: int, *, mixing: bool) -> None:
@@ -189,8 +275,7 @@ def evaluate(eval_step: Callable, weights: Mapping[str, Any], batches: Iterable[
     and sums over them (e.g. `classification_totals`: loss, top1, top5), reported as means."""
     totals: dict[str, Any] = {}
     for batch in tqdm(batches, desc="eval", leave=False, disable=_no_progress_bar()):
-        batch.pop("skipped", None)
-        batch = dist.global_batch(batch, mesh)
+        batch = to_mesh(batch, mesh)
         for prefix, params in weights.items():
             out = eval_step(params, batch)
             totals[prefix] = jax.tree_util.tree_map(jnp.add, totals[prefix], out) if prefix in totals else out
