@@ -4,6 +4,9 @@ in PyTorch with timm's ViTs.
     python howtotrain_vit.py train --model vit_base_patch16_224 --augreg medium2 --data /path/to/imagenet
     torchrun --nproc_per_node=8 howtotrain_vit.py train ...              # DDP; add --nnodes/--rdzv-* for many nodes
     python howtotrain_vit.py train --output-dir RUN --eval-only         # evaluate a run's last checkpoint
+    python howtotrain_vit.py finetune --init runs/howtotrain/i21k_b16_medium1_300ep --data /path/to/imagenet
+    python howtotrain_vit.py finetune --init vit_b16_augreg_in21k.safetensors --model B/16 --data cifar10 \
+        --training-steps 10000 --random-crop resmall --loader pil     # transfer (paper §3; big_vision transfer.py)
     python howtotrain_vit.py history runs/howtotrain/in1k_b16_medium2_300ep   # loss / accuracy / lr curves -> PNG
     python howtotrain_vit.py predict runs/howtotrain/in1k_b16_medium2_300ep photos/   # top-k labels
 
@@ -22,8 +25,13 @@ inception crop + flip, and "AugReg": RandAugment and mixup at one of seven level
 dropout 0.1 and stochastic depth 0.1 (`--reg`). The paper's grid points are full command lines in
 `scripts/howtotrain/`.
 
-File order: flags and presets, model and optimizer, data, loss and train step, the loop, evaluation, benchmark,
-history, predict, main.
+Transfer (`finetune`, paper §3 and big_vision/configs/transfer.py): the upstream model (a `train` run, or a timm
+checkpoint such as the released `augreg_in21k` ones, saved locally) with a zero head for the new classes, SGD with
+momentum 0.9, no weight decay, clip 1.0, batch 512, 500 warmup steps then cosine, softmax cross-entropy, inception
+crop + flip at 384 px (the position embedding resized bicubically), 20k steps on ImageNet-1k, 10k on CIFAR.
+
+File order: flags and presets, model, finetune's --init, optimizers and schedule, data, loss and train step, the
+loop (train and finetune), evaluation, benchmark, history, predict, main.
 """
 
 from __future__ import annotations
@@ -409,13 +417,13 @@ def read_init(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, torch
     if source != "random" and not Path(source).exists():
         raise UserError(f"--init {source} does not exist")
     if source != "random" and Path(source).suffix not in TIMM_FILES:
-        given = [f"--{k.replace('_', '-')}" for k in ("model", "patch_size", "depth", "embed_dim", "num_heads",
-                                                      "mlp_dim") if getattr(args, k) is not None]
-        if given:
-            raise UserError(f"--init {source} is a run: its config gives the model; drop {' '.join(given)}")
         state, file = tr.load_run_checkpoint(source, SCRIPT)
         config = state["config"]
         shape = {k: v for k, v in config["model_kwargs"].items() if k in SHAPE_KWARGS}
+        asked = {k: v for k, v in model_kwargs(args, 0).items() if k in SHAPE_KWARGS}
+        if args.model not in (None, config["model"]) or any(shape.get(k) != v for k, v in asked.items()):
+            raise UserError(f"--init {source} is a run of {config['model']} {shape}: its config gives the model; "
+                            "drop --model and the shape flags (or give the run's)")
         return (dict(model=config["model"], shape=shape, pre_logits=config["pre_logits"]), state["model"],
                 f"{file} (step {state['step']} of {config['trained_by']})")
     if args.model is None:
