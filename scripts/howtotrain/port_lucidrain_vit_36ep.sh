@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Not a paper row: the default run of the PyTorch study of "How to train your ViT?" that users start from (its
+# The default run of the PyTorch study of "How to train your ViT?" that users start from, not a paper row (its
 # README's 36-epoch ImageNet-1k run, about a day on one RTX 5090 there), with the study's own model and
 # hyperparameters: --arch lucidrain_vit = vit-pytorch ViT(image_size=224, patch_size=16, dim=1024, depth=6,
 # heads=16, mlp_dim=2048, dropout=0.1, emb_dropout=0.1) as a timm ViT (class token, no pre-logits; vit-pytorch's
