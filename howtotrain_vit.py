@@ -304,6 +304,8 @@ def resolve_train_args(args: argparse.Namespace) -> None:
                                                              "log_interval", "lr_ref_batch", "benchmark_steps")})
     if args.randaug_layers < 0 or args.randaug_magnitude < 0 or args.mixup < 0 or args.cutmix < 0:
         raise UserError("RandAugment layers and magnitude and the mixup and cutmix alphas must be >= 0")
+    if args.random_crop == "resmall" and args.loader == "gpu":
+        raise UserError("--random-crop resmall runs on the host: use --loader pil (or auto)")
     if args.random_crop == "resmall" and randaug_policy(args):
         raise UserError("--random-crop resmall (big_vision's transfer crop) takes no RandAugment: add --augreg none")
     if not 0 <= args.warmup_start_factor <= 1:
@@ -532,6 +534,11 @@ def train_augmentation(args: argparse.Namespace) -> dict[str, Any] | transforms.
                 auto_augment=randaug_policy(args), interpolation="bilinear")
 
 
+def input_loader(args: argparse.Namespace, device: torch.device) -> str:
+    """--loader auto|gpu|pil -> gpu or pil; the host-only resmall crop makes auto pil."""
+    return "pil" if args.random_crop == "resmall" else gpu_input.loader_choice(args.loader, device)
+
+
 def train_transform(args: argparse.Namespace):
     return tr.host_transform(train_augmentation(args), "pil")
 
@@ -640,7 +647,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
             return tr.benchmark_input(args.data, train_augmentation(args), env, global_batch=args.batch_size,
                                       workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
-                                      loader=gpu_input.loader_choice(args.loader, env.device), model=args.model,
+                                      loader=input_loader(args, env.device), model=args.model,
                                       image_size=args.image_size)
         return evaluate_run(args, env) if args.eval_only else run_training(args, env)
     finally:
@@ -649,7 +656,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-    args.loader = gpu_input.loader_choice(args.loader, env.device)
+    args.loader = input_loader(args, env.device)
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")

@@ -423,6 +423,24 @@ def test_warmup_start_factor_is_linearlr():
     assert recipe.warmup_decay_lr(1000, **kw) == pytest.approx(1e-6)
 
 
+def test_resmall_crop_is_transfer_pys_cifar_crop(capsys):
+    """resize_small(image / crop ratio) | random_crop(image): a window of the resized image, anywhere in it; the
+    host loader only."""
+    args = recipe.parse_args(["finetune", "--init", "random", "--model", "S/16", "--random-crop", "resmall",
+                              "--image-size", "24", "--test-crop-ratio", str(24 / 28), "--hflip", "0"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 20, 3), dtype=np.uint8))
+    resized = np.asarray(image.resize((56, 28), Image.BILINEAR))
+    windows = {resized[top:top + 24, left:left + 24].tobytes() for top in range(5) for left in range(33)}
+    offsets = set()
+    for _ in range(20):
+        crop = recipe.train_transform(args)(image)
+        assert crop.shape == (24, 24, 3) and crop.tobytes() in windows, "not a window of the resized image"
+        offsets.add(crop.tobytes())
+    assert len(offsets) > 5, "the crop is random"
+    assert_user_error(finetune("--init", "random", "--model", "S/16", "--random-crop", "resmall", "--loader", "gpu"),
+                      capsys, "--loader pil")
+
+
 def test_init_position_embedding_is_resized_as_torch_bicubic(timm_files):
     """A 4 x 4 grid (16 px, patch 4) into a 24 px model (6 x 6): F.interpolate(bicubic, align_corners=False) on the
     (1, D, g, g) grid, the class token's row kept; every other tensor as in the file, the head zero."""
