@@ -187,7 +187,7 @@ def add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
                             "no-pretraining control). Its head is dropped for a zero head over --data's classes")
     g.add_argument("--model", "-a", "--arch", default="vit_small_patch16_224" if stage == "train" else None,
                    help="a timm model name, a paper name (" + " ".join(PAPER_MODELS) + ") or the study's "
-                        "lucidrain_vit" + ("; finetune: the architecture of a timm --init file" * (stage != "train")))
+                        "lucidrain_vit" + ("; the architecture of a timm --init file" if stage == "finetune" else ""))
     g.add_argument("--image-size", "--img-size", "--image_size", type=int, default=224, help="train resolution")
     g.add_argument("--patch-size", "--patch_size", type=int, help="override the model's patch size")
     g.add_argument("--depth", type=int, help="override the model's number of blocks")
