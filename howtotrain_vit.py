@@ -4,6 +4,9 @@ in PyTorch with timm's ViTs.
     python howtotrain_vit.py train --model vit_base_patch16_224 --augreg medium2 --data /path/to/imagenet
     torchrun --nproc_per_node=8 howtotrain_vit.py train ...              # DDP; add --nnodes/--rdzv-* for many nodes
     python howtotrain_vit.py train --output-dir RUN --eval-only         # evaluate a run's last checkpoint
+    python howtotrain_vit.py finetune --init runs/howtotrain/i21k_b16_medium1_300ep --data /path/to/imagenet
+    python howtotrain_vit.py finetune --init vit_b16_augreg_in21k.safetensors --model B/16 --data cifar10 \
+        --training-steps 10000 --random-crop resmall --loader pil     # transfer (paper §3; big_vision transfer.py)
     python howtotrain_vit.py history runs/howtotrain/in1k_b16_medium2_300ep   # loss / accuracy / lr curves -> PNG
     python howtotrain_vit.py predict runs/howtotrain/in1k_b16_medium2_300ep photos/   # top-k labels
 
@@ -22,8 +25,13 @@ inception crop + flip, and "AugReg": RandAugment and mixup at one of seven level
 dropout 0.1 and stochastic depth 0.1 (`--reg`). The paper's grid points are full command lines in
 `scripts/howtotrain/`.
 
-File order: flags and presets, model and optimizer, data, loss and train step, the loop, evaluation, benchmark,
-history, predict, main.
+Transfer (`finetune`, paper §3 and big_vision/configs/transfer.py): the upstream model (a `train` run, or a timm
+checkpoint such as the released `augreg_in21k` ones, saved locally) with a zero head for the new classes, SGD with
+momentum 0.9, no weight decay, clip 1.0, batch 512, 500 warmup steps then cosine, softmax cross-entropy, inception
+crop + flip at 384 px (the position embedding resized bicubically), 20k steps on ImageNet-1k, 10k on CIFAR.
+
+File order: flags and presets, model, finetune's --init, optimizers and schedule, data, loss and train step, the
+loop (train and finetune), evaluation, benchmark, history, predict, main.
 """
 
 from __future__ import annotations
@@ -46,6 +54,8 @@ from PIL import Image
 from timm.layers import lecun_normal_
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from common import UserError, augment, convert, data, gpu_input, run
 from common import torch_run as tr
@@ -93,13 +103,27 @@ MIXUP_SWITCH = object()  # bare --mixup (the study's switch): the level's alpha,
 MEAN = STD = (0.5, 0.5, 0.5)  # big_vision value_range(-1, 1)
 PAPER_BATCH = 4096  # paper §3 ("Pre-training"): the batch at which the paper gives lr 1e-3
 
+# The transfer recipe (paper §3, "Fine-tuning"; big_vision configs/transfer.py, the config of the released
+# in21k_ft_in1k checkpoints): SGD momentum 0.9, no weight decay, clip 1.0, batch 512, 500 warmup steps then cosine
+# to 0, softmax cross-entropy, a zero head, no mixup or RandAugment; inception crop + flip at 384 px, eval
+# resize_small(448) | central_crop(384). lr 0.01 is the config's default (the paper sweeps {0.001, 0.003, 0.01,
+# 0.03}); 20k steps is its ImageNet-1k schedule (CIFAR: 10k). Evaluate and save every 1000 steps (its
+# checkpoint_steps).
+TRANSFER = dict(image_size=384, test_crop_ratio=384 / 448, augreg="none", loss="softmax", batch_size=512, lr=0.01,
+                lr_ref_batch=512, lr_scaling="linear", weight_decay=0.0, warmup_steps=500, training_steps=20_000,
+                eval_interval=1000, output_dir="runs/howtotrain/finetune")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="How to train your ViT? (Steiner et al. 2021), in PyTorch",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     add_train_flags(commands.add_parser("train", help="train a ViT", description="train a ViT the AugReg way",
-                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter), "train")
+    add_train_flags(commands.add_parser("finetune", help="transfer a trained ViT to new classes (paper §3)",
+                                        description="fine-tune a howtotrain run or a timm checkpoint the way the "
+                                                    "paper transfers (big_vision configs/transfer.py)",
+                                        formatter_class=argparse.ArgumentDefaultsHelpFormatter), "finetune")
     p = commands.add_parser("history", help="plot a run's log.jsonl to PNG and print a summary table")
     p.add_argument("run_dir", help="a run's --output-dir (or its log.jsonl)")
     p.add_argument("--output", help="PNG path (default: RUN_DIR/history.png)")
@@ -114,10 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_train_flags(p: argparse.ArgumentParser) -> None:
-    # Defaults: the 36-epoch ImageNet-1k run at batch 256 that users of the PyTorch study start from; everything
+def add_train_flags(p: argparse.ArgumentParser, stage: str) -> None:
+    # train: the 36-epoch ImageNet-1k run at batch 256 that users of the PyTorch study start from; everything
     # else is the paper's. scripts/howtotrain/ holds the paper's 300-epoch, batch-4096 grid points. The second
-    # spellings are the study's (and the PyTorch ImageNet example's).
+    # spellings are the study's (and the PyTorch ImageNet example's). finetune: the same flags with the transfer
+    # recipe's defaults (TRANSFER), plus --init and --momentum.
     g = p.add_argument_group("run")
     g.add_argument("--data", default="digits",
                    help="ImageNet-layout folder, webdataset shards, cifar10, cifar100, digits or synthetic")
@@ -154,9 +179,15 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     tr.add_launcher_flags(g)
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-a", "--arch", default="vit_small_patch16_224",
+    if stage == "finetune":
+        g.add_argument("--init", required=True, metavar="RUN_OR_FILE",
+                       help="the weights to transfer: a howtotrain_vit.py run folder or its .pt checkpoint (the "
+                            "model comes from its config), a timm VisionTransformer state dict (.pth, .bin or "
+                            ".safetensors; give its --model), or 'random' (--model's own initialisation: the "
+                            "no-pretraining control). Its head is dropped for a zero head over --data's classes")
+    g.add_argument("--model", "-a", "--arch", default="vit_small_patch16_224" if stage == "train" else None,
                    help="a timm model name, a paper name (" + " ".join(PAPER_MODELS) + ") or the study's "
-                        "lucidrain_vit")
+                        "lucidrain_vit" + ("; the architecture of a timm --init file" if stage == "finetune" else ""))
     g.add_argument("--image-size", "--img-size", "--image_size", type=int, default=224, help="train resolution")
     g.add_argument("--patch-size", "--patch_size", type=int, help="override the model's patch size")
     g.add_argument("--depth", type=int, help="override the model's number of blocks")
@@ -164,8 +195,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-heads", "--heads", type=int, help="override the model's number of heads")
     g.add_argument("--mlp-dim", "--mlp_dim", type=int, help="override the MLP's hidden width (needs --embed-dim)")
     g.add_argument("--num-classes", "--num_classes", type=int, default=-1, help="-1: from the data")
-    g.add_argument("--pre-logits", action=argparse.BooleanOptionalAction, default=True,
-                   help="tanh pre-logits layer before the head (big_vision vit_i1k.py: rep_size=True)")
+    if stage == "train":
+        g.add_argument("--pre-logits", action=argparse.BooleanOptionalAction, default=True,
+                       help="tanh pre-logits layer before the head (big_vision vit_i1k.py: rep_size=True)")
 
     g = p.add_argument_group("augmentation and regularisation (AugReg)")
     g.add_argument("--augreg", default="medium2",
@@ -190,8 +222,10 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--emb-dropout", "--emb_dropout", type=float,
                    help="dropout after the position embedding (default: --dropout)")
     g.add_argument("--drop-path", type=float, help="stochastic depth, overrides --reg")
-    g.add_argument("--random-crop", choices=["rrc", "none"], default="rrc",
-                   help="rrc: inception crop, 5-100%% of the area (big_vision); none: resize + center crop")
+    g.add_argument("--random-crop", choices=["rrc", "resmall", "none"], default="rrc",
+                   help="rrc: inception crop, 5-100%% of the area (big_vision); resmall: big_vision's resmall_crop "
+                        "(transfer.py's CIFAR crop): resize the shorter side to image-size / test-crop-ratio, then "
+                        "a random image-size crop (host only: --loader pil); none: resize + center crop")
     g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     g.add_argument("--test-crop-ratio", type=float, default=0.875, help="eval: resize to size/ratio, center crop")
 
@@ -213,21 +247,29 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="decoupled, big_vision's convention: each step w -= wd * schedule(t) * w, NOT multiplied by "
                         "the lr. PyTorch's AdamW multiplies by the lr, so it gets weight_decay = wd / peak lr "
                         "(1e-4 / 1e-3 = 0.1, the 'wd_0.1' of the released checkpoints' names; the study's --wd 0.05 "
-                        "is AdamW's, i.e. 0.05 x lr here)")
-    g.add_argument("--adam-b1", type=float, default=0.9)
-    g.add_argument("--adam-b2", type=float, default=0.999)
+                        "is AdamW's, i.e. 0.05 x lr here); finetune's SGD decays the same way (transfer: none)")
+    if stage == "train":
+        g.add_argument("--adam-b1", type=float, default=0.9)
+        g.add_argument("--adam-b2", type=float, default=0.999)
+    else:
+        g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (big_vision momentum_hp)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
-    g.add_argument("--warmup-steps", "--warmup_period", type=int, default=10_000, help="linear warmup from 0")
+    g.add_argument("--warmup-steps", "--warmup_period", type=int, default=10_000, help="linear warmup")
+    g.add_argument("--warmup-start-factor", type=float, default=0.0,
+                   help="the warmup's first lr as a fraction of the peak (big_vision: 0; the PyTorch study's "
+                        "LinearLR: 0.01)")
     g.add_argument("--warmup-epochs", type=float, help="the warmup in epochs instead, overrides --warmup-steps")
     g.add_argument("--decay", choices=["cosine", "linear"], default="cosine", help="decay after the warmup")
     g.add_argument("--min-lr", type=float, default=0.0, help="where the decay ends (paper: 0)")
     g.add_argument("--epochs", type=float, default=36, help="paper: 300 on ImageNet-1k")
     g.add_argument("--training-steps", type=int, default=0, help="if > 0, overrides --epochs")
+    if stage == "finetune":
+        p.set_defaults(**TRANSFER)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
+    if args.command in ("train", "finetune"):
         resolve_train_args(args)
     return args
 
@@ -240,7 +282,7 @@ def resolve_train_args(args: argparse.Namespace) -> None:
             if getattr(args, name) is None:
                 setattr(args, name, value)
     args.model = PAPER_MODELS.get(args.model, args.model)
-    if not timm.is_model(args.model):
+    if args.model is not None and not timm.is_model(args.model):  # finetune from a run: the run's model
         raise UserError(f"unknown model {args.model!r}: give a timm model name (e.g. vit_base_patch16_224) or a "
                         f"paper name: {', '.join(PAPER_MODELS)}")
     if args.augreg not in AUGREG_LEVELS:
@@ -262,6 +304,12 @@ def resolve_train_args(args: argparse.Namespace) -> None:
                                                              "log_interval", "lr_ref_batch", "benchmark_steps")})
     if args.randaug_layers < 0 or args.randaug_magnitude < 0 or args.mixup < 0 or args.cutmix < 0:
         raise UserError("RandAugment layers and magnitude and the mixup and cutmix alphas must be >= 0")
+    if args.random_crop == "resmall" and args.loader == "gpu":
+        raise UserError("--random-crop resmall runs on the host: use --loader pil (or auto)")
+    if args.random_crop == "resmall" and randaug_policy(args):
+        raise UserError("--random-crop resmall (big_vision's transfer crop) takes no RandAugment: add --augreg none")
+    if not 0 <= args.warmup_start_factor <= 1:
+        raise UserError(f"--warmup-start-factor must be in [0, 1], got {args.warmup_start_factor}")
     if args.mlp_dim is not None and args.embed_dim is None:
         raise UserError("--mlp-dim needs --embed-dim (timm sizes the MLP as a ratio of the width)")
     if isinstance(args.resume, str):
@@ -364,23 +412,112 @@ def timm_export(path: str | Path, *, which: str = "last", ema: bool = False, arc
     return convert.TimmExport(model.state_dict(), lambda: build_model(config), create)
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float, device: torch.device) -> torch.optim.AdamW:
-    """Adam with decoupled weight decay on weight matrices only (big_vision wd_mults '.*/kernel$': no biases, norms,
-    class token or position embedding). The paper's wd is not scaled by the lr, AdamW's is: divide by the peak lr."""
+# ----------------------------------------------------------------------------------------------
+# finetune --init: the upstream weights (a run of this script, a timm state dict, or none) minus the head.
+# ----------------------------------------------------------------------------------------------
+
+SHAPE_KWARGS = ("patch_size", "depth", "embed_dim", "num_heads", "mlp_ratio")  # what a run's model_kwargs fix
+HEAD_KEYS = ("head.weight", "head.bias", "head.fc.weight", "head.fc.bias")  # big_vision dont_load head/kernel, bias
+TIMM_FILES = (".pth", ".bin", ".safetensors")
+
+
+def read_init(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, str]:
+    """--init -> (its architecture: model, shape kwargs, pre_logits; its weights, None for 'random'; what it is).
+
+    A run of this script (a folder or its .pt checkpoint) brings its architecture from its config; a timm state dict
+    (.pth/.bin/.safetensors, e.g. `timm.create_model(name, pretrained=True).state_dict()` saved locally) and
+    'random' take --model and the shape flags. Nothing is downloaded."""
+    source = args.init
+    own = dict(model=args.model, shape={}, pre_logits=False)  # timm's ViT: no pre-logits layer
+    if source != "random" and not Path(source).exists():
+        raise UserError(f"--init {source} does not exist")
+    if source != "random" and Path(source).suffix not in TIMM_FILES:
+        state, file = tr.load_run_checkpoint(source, SCRIPT)
+        config = state["config"]
+        shape = {k: v for k, v in config["model_kwargs"].items() if k in SHAPE_KWARGS}
+        asked = {k: v for k, v in model_kwargs(args, 0).items() if k in SHAPE_KWARGS}
+        if args.model not in (None, config["model"]) or any(shape.get(k) != v for k, v in asked.items()):
+            raise UserError(f"--init {source} is a run of {config['model']} {shape}: its config gives the model; "
+                            "drop --model and the shape flags (or give the run's)")
+        return (dict(model=config["model"], shape=shape, pre_logits=config["pre_logits"]), state["model"],
+                f"{file} (step {state['step']} of {config['trained_by']})")
+    if args.model is None:
+        raise UserError(f"--init {source}: give --model (the timm name of its architecture, and the shape flags it "
+                        "needs); only a run of this script brings its own")
+    if source == "random":
+        return own, None, "no pretrained weights (--init random)"
+    try:
+        return own, convert.read_torch_state_dict(source, "--init"), source
+    except UserError as e:  # torch.load's reasons run over many lines; the contract prints one
+        raise UserError(str(e).splitlines()[0]) from None
+
+
+def load_init_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> str:
+    """Load everything but the head (the zero head of `create_model` stays). A position embedding of another grid is
+    resized as the originals do (`convert.resize_pos_embed`: bicubic on the (1, D, g, g) grid, no antialiasing)."""
+    own = model.state_dict()
+    weights = {k: v for k, v in weights.items() if k not in HEAD_KEYS}
+    note = ""
+    if "pos_embed" in weights and weights["pos_embed"].shape != own["pos_embed"].shape:
+        prefix_rows = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        try:
+            resized = convert.resize_pos_embed(weights["pos_embed"].float().numpy(), model.patch_embed.grid_size[0],
+                                               prefix_rows)
+        except ValueError as e:
+            raise UserError(f"--init {source}: {e}") from None
+        weights["pos_embed"] = torch.from_numpy(resized).to(own["pos_embed"].dtype)
+        note = f"; position embedding resized to {model.patch_embed.grid_size[0]}^2 patches"
+    for key in sorted((set(own) | set(weights)) - set(HEAD_KEYS)):
+        there, here = weights.get(key), own.get(key)
+        if there is None or here is None or there.shape != here.shape:
+            raise UserError(f"--init {source} does not match the model: {key} is "
+                            f"{tuple(there.shape) if there is not None else 'missing'} there and "
+                            f"{tuple(here.shape) if here is not None else 'missing'} here")
+    model.load_state_dict(weights, strict=False)
+    return f"initialised from {source} ({len(weights)} tensors, zero head{note})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers and the lr schedule.
+# ----------------------------------------------------------------------------------------------
+
+
+class SGDW(torch.optim.SGD):
+    """SGD with momentum (big_vision momentum_hp; its momentum is bfloat16, this one float32) and decoupled weight
+    decay as AdamW's: w *= 1 - lr * decoupled_weight_decay before the step (0 in the transfer recipe)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            if group["decoupled_weight_decay"]:
+                torch._foreach_mul_(group["params"], 1 - group["lr"] * group["decoupled_weight_decay"])
+        return super().step(closure)
+
+
+def make_optimizer(model: nn.Module, args: argparse.Namespace, lr: float,
+                   device: torch.device) -> torch.optim.Optimizer:
+    """train: Adam; finetune: SGD with momentum. Both with decoupled weight decay on weight matrices only
+    (big_vision wd_mults '.*/kernel$': no biases, norms, class token or position embedding). The paper's wd is not
+    scaled by the lr, AdamW's is: divide by the peak lr."""
     groups = param_groups_weight_decay(model, args.weight_decay / lr,
                                        no_weight_decay_list=getattr(model, "no_weight_decay", set)())
+    if args.command == "finetune":
+        for group in groups:
+            group["decoupled_weight_decay"] = group.pop("weight_decay")
+        return SGDW(groups, lr=lr, momentum=args.momentum)
     return torch.optim.AdamW(groups, lr=lr, betas=(args.adam_b1, args.adam_b2), eps=1e-8,
                              fused=device.type == "cuda")
 
 
 def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int, decay: str = "cosine",
-                    min_lr: float = 0.0) -> float:
+                    min_lr: float = 0.0, warmup_start_factor: float = 0.0) -> float:
     """big_vision's schedule (utils.create_learning_rate_schedule), per optimizer step.
 
     `step` counts the updates already made (0 for the first). With progress p = clip((step - warmup) /
     (total - warmup), 0, 1):
         cosine: lr = min + (peak - min) (1 + cos(pi p)) / 2          linear: lr = min + (peak - min) (1 - p)
-    (min = 0 in the paper) and during warmup lr is multiplied by step / warmup (linear warmup from 0).
+    (min = 0 in the paper) and during warmup lr is multiplied by step / warmup (linear warmup from 0), or with a start
+    factor f by f + (1 - f) step / warmup (torch's LinearLR(start_factor=f), the PyTorch study's warmup from 1%).
     """
     if decay not in ("cosine", "linear"):
         raise ValueError(f"decay must be 'cosine' or 'linear', got {decay!r}")
@@ -389,7 +526,7 @@ def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps
     lr = min_lr + (peak_lr - min_lr) * (0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine"
                                         else 1.0 - progress)
     if warmup_steps > 0:
-        lr *= min(1.0, step / warmup_steps)
+        lr *= warmup_start_factor + (1 - warmup_start_factor) * min(1.0, step / warmup_steps)
     return lr
 
 
@@ -398,15 +535,25 @@ def warmup_decay_lr(step: int, *, peak_lr: float, total_steps: int, warmup_steps
 # ----------------------------------------------------------------------------------------------
 
 
-def train_augmentation(args: argparse.Namespace) -> dict[str, Any]:
+def train_augmentation(args: argparse.Namespace) -> dict[str, Any] | transforms.Compose:
     """big_vision: decode_jpeg_and_inception_crop(224) (area 5-100%, bilinear) | flip_lr | randaug(n, m); for either
-    loader (`tr.train_batches`)."""
+    loader (`tr.train_batches`). --random-crop resmall: transfer.py's resize_small(448) | random_crop(384) | flip_lr,
+    a PIL transform (the host loader only)."""
+    if args.random_crop == "resmall":
+        resize = transforms.Resize(round(args.image_size / args.test_crop_ratio), InterpolationMode.BILINEAR)
+        return transforms.Compose([resize, transforms.RandomCrop(args.image_size),
+                                   transforms.RandomHorizontalFlip(args.hflip), augment.ToUint8HWC()])
     return dict(image_size=args.image_size, random_crop=args.random_crop, scale=(0.05, 1.0), hflip=args.hflip,
                 auto_augment=randaug_policy(args), interpolation="bilinear")
 
 
+def input_loader(args: argparse.Namespace, device: torch.device) -> str:
+    """--loader auto|gpu|pil -> gpu or pil; the host-only resmall crop makes auto pil."""
+    return "pil" if args.random_crop == "resmall" else gpu_input.loader_choice(args.loader, device)
+
+
 def train_transform(args: argparse.Namespace):
-    return augment.train_transform(**train_augmentation(args))
+    return tr.host_transform(train_augmentation(args), "pil")
 
 
 def eval_transform(image_size: int, crop_ratio: float):
@@ -513,7 +660,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.benchmark_input:  # the host input pipeline alone: no model, nothing written
             return tr.benchmark_input(args.data, train_augmentation(args), env, global_batch=args.batch_size,
                                       workers=args.workers, steps=args.benchmark_steps, seed=args.seed,
-                                      loader=gpu_input.loader_choice(args.loader, env.device), model=args.model,
+                                      loader=input_loader(args, env.device), model=args.model,
                                       image_size=args.image_size)
         return evaluate_run(args, env) if args.eval_only else run_training(args, env)
     finally:
@@ -522,7 +669,7 @@ def train(args: argparse.Namespace) -> dict:
 
 def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-    args.loader = gpu_input.loader_choice(args.loader, env.device)
+    args.loader = input_loader(args, env.device)
     if args.batch_size % (env.world_size * args.grad_accum):
         raise UserError(f"--batch-size {args.batch_size} must be a multiple of {env.world_size} processes x "
                         f"--grad-accum {args.grad_accum}")
@@ -532,13 +679,18 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     if total_steps <= 0:
         raise UserError(f"{args.data} has no known size: give --training-steps")
     peak = peak_lr(args)
-    config = dict(vars(args), **run_record(f"{SCRIPT} train", args), num_classes=spec.num_classes,
-                  class_names=spec.class_names, model_kwargs=model_kwargs(args, spec.num_classes), peak_lr=peak,
-                  adamw_weight_decay=args.weight_decay / peak, total_steps=total_steps,
-                  steps_per_epoch=steps_per_epoch, world_size=env.world_size, device=str(env.device),
-                  randaug=randaug_policy(args), mean=MEAN, std=STD)
+    architecture, init_weights, init_from = read_init(args) if args.command == "finetune" else (
+        dict(model=args.model, shape={}, pre_logits=args.pre_logits), None, None)
+    config = dict(vars(args), **run_record(f"{SCRIPT} {args.command}", args), model=architecture["model"],
+                  pre_logits=architecture["pre_logits"], init_from=init_from, num_classes=spec.num_classes,
+                  class_names=spec.class_names, peak_lr=peak, adamw_weight_decay=args.weight_decay / peak,
+                  model_kwargs=dict(architecture["shape"], **model_kwargs(args, spec.num_classes)),
+                  total_steps=total_steps, steps_per_epoch=steps_per_epoch, world_size=env.world_size,
+                  device=str(env.device), randaug=randaug_policy(args), mean=MEAN, std=STD)
     torch.manual_seed(args.seed)  # the same initial weights in every process
-    model = build_model(config).to(env.device)
+    model = build_model(config)
+    loaded = load_init_weights(model, init_weights, init_from) if init_weights is not None else init_from
+    model = model.to(env.device)
     config["params"] = sum(p.numel() for p in model.parameters())
     optimizer = make_optimizer(model, args, peak, env.device)
     scaler = tr.grad_scaler(env.device, args.precision)
@@ -565,14 +717,16 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     log = RunLog(out, config, start_step=start_step, wandb_project=args.wandb, tensorboard=args.tensorboard,
                  main=env.is_main)  # rank 0 writes config.json and log.jsonl
     run.say(f"{config['params'] / 1e6:.1f}M params, {total_steps} steps ({steps_per_epoch}/epoch), peak lr {peak:.3g}, "
-            f"AdamW weight decay {config['adamw_weight_decay']:.3g}, {env.world_size} process(es) on "
-            f"{env.device.type}, starting at step {start_step}", main=env.is_main)
+            f"{type(optimizer).__name__} weight decay {config['adamw_weight_decay']:.3g} x lr, {env.world_size} "
+            f"process(es) on {env.device.type}, starting at step {start_step}", main=env.is_main)
+    if loaded and not start_step:
+        run.say(loaded, main=env.is_main)
     last = {}
     with tr.Preemption(env) as preemption, contextlib.closing(log):
         for step in tr.progress(start_step, total_steps, env):
             batch = next(batches)
             lr = warmup_decay_lr(step, peak_lr=peak, total_steps=total_steps, warmup_steps=warmup_steps,
-                                 decay=args.decay, min_lr=args.min_lr)
+                                 decay=args.decay, min_lr=args.min_lr, warmup_start_factor=args.warmup_start_factor)
             tr.set_lr(optimizer, lr)
             metrics = train_step(model, optimizer, scaler, batch, step, args, env, spec.num_classes)
             window.add(torch.stack([metrics["loss_sum"], metrics["correct"],
@@ -782,7 +936,7 @@ def predict(args: argparse.Namespace) -> list[tuple[str, list[tuple[str, float]]
 def main(argv: list[str] | None = None) -> int:
     def command() -> None:
         args = parse_args(argv)
-        {"train": train, "history": history, "predict": predict}[args.command](args)
+        {"train": train, "finetune": train, "history": history, "predict": predict}[args.command](args)
 
     return exit_status(command)
 

@@ -95,6 +95,13 @@ TORCH_RECIPES = [
                                                           "random"), "torch", eval_only=True, **LOCALMIM_FLAGS),
     Recipe("localmim-linprobe", "localmim_freezeout.py", ("linprobe", *LOCALMIM, "--depth", "2", "--pretrained",
                                                           "random"), "torch", eval_only=True, **LOCALMIM_FLAGS),
+    # The transfer stage on --init random (no upstream file: the run plumbing is what is tested here; the upstream
+    # paths, a train run and timm files, are tests/test_howtotrain.py's). Last, so that TORCH_RECIPES[:3] stay.
+    Recipe("howtotrain-finetune", "howtotrain_vit.py",
+           ("finetune", "--init", "random", "--model", "vit_tiny_patch16_224", "--img-size", "16", "--patch-size",
+            "4", "--depth", "1", "--embed-dim", "32", "--num-heads", "2", *TORCH_VIT, "--training-steps", "8",
+            "--warmup-steps", "2", "--eval-interval", "2"),
+           "torch", lr_flag="--lr", wider=("--embed-dim", "48"), every_step=("--eval-interval", "1"), eval_only=True),
 ]
 
 # ----------------------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, assert_user_error, recipe_env
 from PIL import Image
+from torch import nn
 
 import howtotrain_vit as recipe
 from common import augment, data
@@ -349,6 +351,174 @@ def test_benchmark_prints_throughput(tmp_path, capsys):
     assert not (tmp_path / "checkpoints").exists()
 
 
+# ---------------------------------------------------------------------------------------------- finetune (transfer)
+
+FINETUNE = ["--data", "digits", "--workers", "0", "--batch-size", "32", "--eval-batch-size", "120", "--log-interval",
+            "5", "--random-crop", "none", "--hflip", "0", "--test-crop-ratio", "1", "--lr-scaling", "none",
+            "--warmup-steps", "2", "--lr", "0.03"]
+# digits_run's architecture as timm names it (LEARN: width 64, 2 blocks, 2 heads, patch 4, 16 px).
+TIMM_SHAPE = dict(img_size=16, patch_size=4, depth=2, embed_dim=64, num_heads=2)
+TIMM_FLAGS = ["--model", "vit_tiny_patch16_224", "--patch-size", "4", "--depth", "2", "--embed-dim", "64",
+              "--num-heads", "2"]
+
+
+def finetune(*args) -> int:
+    return recipe.main(["finetune", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def timm_files(digits_run, tmp_path_factory) -> dict[str, Path]:
+    """digits_run's trained ViT as a timm checkpoint file, made as timm's released augreg ones are saved locally:
+    `timm.create_model(...)` (with a 5-class head of its own) loaded with the run's weights, `.state_dict()` saved
+    as .pth and as .safetensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=5, **TIMM_SHAPE)
+    trained = {k: v for k, v in final_state(digits_run)["model"].items() if not k.startswith("head.")}
+    assert set(model.load_state_dict(trained, strict=False).missing_keys) == {"head.weight", "head.bias"}
+    folder = tmp_path_factory.mktemp("timm")
+    torch.save(model.state_dict(), folder / "vit.pth")
+    save_file(model.state_dict(), str(folder / "vit.safetensors"))
+    return {".pth": folder / "vit.pth", ".safetensors": folder / "vit.safetensors"}
+
+
+def test_finetune_defaults_are_the_transfer_config():
+    """big_vision configs/transfer.py (the ImageNet row): lr 0.01, 20k steps, inception crop; SGD momentum 0.9 with
+    no weight decay, on a zero head."""
+    args = recipe.parse_args(["finetune", "--init", "random", "--model", "S/16"])
+    expected = dict(TRANSFER, lr=0.01, training_steps=20_000, random_crop="rrc", eval_interval=1000)
+    assert {key: getattr(args, key) for key in expected} == expected
+    model = recipe.create_model(args.model, dict(num_classes=10, img_size=32, depth=1), pre_logits=False,
+                                head_bias=recipe.head_bias(args.loss, 10))
+    optimizer = recipe.make_optimizer(model, args, recipe.peak_lr(args), torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.SGD) and {g["momentum"] for g in optimizer.param_groups} == {0.9}
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {0.0}
+    assert {g["decoupled_weight_decay"] for g in optimizer.param_groups} == {0.0}
+    assert not model.head.weight.any() and not model.head.bias.any(), "softmax transfer: a zero head, bias 0"
+
+
+def test_sgd_weight_decay_is_decoupled_as_adamws():
+    """--weight-decay means the same for finetune's SGD as for train's Adam: w *= 1 - wd * lr / peak per step,
+    outside the gradient (and the momentum)."""
+    args = recipe.parse_args(["finetune", "--init", "random", "--model", "S/16", "--weight-decay", "1e-3"])
+    layer = nn.Linear(3, 3)
+    nn.init.ones_(layer.weight)
+    nn.init.ones_(layer.bias)
+    optimizer = recipe.make_optimizer(layer, args, 0.01, torch.device("cpu"))  # peak lr 0.01
+    tr.set_lr(optimizer, 0.005)
+    layer.weight.grad, layer.bias.grad = torch.zeros(3, 3), torch.zeros(3)
+    optimizer.step()
+    torch.testing.assert_close(layer.weight.detach(), torch.full((3, 3), 1 - 1e-3 * 0.005 / 0.01))
+    assert torch.equal(layer.bias.detach(), torch.ones(3)), "biases are not decayed (big_vision: kernels only)"
+    assert not optimizer.state[layer.weight]["momentum_buffer"].any(), "the decay stays out of the momentum"
+
+
+def test_warmup_start_factor_is_linearlr():
+    """torch's LinearLR(start_factor=0.01) then cosine to min_lr, per step: the PyTorch study's schedule."""
+    kw = dict(peak_lr=5e-4, total_steps=1000, warmup_steps=100, min_lr=1e-6, warmup_start_factor=0.01)
+    assert recipe.warmup_decay_lr(0, **kw) == pytest.approx(5e-6)
+    assert recipe.warmup_decay_lr(50, **kw) == pytest.approx(5e-4 * (0.01 + 0.99 * 0.5))
+    assert recipe.warmup_decay_lr(100, **kw) == pytest.approx(5e-4)
+    assert recipe.warmup_decay_lr(1000, **kw) == pytest.approx(1e-6)
+
+
+def test_resmall_crop_is_transfer_pys_cifar_crop(capsys):
+    """resize_small(image / crop ratio) | random_crop(image): a window of the resized image, anywhere in it; the
+    host loader only."""
+    args = recipe.parse_args(["finetune", "--init", "random", "--model", "S/16", "--random-crop", "resmall",
+                              "--image-size", "24", "--test-crop-ratio", str(24 / 28), "--hflip", "0"])
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 20, 3), dtype=np.uint8))
+    resized = np.asarray(image.resize((56, 28), Image.BILINEAR))
+    windows = {resized[top:top + 24, left:left + 24].tobytes() for top in range(5) for left in range(33)}
+    offsets = set()
+    for _ in range(20):
+        crop = recipe.train_transform(args)(image)
+        assert crop.shape == (24, 24, 3) and crop.tobytes() in windows, "not a window of the resized image"
+        offsets.add(crop.tobytes())
+    assert len(offsets) > 5, "the crop is random"
+    assert_user_error(finetune("--init", "random", "--model", "S/16", "--random-crop", "resmall", "--loader", "gpu"),
+                      capsys, "--loader pil")
+
+
+def test_init_position_embedding_is_resized_as_torch_bicubic(timm_files):
+    """A 4 x 4 grid (16 px, patch 4) into a 24 px model (6 x 6): F.interpolate(bicubic, align_corners=False) on the
+    (1, D, g, g) grid, the class token's row kept; every other tensor as in the file, the head zero."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(timm_files[".safetensors"]))
+    model = recipe.create_model("vit_tiny_patch16_224", dict(num_classes=10, **dict(TIMM_SHAPE, img_size=24)),
+                                pre_logits=False, head_bias=0.0)
+    recipe.load_init_weights(model, dict(weights), "file")
+    grid = weights["pos_embed"][:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    loaded = model.state_dict()
+    torch.testing.assert_close(loaded["pos_embed"][:, 1:], expected.reshape(1, 36, 64), rtol=0, atol=1e-6)
+    assert torch.equal(loaded["pos_embed"][:, :1], weights["pos_embed"][:, :1])
+    for key, value in weights.items():
+        if key != "pos_embed" and not key.startswith("head."):
+            assert torch.equal(loaded[key], value), key
+    assert not loaded["head.weight"].any() and not loaded["head.bias"].any()
+
+
+def test_finetune_from_a_train_run_learns(digits_run, tmp_path):
+    out = tmp_path / "ft"
+    assert finetune("--init", digits_run, *FINETUNE, "--image-size", 16, "--training-steps", 30, "--output-dir",
+                    out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["trained_by"] == "howtotrain_vit.py finetune" and str(digits_run) in config["init_from"]
+    assert config["model_kwargs"]["embed_dim"] == 64 and config["pre_logits"] and config["loss"] == "softmax"
+    evals = [r for r in read_log(out) if "val_top1" in r]
+    assert evals[-1]["val_top1"] > 35, f"10 classes, chance is 10%: got {evals[-1]['val_top1']:.1f}%"
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_finetune_from_a_timm_file_at_another_size_learns(timm_files, tmp_path, suffix):
+    out = tmp_path / "ft"
+    assert finetune("--init", timm_files[suffix], *TIMM_FLAGS, *FINETUNE, "--image-size", 24, "--training-steps", 30,
+                    "--output-dir", out) == 0
+    state = final_state(out)
+    assert state["model"]["pos_embed"].shape == (1, 1 + 6 * 6, 64) and state["model"]["head.weight"].shape == (10, 64)
+    train_losses = list(losses(out).values())
+    evals = [r for r in read_log(out) if "val_top1" in r]
+    assert train_losses[-1] < train_losses[0] - 0.3, train_losses
+    assert evals[-1]["val_top1"] > 25, f"10 classes, chance is 10%: got {evals[-1]['val_top1']:.1f}%"
+
+
+def test_finetune_resumes_bitwise(timm_files, tmp_path):
+    """Stop after 3 steps and resume: the weights, the momentum and the log of an uninterrupted run (inception crop,
+    flip and one loader worker on, so that the data continue exactly too)."""
+    args = ["--init", timm_files[".pth"], *TIMM_FLAGS, *FINETUNE, "--image-size", 24, "--training-steps", 8,
+            "--random-crop", "rrc", "--hflip", "0.5", "--workers", 1, "--log-interval", 1, "--eval-interval", 100]
+    assert finetune(*args, "--output-dir", tmp_path / "straight") == 0
+    assert finetune(*args, "--stop-after", 3, "--output-dir", tmp_path / "stopped") == 0
+    assert finetune(*args, "--resume", "--output-dir", tmp_path / "stopped") == 0
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
+    for key, value in straight["model"].items():
+        assert torch.equal(resumed["model"][key], value), f"{key} differs after resuming"
+    for index, buffers in straight["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], buffers["momentum_buffer"])
+    assert losses(tmp_path / "straight") == losses(tmp_path / "stopped")
+
+
+def test_finetune_refuses_bad_init(digits_run, timm_files, tmp_path, capsys):
+    def refused(*args, words=()):
+        assert_user_error(finetune(*FINETUNE, "--training-steps", 2, "--output-dir", tmp_path / "run", *args),
+                          capsys, *words)
+        assert not (tmp_path / "run").exists(), "a refused finetune created its run folder"
+
+    refused(words=["--init"])
+    refused("--init", tmp_path / "missing", words=["missing", "does not exist"])
+    tr.save_checkpoint(tmp_path / "other" / "checkpoints", 1, {"model": {}, "step": 1,
+                                                              "config": {"trained_by": "dvt.py train"}})
+    refused("--init", tmp_path / "other", words=["dvt.py train, not of howtotrain_vit.py"])
+    refused("--init", timm_files[".pth"], words=["--model"])
+    refused("--init", timm_files[".safetensors"], *TIMM_FLAGS, "--embed-dim", 48, words=["does not match"])
+    refused("--init", digits_run, "--model", "B/16", words=["--model"])
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    refused("--init", tmp_path / "notes.pth", *TIMM_FLAGS, words=["notes.pth"])
+
+
 # ---------------------------------------------------------------------------------------------- presets
 
 PRESETS = REPO / "scripts" / "howtotrain"
@@ -362,35 +532,99 @@ PAPER = dict(epochs=300, batch_size=4096, lr=1e-3, lr_ref_batch=4096, weight_dec
              random_crop="rrc", hflip=0.5, test_crop_ratio=0.875, pre_logits=True, adam_b1=0.9, adam_b2=0.999)
 ROWS = {f"in1k_{short}_{level}_300ep": dict(PAPER, model=model, augreg=level) for short, (model, level) in GRID.items()}
 ROWS["imagenet_36ep"] = dict(PAPER, model="vit_small_patch16_224", augreg="medium2", epochs=36, batch_size=256)
+# ImageNet-21k, 300 epochs: the upstreams of timm's <model>_384.augreg_in21k_ft_in1k, from the names of the released
+# files (timm vision_transformer.py / vision_transformer_hybrid.py: {P}-i21k-300ep-lr_0.001-aug_{level}-wd_{AdamW
+# wd}-do_{reg}-sd_{reg}--imagenet2012-steps_20k-lr_{transfer lr}-res_384): (model, level, wd as big_vision's = AdamW
+# wd x 1e-3, reg, transfer lr). Class token and no pre-logits layer: the released ViTs as timm loads them.
+I21K = {"ti16": ("vit_tiny_patch16_224", "none", 3e-5, 0.0, 0.03),
+        "s32": ("vit_small_patch32_224", "light1", 3e-5, 0.0, 0.03),
+        "s16": ("vit_small_patch16_224", "light1", 3e-5, 0.0, 0.03),
+        "b32": ("vit_base_patch32_224", "light1", 1e-4, 0.0, 0.03),
+        "b16": ("vit_base_patch16_224", "medium1", 1e-4, 0.0, 0.01),
+        "l16": ("vit_large_patch16_224", "medium1", 1e-4, 0.1, 0.01),
+        "rti16": ("vit_tiny_r_s16_p8_224", "none", 3e-5, 0.0, 0.03),
+        "r26s32": ("vit_small_r26_s32_224", "medium2", 3e-5, 0.0, 0.03),
+        "r50l32": ("vit_large_r50_s32_224", "medium2", 1e-4, 0.0, 0.01)}
+I21K_PAPER = dict(PAPER, pre_logits=False)
+for short, (model, level, wd, reg, _) in I21K.items():
+    ROWS[f"i21k_{short}_{level}_300ep"] = dict(I21K_PAPER, model=model, augreg=level, weight_decay=wd, reg=reg)
+# ImageNet-21k, 30 epochs: big_vision configs/vit_i21k.py's aug_setting per model, wd 1e-4.
+for short, level in {"ti16": "none", "s32": "none", "s16": "light1", "b32": "light2", "b16": "light2",
+                     "l16": "medium2"}.items():
+    ROWS[f"i21k_{short}_{level}_30ep"] = dict(I21K_PAPER, model=I21K[short][0], augreg=level, epochs=30)
+# The transfer recipe (big_vision configs/transfer.py): SGD momentum 0.9, no weight decay, clip 1.0, batch 512,
+# 500 warmup steps + cosine, softmax, 384 px, eval resize_small(448) | central_crop(384); ImageNet 20k steps with
+# inception crop, CIFAR 10k steps with resmall_crop (the docstring's B/32 rows: lr 0.003 CIFAR-10, 0.01 CIFAR-100).
+TRANSFER = dict(image_size=384, test_crop_ratio=384 / 448, augreg="none", reg=0.0, mixup=0.0, loss="softmax",
+                label_smoothing=0.0, batch_size=512, lr_ref_batch=512, momentum=0.9, weight_decay=0.0, clip_grad=1.0,
+                warmup_steps=500, decay="cosine", min_lr=0.0, hflip=0.5)
+for short, (model, level, _, _, lr) in I21K.items():
+    ROWS[f"ft_i21k_{short}_in1k_384"] = dict(TRANSFER, model=model, lr=lr, training_steps=20_000, random_crop="rrc",
+                                            init=f"runs/howtotrain/i21k_{short}_{level}_300ep")
+for dataset, lr in (("cifar10", 0.003), ("cifar100", 0.01)):
+    ROWS[f"ft_i21k_b32_{dataset}"] = dict(TRANSFER, model="vit_base_patch32_224", lr=lr, training_steps=10_000,
+                                          random_crop="resmall", data=dataset, loader="pil",
+                                          init="runs/howtotrain/i21k_b32_light1_300ep")
+# The PyTorch study's own run (its README): vit-pytorch ViT(dim 1024, depth 6, heads 16, mlp 2048, dropout 0.1,
+# emb_dropout 0.1) at 224/16, batch 256, AdamW lr 5e-4, AdamW weight decay 0.05 (= 0.05 x 5e-4 in big_vision's
+# convention), LinearLR warmup from 1% over 10k steps, cosine to 1e-6, RandAugment 2 ops magnitude 9, mixup on.
+ROWS["port_lucidrain_vit_36ep"] = dict(
+    model="vit_large_patch16_224", patch_size=16, embed_dim=1024, depth=6, num_heads=16, mlp_dim=2048, dropout=0.1,
+    emb_dropout=0.1, image_size=224, epochs=36, batch_size=256, lr=5e-4, lr_scaling="none", adam_b1=0.9,
+    adam_b2=0.999, weight_decay=0.05 * 5e-4, warmup_steps=10_000, warmup_start_factor=0.01, decay="cosine",
+    min_lr=1e-6, randaug_layers=2, randaug_magnitude=9, pre_logits=False, loss="softmax")
+# The expected top-1 each header states: timm's results/results-imagenet.csv for the released checkpoints (3
+# decimals there, 2 here), transfer.py's docstring for the CIFAR rows; 'not verified' where there is no number.
+EXPECTED_TOP1 = {"in1k_s16_medium2_300ep": "78.85", "ft_i21k_b32_cifar10": "98.55", "ft_i21k_b32_cifar100": "91.35"}
+EXPECTED_TOP1 |= {f"ft_i21k_{short}_in1k_384": top1 for short, top1 in (
+    ("ti16", "78.42"), ("s32", "80.49"), ("s16", "83.80"), ("b32", "83.35"), ("b16", "86.00"), ("l16", "87.08"),
+    ("rti16", "75.96"), ("r26s32", "84.05"), ("r50l32", "86.18"))}
+for short, (_, level, *_) in I21K.items():  # an upstream's header: its transfer's number
+    EXPECTED_TOP1[f"i21k_{short}_{level}_300ep"] = "ImageNet-1k " + EXPECTED_TOP1[f"ft_i21k_{short}_in1k_384"]
+SOURCES = {"in1k_": "configs/vit_i1k.py", "i21k_": "i21k-300ep", "ft_": "configs/transfer.py"}
 
 
-def preset_argv(path: Path) -> list[str]:
-    """The flags after `howtotrain_vit.py train` in a preset, with ${VAR:-default} substituted."""
+def preset_argv(path: Path) -> tuple[str, list[str]]:
+    """The command and the flags after `howtotrain_vit.py COMMAND` in a preset, with ${VAR:-default} substituted."""
     text = path.read_text().replace("\\\n", " ")
     defaults = dict(re.findall(r"^(\w+)=\$\{\w+:-([^}]*)\}", text, re.M))
-    command = next(line for line in text.splitlines() if "howtotrain_vit.py train" in line)
-    words = shlex.split(command, comments=True)
+    line = next(line for line in text.splitlines() if re.search(r"howtotrain_vit\.py (train|finetune)", line))
+    words = shlex.split(line, comments=True)
     assert words[-1] == "$@", f"{path.name}: end the command with \"$@\" so that flags can be overridden"
-    words = words[words.index("train") + 1:-1]
-    return [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m[1]], word) for word in words]
+    command = next(w for w in words if w in ("train", "finetune"))
+    words = words[words.index(command) + 1:-1]
+    return command, [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults[m[1]], word) for word in words]
 
 
-def test_one_preset_per_grid_point_and_a_digits_demo():
+def preset_header(name: str) -> str:
+    return " ".join(line.lstrip("#").strip() for line in (PRESETS / f"{name}.sh").read_text().splitlines()[1:]
+                    if line.startswith("#"))
+
+
+def test_one_preset_per_row_and_a_digits_demo():
     assert {p.stem for p in PRESETS.glob("*.sh")} == set(ROWS) | {"digits_demo"}
 
 
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_preset_matches_the_paper(name):
-    argv = preset_argv(PRESETS / f"{name}.sh")
-    args = recipe.parse_args(["train", *argv])
+    command, argv = preset_argv(PRESETS / f"{name}.sh")
+    args = recipe.parse_args([command, *argv])
     expected = ROWS[name]
+    assert command == ("finetune" if name.startswith("ft_") else "train")
     got = {key: getattr(args, key) for key in expected}
     assert got == expected, {k: (got[k], v) for k, v in expected.items() if got[k] != v}
     assert args.output_dir == f"runs/howtotrain/{name}"
-    header = " ".join(line.lstrip("#").strip() for line in (PRESETS / f"{name}.sh").read_text().splitlines()[1:]
-                      if line.startswith("#"))
-    assert "not a paper row" in header or "configs/vit_i1k.py" in header and f"level {args.augreg}" in header, \
-        f"{name}: the header must name its source (big_vision configs/vit_i1k.py) and its AugReg level"
+    header = preset_header(name)
+    source = next((text for prefix, text in SOURCES.items() if name.startswith(prefix)), "not a paper row")
+    if name.endswith("_30ep"):
+        source = "configs/vit_i21k.py"
+    assert source in header, f"{name}: the header must name its source ({source})"
+    if name.startswith("in1k_"):
+        assert f"level {args.augreg}" in header, f"{name}: the header must name its AugReg level"
+    assert "Expected top-1:" in header, f"{name}: the header must state the expected top-1"
+    stated, top1 = header.split("Expected top-1:", 1)[1].strip(), EXPECTED_TOP1.get(name)
+    assert top1 in stated if top1 else stated.startswith("not verified"), \
+        f"{name}: the header must state the expected top-1 {top1 or 'not verified'}, not {stated[:80]!r}"
     flags = [w for w in argv if w.startswith("--")]
     assert len(flags) == len(set(flags)), f"{name}: a flag is given twice"
 
@@ -399,7 +633,7 @@ def test_presets_are_executable_bash():
     for path in PRESETS.glob("*.sh"):
         assert os.access(path, os.X_OK) and path.read_text().startswith("#!/usr/bin/env bash\n"), path
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
-    args = recipe.parse_args(["train", *preset_argv(PRESETS / "digits_demo.sh")])
+    args = recipe.parse_args(["train", *preset_argv(PRESETS / "digits_demo.sh")[1]])
     assert (args.data, args.output_dir, args.workers) == ("digits", "runs/howtotrain/digits_demo", 0)
 
 

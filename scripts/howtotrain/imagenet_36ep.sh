@@ -8,6 +8,7 @@
 # sqrt(256 / 4096) to 2.5e-4 (the square-root rule for Adam; the paper has no rule), the per-step weight decay stays
 # the paper's 1e-4 (AdamW weight_decay 1e-4 / 2.5e-4 = 0.4), and the 10k warmup steps are 2 of the 36 epochs.
 # The PyTorch study's own departures (a small custom ViT, AdamW wd 0.05, no crop or flip, squash resize) are not copied.
+# Expected top-1: not verified (no paper row or released checkpoint trains 36 epochs).
 #
 # Usage: bash scripts/howtotrain/imagenet_36ep.sh [FLAG ...]   (later flags override the preset's)
 #   DATA    ImageNet-1k: an ImageNet-layout folder or webdataset shards (default /data/imagenet)

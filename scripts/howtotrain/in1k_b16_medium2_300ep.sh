@@ -9,6 +9,9 @@
 # add --augreg strong2 --reg 0.1 to train that one.
 # --grad-accum 2: 256 images per GPU per micro-batch on 8 GPUs (an estimate for 80 GB GPUs, not measured
 # here); the global batch stays 4096 whatever the number of GPUs.
+# Expected top-1: not verified for this grid point; the released strong2 / --reg 0.1 one: 79.15,
+# timm's evaluation of the released vit_base_patch16_224.augreg_in1k
+# (pytorch-image-models results/results-imagenet.csv: resize 248 / crop 224, bicubic).
 #
 # Usage: bash scripts/howtotrain/in1k_b16_medium2_300ep.sh [FLAG ...]   (later flags override the preset's)
 #   DATA    ImageNet-1k: an ImageNet-layout folder or webdataset shards (default /data/imagenet)

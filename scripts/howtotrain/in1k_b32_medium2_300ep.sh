@@ -9,6 +9,9 @@
 # (checkpoint name ...-aug_medium2-wd_0.1-do_0.1-sd_0.1): add --reg 0.1 to train that one.
 # --grad-accum 1: 512 images per GPU per micro-batch on 8 GPUs (an estimate for 80 GB GPUs, not measured
 # here); the global batch stays 4096 whatever the number of GPUs.
+# Expected top-1: not verified for this grid point; with --reg 0.1 (the released one) 74.89,
+# timm's evaluation of the released vit_base_patch32_224.augreg_in1k
+# (pytorch-image-models results/results-imagenet.csv: resize 248 / crop 224, bicubic).
 #
 # Usage: bash scripts/howtotrain/in1k_b32_medium2_300ep.sh [FLAG ...]   (later flags override the preset's)
 #   DATA    ImageNet-1k: an ImageNet-layout folder or webdataset shards (default /data/imagenet)

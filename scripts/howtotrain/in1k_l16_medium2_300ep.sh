@@ -7,6 +7,7 @@
 # configs/vit_i1k.py, the paper's official config (which also adds the tanh pre-logits layer).
 # --grad-accum 4: 128 images per GPU per micro-batch on 8 GPUs (an estimate for 80 GB GPUs, not measured
 # here); the global batch stays 4096 whatever the number of GPUs.
+# Expected top-1: not verified (timm releases no augreg_in1k L/16).
 #
 # Usage: bash scripts/howtotrain/in1k_l16_medium2_300ep.sh [FLAG ...]   (later flags override the preset's)
 #   DATA    ImageNet-1k: an ImageNet-layout folder or webdataset shards (default /data/imagenet)

@@ -7,8 +7,8 @@
 # configs/vit_i1k.py, the paper's official config (which also adds the tanh pre-logits layer).
 # For S/32 the config picks medium1 since the change that brought in the sigmoid loss and -6.9 head bias used
 # here; the earlier softmax-loss version of the config picked light2 (add --augreg light2 for it).
-# Expected top-1: the paper gives this grid point only as a point of Fig. 4 (and the released augreg index), no
-# table value, so no number is asserted here.
+# Expected top-1: not verified (the paper gives this grid point only as a point of Fig. 4, and timm releases no
+# augreg_in1k S/32).
 # --grad-accum 1: 512 images per GPU per micro-batch on 8 GPUs (an estimate for 80 GB GPUs, not measured
 # here); the global batch stays 4096 whatever the number of GPUs.
 #
