@@ -1366,13 +1366,18 @@ def benchmark(args, env: tr.DistEnv, model, optimizer, scheduler, scaler, config
     flops = tr.train_flops_per_sample(lambda: build_model(config), (3, args.image_size, args.image_size))
     inference = benchmark_inference(tr.unwrap(model), config, args, env) if env.is_main else None
 
-    def step(_: dict | None) -> torch.Tensor:
-        return train_step(model, optimizer, scaler, batch, 0, args, env, augmenter, None)["loss_sums"]
+    real = None if args.data == "synthetic" else tr.train_batches(  # is the run input-bound?
+        args.data, train_augmentation(config), env, global_batch=args.batch_size, seed=args.seed, start_step=0,
+        workers=args.workers, num_classes=config["num_classes"], image_size=args.image_size, mean=MEAN, std=STD,
+        repeats=args.repeats, loader=args.loader)
 
-    return tr.benchmark(step, env, steps=args.benchmark_steps, global_batch=args.batch_size,
+    def step(real_batch: dict | None) -> torch.Tensor:
+        return train_step(model, optimizer, scaler, real_batch or batch, 0, args, env, augmenter, None)["loss_sums"]
+
+    return tr.benchmark(step, env, steps=args.benchmark_steps, global_batch=args.batch_size, real_batches=real,
                         train_flops_per_image=flops, model=args.model, image_size=args.image_size, grids=args.grids,
                         precision=args.precision if env.device.type == "cuda" else "fp32", compile=args.compile,
-                        inference=inference)
+                        loader=args.loader, inference=inference)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1381,10 +1381,16 @@ def benchmark(args: argparse.Namespace, env: tr.DistEnv) -> list[dict]:
         generator = torch.Generator(env.device).manual_seed(args.seed + env.rank)
         images = torch.randn(batch, 3, args.image_size, args.image_size, device=env.device, generator=generator)
         noise = torch.rand(batch, model.grid**2, device=env.device, generator=generator)
-        step = partial(pretrain_step, ddp, optimizer, tr.grad_scaler(env.device, args.precision), images, noise,
-                       plan.active_stages(0), plan.no_grad_units(0), args)
+        step = partial(pretrain_step, ddp, optimizer, tr.grad_scaler(env.device, args.precision))
+        stages, no_grad = plan.active_stages(0), plan.no_grad_units(0)
+        real = None  # the first fraction also fed from the input pipeline on real data: is the run input-bound?
+        if not results and args.data != "synthetic":
+            real = train_batches(args, env, config, 0)
         flops = step_flops(config, plan, batch)
-        result = tr.benchmark(lambda _, step=step: step(), env, steps=args.benchmark_steps,
+        result = tr.benchmark(lambda real_batch, step=step, images=images, noise=noise, stages=stages,
+                              no_grad=no_grad: step(real_batch["image"] if real_batch else images, noise, stages,
+                                                    no_grad, args),
+                              env, steps=args.benchmark_steps, real_batches=real,
                               global_batch=batch * env.world_size, train_flops_per_image=flops / batch, echo=False,
                               model=args.model, image_size=args.image_size, frozen_fraction=fraction,
                               frozen_blocks=round(fraction * config["layers"]),

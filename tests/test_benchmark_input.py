@@ -49,13 +49,14 @@ def test_benchmark_input_counts_the_global_batch_and_prints_on_the_main_process_
     assert other["img_per_sec"] > 0
 
 
-@pytest.mark.parametrize("name", ["deit3", "howtotrain"])  # the JAX recipes share loop.benchmark
-def test_benchmark_on_real_data_reports_end_to_end_img_per_sec_beside_the_device_figure(name, jpeg_root, tmp_path,
-                                                                                      capsys):
+@pytest.mark.parametrize("name, extra", [("deit3", ()), ("howtotrain", ()), ("dvt", ()),
+                                         ("localmim-pretrain", ("--benchmark-frozen", "0"))])  # JAX: loop.benchmark
+def test_benchmark_on_real_data_reports_end_to_end_img_per_sec_beside_the_device_figure(name, extra, jpeg_root,
+                                                                                      tmp_path, capsys):
     (recipe,) = [r for r in RECIPES if r.name == name]
     out = tmp_path / "run"
     code = call(recipe, "--data", jpeg_root, "--output-dir", out, "--benchmark", "--benchmark-steps", "2",
-                "--workers", "1")
+                "--workers", "1", *extra)
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     result = json.loads(captured.out.strip().splitlines()[-1])
