@@ -557,7 +557,7 @@ def run(args: argparse.Namespace) -> dict:
                                     repeats=args.augment_repeats, loader=args.loader, model=args.model,
                                     image_size=args.image_size)
     mesh, model, config, optimizer, schedule, state, run_config = setup(args)
-    loader = loop.loader_choice(args.loader)
+    loader = loop.loader_choice(args.loader, train_augmentation(args))
     num_classes, total_steps = config.num_classes, run_config["total_steps"]
     base_keys = {"mixup": jax.random.PRNGKey(args.mixup_seed), "dropout": jax.random.PRNGKey(args.dropout_seed)}
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)

@@ -586,7 +586,7 @@ def run(args: argparse.Namespace) -> dict:
                                     repeats=args.augment_repeats, loader=args.loader, model=args.model,
                                     recipe=args.recipe, image_size=args.image_size)
     mesh, model, teacher, config, optimizer, schedule, state, run_config = setup(args)
-    loader = loop.loader_choice(args.loader)
+    loader = loop.loader_choice(args.loader, train_augmentation(args))
     num_classes, total_steps = config.num_classes, run_config["total_steps"]
     inputs = make_inputs(args, num_classes, jax.random.PRNGKey(args.mixup_seed))
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)

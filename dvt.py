@@ -816,9 +816,7 @@ def init_weights_from(model: DVT, path: str) -> None:
 
 def loader_of(args: argparse.Namespace, env: tr.DistEnv) -> str:
     """--loader: auto takes the host loader for the CIFAR transfers' padded crop, which only the host runs."""
-    if args.loader == "auto" and args.random_crop == "pad":
-        return "pil"
-    return gpu_input.loader_choice(args.loader, env.device)
+    return gpu_input.loader_for(args.loader, env.device, train_augmentation(vars(args)))
 
 
 def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:

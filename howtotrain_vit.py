@@ -304,8 +304,6 @@ def resolve_train_args(args: argparse.Namespace) -> None:
                                                              "log_interval", "lr_ref_batch", "benchmark_steps")})
     if args.randaug_layers < 0 or args.randaug_magnitude < 0 or args.mixup < 0 or args.cutmix < 0:
         raise UserError("RandAugment layers and magnitude and the mixup and cutmix alphas must be >= 0")
-    if args.random_crop == "resmall" and args.loader == "gpu":
-        raise UserError("--random-crop resmall runs on the host: use --loader pil (or auto)")
     if args.random_crop == "resmall" and randaug_policy(args):
         raise UserError("--random-crop resmall (big_vision's transfer crop) takes no RandAugment: add --augreg none")
     if not 0 <= args.warmup_start_factor <= 1:
@@ -548,8 +546,8 @@ def train_augmentation(args: argparse.Namespace) -> dict[str, Any] | transforms.
 
 
 def input_loader(args: argparse.Namespace, device: torch.device) -> str:
-    """--loader auto|gpu|pil -> gpu or pil; the host-only resmall crop makes auto pil."""
-    return "pil" if args.random_crop == "resmall" else gpu_input.loader_choice(args.loader, device)
+    """--loader auto|gpu|pil -> gpu or pil; the host-only resmall crop makes auto pil (and gpu an error)."""
+    return gpu_input.loader_for(args.loader, device, train_augmentation(args))
 
 
 def train_transform(args: argparse.Namespace):

@@ -1467,7 +1467,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "knn":
                 return knn(args, argv, env)
             args.compile = tr.wants_compile(args.compile, env.device)  # config.json records what ran
-            args.loader = gpu_input.loader_choice(args.loader, env.device)
+            args.loader = gpu_input.loader_for(args.loader, env.device, train_augmentation(args))
             if args.benchmark_input:
                 return benchmark_input(args, env)
             if args.command == "pretrain":

@@ -771,7 +771,7 @@ def run(args: argparse.Namespace) -> dict:
                                     repeats=1, loader=args.loader, stage=args.stage, model=args.model,
                                     image_size=args.image_size)
     mesh, model, head, optimizer, schedule, state, run_config = setup(args)
-    loader = loop.loader_choice(args.loader)
+    loader = loop.loader_choice(args.loader, train_augmentation(args))
     num_classes, total_steps = run_config["num_classes"], run_config["total_steps"]
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     train_step = jax.jit(make_step(args, model, head, optimizer, schedule, num_classes),

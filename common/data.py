@@ -427,7 +427,7 @@ def _check_batch(global_batch: int, process_count: int) -> int:
 
 def train_batches(data: str, transform: Transform, *, global_batch: int, seed: int, repeats: int = 1,
                   start_step: int = 0, workers: int, process_index: int = 0, process_count: int = 1,
-                  shuffle_buffer: int = 2000) -> Iterator[dict]:
+                  shuffle_buffer: int = 2000, pin_memory: bool = False) -> Iterator[dict]:
     """Endless per-host training batches {"image", "label", "skipped"} starting at global step `start_step`.
 
     transform: PIL image -> uint8 HWC array (`common.augment.train_transform`).
@@ -437,6 +437,8 @@ def train_batches(data: str, transform: Transform, *, global_batch: int, seed: i
     Folders, digits and cifar resume exactly (batch k depends on (seed, k) only). Webdataset shards cannot:
     a resumed run continues at the right step with a fresh shuffle seeded by (seed, start_step, host).
     shuffle_buffer: samples per loader worker in webdataset's shuffle buffer (shards only).
+    pin_memory: the batches land in page-locked memory, copied there by the DataLoader's pinning thread (not the
+        training loop), so that a CUDA copy of them is asynchronous (PyTorch recipes on GPUs).
     """
     local_batch = _check_batch(global_batch, process_count)
     if repeats < 1:
@@ -448,16 +450,17 @@ def train_batches(data: str, transform: Transform, *, global_batch: int, seed: i
         urls = _train_shard_urls(data, kind)
         return _shard_train_batches(urls, transform, local_batch=local_batch, repeats=repeats, seed=seed,
                                     start_step=start_step, workers=workers, process_index=process_index,
-                                    process_count=process_count, shuffle_buffer=shuffle_buffer)
+                                    process_count=process_count, shuffle_buffer=shuffle_buffer, pin_memory=pin_memory)
     train, _, _ = _splits(kind, data)
     sampler = _TrainBatchSampler(len(train), global_batch=global_batch, seed=seed, repeats=repeats,
                                  start_step=start_step, process_index=process_index, process_count=process_count)
     dataset = _DecodingDataset(train, transform, skip_bad=True)
-    return _host_batches(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate))
+    return _host_batches(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+                                    pin_memory=pin_memory))
 
 
 def eval_batches(data: str, transform: Transform, *, global_batch: int, workers: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+                 process_count: int = 1, pin_memory: bool = False) -> Iterator[dict]:
     """Per-host batches {"image", "label", "skipped"} covering the val split once over all hosts.
 
     Every host yields the same number of batches of global_batch // process_count; slots past the end (and
@@ -486,7 +489,8 @@ def eval_batches(data: str, transform: Transform, *, global_batch: int, workers:
     batches = [[(p if p < len(val) else -1, None) for p in range(start + offset, start + offset + local_batch)]
                for start in range(0, len(val), global_batch)]
     dataset = _DecodingDataset(val, transform, skip_bad=False)
-    return _host_batches(DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate))
+    return _host_batches(DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                                    pin_memory=pin_memory))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,13 +612,13 @@ class _ShardTrainStream(IterableDataset):
 
 def _shard_train_batches(urls: list[str], transform: Transform, *, local_batch: int, repeats: int, seed: int,
                          start_step: int, workers: int, process_index: int, process_count: int,
-                         shuffle_buffer: int) -> Iterator[dict]:
+                         shuffle_buffer: int, pin_memory: bool = False) -> Iterator[dict]:
     # Each host resamples from its own shards (all of them when there are fewer shards than hosts).
     host_urls = urls[process_index::process_count] if len(urls) >= process_count else urls
     host_seed = int(np.random.SeedSequence([seed, start_step, process_index]).generate_state(1)[0])
     stream = _ShardTrainStream(host_urls, transform, local_batch=local_batch, repeats=repeats, seed=host_seed,
                                shuffle_buffer=shuffle_buffer)
-    return _host_batches(DataLoader(stream, batch_size=None, num_workers=workers))
+    return _host_batches(DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory))
 
 
 class _ShardReader(IterableDataset):

@@ -35,7 +35,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -884,6 +884,24 @@ def loader_choice(flag: str, device: torch.device | str) -> str:
     if flag == "auto":
         return "gpu" if torch.device(device).type == "cuda" else "pil"
     return flag
+
+
+def loader_for(flag: str, device: torch.device | str, augmentation: Mapping[str, Any] | Callable) -> str:
+    """The loader a run uses: `loader_choice`, and 'gpu' only for an augmentation this module has (`augmentation`:
+    the keyword arguments of `AugSpec`, or a recipe's own PIL transform, which only the host runs). With --loader
+    auto an augmentation it lacks goes to the host loader; asked for with --loader gpu, it is a UserError."""
+    choice = loader_choice(flag, device)
+    if choice != "gpu":
+        return choice
+    try:
+        if not isinstance(augmentation, Mapping):
+            raise UserError("the recipe's augmentation here is a PIL transform, which only the host runs")
+        AugSpec(**augmentation)
+    except UserError as e:
+        if flag == "auto":
+            return "pil"
+        raise UserError(f"--loader gpu: {e}; use --loader pil") from None
+    return choice
 
 
 def _source(data_source: str) -> str:

@@ -118,11 +118,12 @@ def loader_device() -> Any:
     return torch.device("cpu")
 
 
-def loader_choice(flag: str) -> str:
-    """--loader auto|gpu|pil -> 'gpu' or 'pil' (auto: gpu when JAX runs on CUDA GPUs)."""
+def loader_choice(flag: str, augmentation: Mapping[str, Any]) -> str:
+    """--loader auto|gpu|pil -> 'gpu' or 'pil' (auto: gpu when JAX runs on CUDA GPUs and the augmentation is one
+    `common.gpu_input` has; `gpu_input.loader_for`)."""
     from common import gpu_input
 
-    return gpu_input.loader_choice(flag, loader_device())
+    return gpu_input.loader_for(flag, loader_device(), augmentation)
 
 
 def to_mesh(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
@@ -198,7 +199,7 @@ def benchmark_input(data_source: str, augmentation: Mapping[str, Any], *, global
     """--benchmark-input: the input pipeline alone (no model, nothing written), one JSON line, img_per_sec last."""
     dist.initialize()
     process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if loader_choice(loader) == "gpu":
+    if loader_choice(loader, augmentation) == "gpu":
         from common import gpu_input
 
         return gpu_input.benchmark_input(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,

@@ -141,11 +141,12 @@ def images_to_device(images: np.ndarray | torch.Tensor, device: torch.device, me
                      std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> normalised float32 (B, 3, H, W) on `device`: (x / 255 - mean) / std.
 
-    The batch crosses to the device as uint8 (4x fewer bytes than float32), from pinned memory on GPUs.
+    The batch crosses to the device as uint8 (4x fewer bytes than float32), from pinned memory on GPUs: pinned by
+    the DataLoader's pinning thread (`tr.train_batches` asks for it), here only if it came unpinned.
     mean/std in 0-1 units, as timm's constants.
     """
     images = torch.as_tensor(images)
-    if device.type == "cuda":
+    if device.type == "cuda" and images.device.type == "cpu" and not images.is_pinned():
         images = images.pin_memory()
     images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
     mean_t, std_t = _normalisation_constants(device, tuple(mean), tuple(std))
@@ -488,7 +489,7 @@ def train_batches(data_source: str, augmentation: Mapping[str, Any] | Callable, 
                                        normalize=(mean, std))
     host_batches = data.train_batches(data_source, transform, global_batch=global_batch, seed=seed, repeats=repeats,
                                       start_step=start_step, workers=workers, process_index=env.rank,
-                                      process_count=env.world_size)
+                                      process_count=env.world_size, pin_memory=env.device.type == "cuda")
     return batches_to_device(host_batches, env.device, mean, std)
 
 
@@ -506,7 +507,8 @@ def eval_batches(data_source: str, env: DistEnv, *, image_size: int, crop_ratio:
                                       normalize=(mean, std))
     transform = augment.eval_transform(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
     host_batches = data.eval_batches(data_source, transform, global_batch=global_batch, workers=workers,
-                                     process_index=index, process_count=processes)
+                                     process_index=index, process_count=processes,
+                                     pin_memory=env.device.type == "cuda")
     return batches_to_device(host_batches, env.device, mean, std)
 
 

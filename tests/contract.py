@@ -145,35 +145,39 @@ def call(recipe: Recipe, *args, capture: io.StringIO | None = None) -> int:
 
 
 def signal_at_step(step: int, signum: int, sent: list[int]):
-    """Patch common.data.train_batches so that `signum` reaches this process when the batch of step index `step`
-    (0-based: `step` steps are done) is asked for: during any step of the run, not only at a log record. Returns the
-    unpatched function."""
-    from common import data
+    """Patch the loaders' train_batches (common.data's and common.gpu_input's) so that `signum` reaches this process
+    when the batch of step index `step` (0-based: `step` steps are done) is asked for: during any step of the run, not
+    only at a log record. Returns the unpatched common.data.train_batches."""
+    from common import data, gpu_input
 
-    batches = data.train_batches
+    def then_signal(batches):
+        def batches_then_signal(*args, start_step: int = 0, **kwargs):
+            for index, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step):
+                if index >= step and not sent:
+                    sent.append(index)
+                    os.kill(os.getpid(), signum)
+                yield batch
 
-    def batches_then_signal(*args, start_step: int = 0, **kwargs):
-        for index, batch in enumerate(batches(*args, start_step=start_step, **kwargs), start_step):
-            if index >= step and not sent:
-                sent.append(index)
-                os.kill(os.getpid(), signum)
-            yield batch
+        return batches_then_signal
 
-    data.train_batches = batches_then_signal
-    return batches
+    unpatched = data.train_batches
+    data.train_batches = then_signal(unpatched)
+    gpu_input.train_batches = then_signal(gpu_input.train_batches)
+    return unpatched
 
 
 @contextlib.contextmanager
 def signal_during_step(step: int, signum: int = signal.SIGTERM):
     """Send `signum` to this process (as a scheduler would) while it trains step `step` + 1; yields [step] once sent."""
-    from common import data
+    from common import data, gpu_input
 
     sent: list[int] = []
+    on_device = gpu_input.train_batches
     batches = signal_at_step(step, signum, sent)
     try:
         yield sent
     finally:
-        data.train_batches = batches
+        data.train_batches, gpu_input.train_batches = batches, on_device
 
 
 KILLED_RUN = """
