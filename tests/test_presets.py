@@ -3,8 +3,9 @@
 Sources: DeiT III: Revenge of the ViT (Touvron, Cord, Jegou, ECCV 2022): the recipe of Table 1 and the
 ImageNet-1k / ImageNet-21k results; the official README (facebookresearch/deit README_revenge.md) for the final
 pretraining resolutions (B, L at 192, H at 160 -> 154), lr 4e-3 for ViT-S and the 800-epoch weight decay; per-size
-drop path as in the reference notes (which deit3-jax used to reproduce these rows). No training here: each
-preset's command line is parsed with `deit3_jax.parse_args` and compared field by field.
+drop path as in the reference notes (which deit3-jax used to reproduce these rows); the README's ViT-M rows and
+its 384 px rows and fine-tune commands (ImageNet-1k S/B/L; the ImageNet-21k 384 rows have no command). No training
+here: each preset's command line is parsed with `deit3_jax.parse_args` and compared field by field.
 """
 
 from __future__ import annotations
@@ -78,6 +79,13 @@ IN21K = {
     "h14": (126, 0.5, 0.45, 2, {90: 87.2}),
 }
 
+# Fine-tune at 384 (official README, "finetuning for ViT-S, B and L at resolution 384x384"): the 224 fine-tune's
+# recipe at 384 with the README's own drop path; from the 800-epoch pretraining. model -> (drop path, README top-1).
+IN1K_384 = {"s16": (0.0, 83.4), "b16": (0.15, 85.0), "l16": (0.4, 85.8)}
+# ImageNet-21k -> ImageNet-1k at 384: the README's rows, no command; the same recipe from the in1k fine-tune at 224,
+# with the in21k drop path. model -> (drop path, README top-1).
+IN21K_384 = {"s16": (0.05, 84.8), "b16": (0.1, 86.7), "l16": (0.3, 87.7)}
+
 # The offline demo (not a paper row): the README's first run, about 95% val top-1 in 3 minutes on 2 CPU cores.
 DIGITS_DEMO = dict(COMMON, data="digits", num_classes=10, model="t16", image_size=32, patch_size=4, layers=4, dim=96,
                    heads=3, drop_path=0.0, batch_size=64, epochs=20, warmup_epochs=2, optimizer="adamw",
@@ -106,6 +114,14 @@ def _rows() -> dict[str, tuple[dict, float | None]]:
             rows[f"in21k_{model}_{epochs}ep_finetune_in1k"] = (dict(
                 IN21K_FINETUNE, model=model, drop_path=ft_droppath, grad_accum=ft_accum,
                 pretrained_ckpt=f"runs/deit3/{pretrain}"), top1)
+    for model, (droppath, top1) in IN1K_384.items():
+        rows[f"in1k_{model}_800ep_finetune384"] = (dict(
+            IN1K_FINETUNE, model=model, image_size=384, drop_path=droppath,
+            pretrained_ckpt=f"runs/deit3/in1k_{model}_800ep_pretrain"), top1)
+    for model, (droppath, top1) in IN21K_384.items():
+        rows[f"in21k_{model}_240ep_finetune384"] = (dict(
+            IN1K_FINETUNE, model=model, image_size=384, drop_path=droppath,
+            pretrained_ckpt=f"runs/deit3/in21k_{model}_240ep_finetune_in1k"), top1)
     rows["digits_demo"] = (DIGITS_DEMO, None)
     for name, (expected, _) in rows.items():
         expected["output_dir"] = f"runs/deit3/{name}"
