@@ -4,6 +4,7 @@ the supervised-from-scratch ViT recipe of the MAE paper (He et al., CVPR 2022, A
     python deit_jax.py --model b16 --data /path/to/imagenet                              # DeiT-B, 300 epochs
     python deit_jax.py --model b16 --distill hard --teacher regnety_160 --teacher-ckpt regnety_160.pth ...
     python deit_jax.py --recipe mae --model l16 --data /path/to/imagenet                 # MAE's ViT-L from scratch
+    python deit_jax.py --model b16 --image-size 384 --init runs/deit/deit_b16 ...        # DeiT-B↑384 (§6)
 
 The two recipes train the same plain ViT (pre-norm blocks, position embedding on the cls token and the
 patches, drop path rising linearly with depth) and differ only in their hyperparameters, which `RECIPES`
