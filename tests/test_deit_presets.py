@@ -58,6 +58,10 @@ def test_one_preset_per_row():
     assert {p.stem for p in PRESETS.glob("*.sh")} - {"digits_demo"} == set(ROWS)
 
 
+def test_demo_says_it_is_not_a_paper_row():
+    assert "not a paper row" in header(PRESETS / "digits_demo.sh"), "digits_demo.sh: say it is not a paper row"
+
+
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_preset_matches_paper(name):
     expected, top1 = ROWS[name]
@@ -68,7 +72,10 @@ def test_preset_matches_paper(name):
     given = {word.split("=")[0][2:].removeprefix("no-").replace("-", "_") for word in argv if word.startswith("--")}
     implicit = sorted(set(expected) - given - {"teacher", "seed"})
     assert not implicit, f"{name}: hyperparameters left to the parser's defaults: {implicit}"
-    assert f"top-1 {top1}" in header(PRESETS / f"{name}.sh"), f"{name}: the header must cite the paper's top-1"
+    text = " ".join(line.lstrip("#").strip() for line in header(PRESETS / f"{name}.sh").splitlines())
+    assert f"top-1 {top1}" in text, f"{name}: the header must cite the paper's top-1"
+    paper = "He et al., CVPR 2022" if name.startswith("mae_") else "Touvron et al., ICML 2021"
+    assert paper in text and "Table" in text, f"{name}: the header must name its source ({paper}) and its table"
 
 
 @pytest.mark.parametrize("recipe,table", [("deit", DEIT), ("mae", MAE)])

@@ -454,6 +454,12 @@ def test_one_preset_per_paper_row():
     assert {p.stem for p in PRESETS.glob("*.sh")} - {"digits_demo"} == set(ROWS)
 
 
+def test_demo_says_it_is_not_a_paper_row():
+    from test_presets import header
+
+    assert "not a paper row" in header(PRESETS / "digits_demo.sh"), "digits_demo.sh: say it is not a paper row"
+
+
 @pytest.mark.parametrize("name", sorted(ROWS))
 def test_preset_matches_the_paper(name):
     from test_presets import read_preset
