@@ -41,10 +41,12 @@ from common.runlog import RunLog
 # from), so that its command lines run unchanged.
 # ----------------------------------------------------------------------------------------------
 
-# DeiT-III Table 9 / the ViT paper: (layers, dim, heads, patch size).
+# DeiT-III Table 9 / the ViT paper: (layers, dim, heads, patch size). ViT-M is the official README's (models_v2.py
+# `deit_medium_patch16_LS`, timm `deit3_medium_patch16_224`).
 MODEL_PRESETS = {
     "t16": dict(layers=12, dim=192, heads=3, patch_size=16),
     "s16": dict(layers=12, dim=384, heads=6, patch_size=16),
+    "m16": dict(layers=12, dim=512, heads=8, patch_size=16),
     "b16": dict(layers=12, dim=768, heads=12, patch_size=16),
     "l16": dict(layers=24, dim=1024, heads=16, patch_size=16),
     "h14": dict(layers=32, dim=1280, heads=16, patch_size=14),

@@ -4,6 +4,7 @@ the supervised-from-scratch ViT recipe of the MAE paper (He et al., CVPR 2022, A
     python deit_jax.py --model b16 --data /path/to/imagenet                              # DeiT-B, 300 epochs
     python deit_jax.py --model b16 --distill hard --teacher regnety_160 --teacher-ckpt regnety_160.pth ...
     python deit_jax.py --recipe mae --model l16 --data /path/to/imagenet                 # MAE's ViT-L from scratch
+    python deit_jax.py --model b16 --image-size 384 --init runs/deit/deit_b16 ...        # DeiT-B↑384 (§6)
 
 The two recipes train the same plain ViT (pre-norm blocks, position embedding on the cls token and the
 patches, drop path rising linearly with depth) and differ only in their hyperparameters, which `RECIPES`
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = loop.add_run_flags(p, output_dir="runs/deit")
     g.add_argument("--recipe", default="deit", help="hyperparameter set: " + " ".join(RECIPES))
     g.add_argument("--eval-only", action="store_true", help="evaluate the last checkpoint in --output-dir, then exit")
+    g.add_argument("--init", "--finetune", help="start from the weights of this deit_jax.py run (its last checkpoint), "
+                   "as DeiT main.py --finetune: the position embedding resized bicubically to --image-size, a head "
+                   "of another number of classes started afresh (DeiT-B at 384 from the 224 run)")
 
     g = p.add_argument_group("model (defaults: --model preset, then --recipe)")
     g.add_argument("--model", default="s16", help="preset: " + " ".join(MODEL_PRESETS))
@@ -539,6 +543,46 @@ def timm_export(path: Path, *, which: str = "last", ema: bool = False, arch: str
 
 
 # ----------------------------------------------------------------------------------------------
+# Initialisation from another run (DeiT §6 "Fine-tuning at different resolution"; main.py --finetune).
+# ----------------------------------------------------------------------------------------------
+
+
+def load_init(params: dict, path: str, config: ViTConfig) -> dict:
+    """`params` with every entry taken from the deit_jax.py run at `path`, as DeiT main.py --finetune: the patch
+    grid of the position embedding resized bicubically to this model's (cls / distillation rows kept), a head
+    whose number of classes differs left as initialised."""
+    if not os.path.exists(path):
+        raise UserError(f"--init {path} does not exist")
+    source, source_config = checkpoint.load_params_and_config(path)
+    if source_config.get("script") != "deit_jax.py":
+        raise UserError(f"--init {path} is not a run of deit_jax.py")
+    source = dict(source)
+    source_prefix = (source_config.get("pooling") == "cls") + bool(source_config.get("distilled"))
+    if source_prefix != config.prefix_tokens:
+        raise UserError(f"--init {path} has {source_prefix} cls/distillation tokens and this model "
+                        f"{config.prefix_tokens}: match its --pooling and --distill")
+    if source["pos_embed"].shape != params["pos_embed"].shape:
+        source["pos_embed"] = convert.resize_pos_embed(source["pos_embed"], config.grid,
+                                                       prefix_rows=config.prefix_tokens)
+    for head in ("head", "head_dist"):
+        if head in source and head in params and source[head]["kernel"].shape != params[head]["kernel"].shape:
+            say(f"note: --init {path}: its {head} has other classes than this run's; it starts from scratch")
+            source[head] = params[head]
+
+    def take(key_path, new):
+        name, old = "/".join(k.key for k in key_path), source
+        for key in key_path:
+            old = old.get(key.key) if isinstance(old, dict) else None
+        if old is None or old.shape != new.shape:
+            found = "no such parameter" if old is None else f"shape {old.shape}"
+            raise UserError(f"--init {path} does not fit this model: {name} has {found} there, {new.shape} here "
+                            f"(check --model / --layers / --dim / --patch-size)")
+        return jnp.asarray(old, new.dtype)
+
+    return jax.tree_util.tree_map_with_path(take, params)
+
+
+# ----------------------------------------------------------------------------------------------
 # The loop: one Mesh over all devices of all hosts, state replicated, batches sharded on 'data'.
 # ----------------------------------------------------------------------------------------------
 
@@ -565,6 +609,8 @@ def setup(args: argparse.Namespace):
 
     images = jnp.zeros((1, args.image_size, args.image_size, 3), jnp.float32)
     params = jax.jit(model.init)(jax.random.PRNGKey(args.init_seed), images)["params"]
+    if args.init:  # before the EMA copy: main.py builds its EMA from the loaded weights
+        params = load_init(params, args.init, config)
     optimizer = make_optimizer(args, schedule, params)
     state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
     if args.ema_decay > 0:

@@ -387,3 +387,23 @@ def test_deit3_jax_shard_pair_in_a_make_shards_folder_becomes_that_folder(tmp_pa
     args = deit3_jax.parse_args(["--train-dataset-shards", f"{tmp_path}/train-{{0..1}}.tar",
                                  "--valid-dataset-shards", f"{tmp_path}/val-{{0..0}}.tar"])
     assert args.data == str(tmp_path) and not hasattr(args, "valid_dataset_shards")
+
+
+def test_m16_exports_as_timm_deit3_medium_patch16_224():
+    """ViT-M of the official README (`--model m16`): its params load strict into timm's deit3_medium_patch16_224."""
+    import jax
+    import jax.numpy as jnp
+    import timm
+    import torch
+
+    import deit3_jax
+    from common import convert
+
+    args = deit3_jax.parse_args(["--model", "m16", "--num-classes", "1000"])
+    model = deit3_jax.VisionTransformer(deit3_jax.model_config(args, 1000))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"])
+    params = jax.tree_util.tree_map(lambda leaf: np.zeros(leaf.shape, np.float32), shapes)
+    export = convert.flax_params_to_timm(params, dict(vars(args), num_classes=1000), "deit3")
+    assert "'deit3_medium_patch16_224'" in export.create, export.create
+    reference = timm.create_model("deit3_medium_patch16_224", pretrained=False, num_classes=1000)
+    reference.load_state_dict({name: torch.from_numpy(value) for name, value in export.tensors.items()}, strict=True)

@@ -3,8 +3,9 @@
 Sources: DeiT III: Revenge of the ViT (Touvron, Cord, Jegou, ECCV 2022): the recipe of Table 1 and the
 ImageNet-1k / ImageNet-21k results; the official README (facebookresearch/deit README_revenge.md) for the final
 pretraining resolutions (B, L at 192, H at 160 -> 154), lr 4e-3 for ViT-S and the 800-epoch weight decay; per-size
-drop path as in the reference notes (which deit3-jax used to reproduce these rows). No training here: each
-preset's command line is parsed with `deit3_jax.parse_args` and compared field by field.
+drop path as in the reference notes (which deit3-jax used to reproduce these rows); the README's ViT-M rows and
+its 384 px rows and fine-tune commands (ImageNet-1k S/B/L; the ImageNet-21k 384 rows have no command). No training
+here: each preset's command line is parsed with `deit3_jax.parse_args` and compared field by field.
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ IN21K_FINETUNE = dict(IN21K_PRETRAIN, data=IN1K_DATA, num_classes=1000, image_si
                       lr=3e-4, label_mapping="scripts/deit3/in21k_to_in1k.json")
 
 # ImageNet-1k pretraining: model -> (pretrain image size, lr, {epochs: (weight decay, drop path, paper top-1)}).
-# Top-1 is the model's final number: at 224 after the 224 fine-tune for B, L, H; S is trained at 224 directly.
+# Top-1 is the model's final number: at 224 after the 224 fine-tune for B, L, H; S and M are trained at 224 directly.
+# ViT-M is the official README's row (83.0), which gives no ViT-M command: lr 3e-3 and wd 0.05 of the other
+# 800-epoch commands, drop path 0.1 chosen between ViT-S's 0.05 and ViT-B's 0.2 (the preset's header says so).
 IN1K = {
     "s16": (224, 4e-3, {400: (0.02, 0.0, 80.4), 800: (0.05, 0.05, 81.4)}),
+    "m16": (224, 3e-3, {800: (0.05, 0.1, 83.0)}),
     "b16": (192, 3e-3, {400: (0.02, 0.1, 83.5), 800: (0.05, 0.2, 83.8)}),
     "l16": (192, 3e-3, {400: (0.02, 0.4, 84.5), 800: (0.05, 0.5, 84.9)}),
     "h14": (154, 3e-3, {400: (0.02, 0.5, 85.1), 800: (0.05, 0.6, 85.2)}),
@@ -69,10 +73,18 @@ IN1K = {
 # {epochs: paper top-1 on ImageNet-1k after the fine-tune}).
 IN21K = {
     "s16": (224, 0.05, 0.05, 1, {90: 82.6, 240: 83.1}),
+    "m16": (224, 0.1, 0.1, 1, {240: 84.5}),  # the official README's row; drop path chosen (no source gives it)
     "b16": (224, 0.1, 0.1, 1, {90: 85.2, 240: 85.7}),
     "l16": (224, 0.3, 0.3, 1, {90: 86.8, 240: 87.0}),
     "h14": (126, 0.5, 0.45, 2, {90: 87.2}),
 }
+
+# Fine-tune at 384 (official README, "finetuning for ViT-S, B and L at resolution 384x384"): the 224 fine-tune's
+# recipe at 384 with the README's own drop path; from the 800-epoch pretraining. model -> (drop path, README top-1).
+IN1K_384 = {"s16": (0.0, 83.4), "b16": (0.15, 85.0), "l16": (0.4, 85.8)}
+# ImageNet-21k -> ImageNet-1k at 384: the README's rows, no command; the same recipe from the in1k fine-tune at 224,
+# with the in21k drop path. model -> (drop path, README top-1).
+IN21K_384 = {"s16": (0.05, 84.8), "b16": (0.1, 86.7), "l16": (0.3, 87.7)}
 
 # The offline demo (not a paper row): the README's first run, about 95% val top-1 in 3 minutes on 2 CPU cores.
 DIGITS_DEMO = dict(COMMON, data="digits", num_classes=10, model="t16", image_size=32, patch_size=4, layers=4, dim=96,
@@ -90,7 +102,7 @@ def _rows() -> dict[str, tuple[dict, float | None]]:
             pretrain = f"in1k_{model}_{epochs}ep_pretrain"
             rows[pretrain] = (dict(IN1K_PRETRAIN, model=model, image_size=size, epochs=epochs, lr=lr,
                                    weight_decay=wd, drop_path=droppath), top1)
-            if model != "s16":  # S is pretrained at 224: no fine-tune stage
+            if size != 224:  # S and M are pretrained at 224: no fine-tune stage
                 rows[f"in1k_{model}_{epochs}ep_finetune224"] = (dict(
                     IN1K_FINETUNE, model=model, drop_path=droppath,
                     pretrained_ckpt=f"runs/deit3/{pretrain}"), top1)
@@ -102,6 +114,14 @@ def _rows() -> dict[str, tuple[dict, float | None]]:
             rows[f"in21k_{model}_{epochs}ep_finetune_in1k"] = (dict(
                 IN21K_FINETUNE, model=model, drop_path=ft_droppath, grad_accum=ft_accum,
                 pretrained_ckpt=f"runs/deit3/{pretrain}"), top1)
+    for model, (droppath, top1) in IN1K_384.items():
+        rows[f"in1k_{model}_800ep_finetune384"] = (dict(
+            IN1K_FINETUNE, model=model, image_size=384, drop_path=droppath,
+            pretrained_ckpt=f"runs/deit3/in1k_{model}_800ep_pretrain"), top1)
+    for model, (droppath, top1) in IN21K_384.items():
+        rows[f"in21k_{model}_240ep_finetune384"] = (dict(
+            IN1K_FINETUNE, model=model, image_size=384, drop_path=droppath,
+            pretrained_ckpt=f"runs/deit3/in21k_{model}_240ep_finetune_in1k"), top1)
     rows["digits_demo"] = (DIGITS_DEMO, None)
     for name, (expected, _) in rows.items():
         expected["output_dir"] = f"runs/deit3/{name}"
