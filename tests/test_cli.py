@@ -157,3 +157,17 @@ def test_the_contracts_precision_names_parse_everywhere(script, command):
     for name in ("bf16", "fp32"):
         args = script_module(script).parse_args([*command, *extra, "--precision", name])
         assert args.precision in ({"bf16": "bfloat16", "fp32": "float32"}[name], name), args.precision
+
+
+PAPER_PRESETS = [p for p in PRESETS if p.stem != "digits_demo"]
+
+
+@pytest.mark.parametrize("preset", PAPER_PRESETS, ids=str)
+def test_every_preset_header_names_its_source_and_expected_top1(preset):
+    """Issue 15: a preset says where its values come from (a paper table, an official README or config, a study)
+    and what top-1 to expect (or that none is published / verified)."""
+    lines = (REPO / preset).read_text().splitlines()[1:]
+    header = "\n".join(line for line in lines[:next(i for i, x in enumerate(lines) if not x.startswith("#"))])
+    assert re.search(r"top-1", header, re.I), f"{preset}: the header states no expected top-1"
+    assert re.search(r"Table|README|paper|config|study|Fig\.|not a paper row", header, re.I), \
+        f"{preset}: the header names no source"

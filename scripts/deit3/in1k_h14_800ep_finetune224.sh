@@ -11,6 +11,9 @@
 # (its --min-lr default is 1e-5).
 # Drop path 0.6: as in pretraining (reference notes). The official README's command uses 0.55.
 #
+# Note: the official README's (README_revenge.md) command uses drop path 0.55; 0.6 follows the project's
+# reference notes of the paper's recipe. Which of the two gave the reported top-1 is not verified.
+#
 # Usage: bash scripts/deit3/in1k_h14_800ep_finetune224.sh [FLAG ...]   (later flags override the preset's)
 #   DATA        ImageNet-1k (default /data/imagenet)
 #   PRETRAINED  the pretraining run folder (default runs/deit3/in1k_h14_800ep_pretrain, its OUT)

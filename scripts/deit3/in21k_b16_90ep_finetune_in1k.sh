@@ -14,6 +14,9 @@
 # (deit3-jax's in21k_to_in1k.json has 999 pairs, in1k class 850 having no winter-21 id, and is a
 # {"src": [...], "dst": [...]} object: convert it to pairs.)
 #
+# Note: the official README's (README_revenge.md) command uses drop path 0.15; 0.1 follows the project's
+# reference notes of the paper's recipe. Which of the two gave the reported top-1 is not verified.
+#
 # Usage: bash scripts/deit3/in21k_b16_90ep_finetune_in1k.sh [FLAG ...]   (later flags override the preset's)
 #   DATA           ImageNet-1k (default /data/imagenet)
 #   PRETRAINED     the in21k pretraining run folder (default runs/deit3/in21k_b16_90ep_pretrain, its OUT)

@@ -5,6 +5,7 @@
 # (AdamW, per-epoch cosine with warmup 20 and cooldown 10, mixup 0.8 / cutmix 1.0, label smoothing 0.1, random erasing
 # 0.25, drop path 0.1, EMA) and the usual CIFAR crop (4-pixel padding) + flip. The lr 5e-4 at batch 128 and the 300
 # epochs are an untuned starting point; no accuracy was measured for this preset.
+# Expected top-1: none (not a paper row; no accuracy was measured).
 #
 # Usage: bash scripts/dvt/cifar_32px.sh [FLAG ...]   (later flags override the preset's)
 #   DATA    cifar10 or cifar100 (default cifar10; $VIT_RECIPES_DATA holds or receives the files)

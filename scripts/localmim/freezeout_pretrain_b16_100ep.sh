@@ -7,6 +7,7 @@
 # fine-tune): baseline 83.24, this setting 82.53 at -12.6% wall time on 1 GPU; without lr scaling (--not-scale-lr)
 # 82.85; t0 0.85 / 0.9: 82.65 / 82.79; linear t0 0.5: 82.50.
 # The study ran on 1 GPU with --accum_iter 8; GPUS=2, 4, 8 keep the effective batch at 2048.
+# Expected top-1 (after the fine-tune): 82.53 (the study's; not a paper row).
 #
 # Usage: bash scripts/localmim/freezeout_pretrain_b16_100ep.sh [FLAG ...]   (later flags override the preset's)
 #   DATA  ImageNet-1k (default /data/imagenet)

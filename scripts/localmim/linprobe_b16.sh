@@ -4,6 +4,7 @@
 # + a linear head (weight init std 0.01), LARS (momentum 0.9, trust 0.001, no weight decay), blr 0.1 with an effective
 # batch of 16384 (lr 6.4), 90 epochs, warmup 10, cosine to 0, RandomResizedCrop + flip, eval resize 256 / crop 224.
 # The FreezeOut study probed global-pool features instead; this script follows MAE and the issue: CLS.
+# Expected top-1: not verified (neither the LocalMIM paper nor its repo reports a linear probe).
 #
 # Usage: bash scripts/localmim/linprobe_b16.sh [FLAG ...]   (later flags override the preset's)
 #   DATA        ImageNet-1k (default /data/imagenet)
