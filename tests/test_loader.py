@@ -6,6 +6,7 @@ import json
 import signal
 
 import pytest
+from conftest import run_script
 from contract import (
     JAX_RECIPES,
     TORCH_RECIPES,
@@ -95,3 +96,17 @@ def test_loader_gpu_refuses_an_augmentation_only_the_host_runs(name, flags, word
     code = call(recipe, "--data", jpeg_root, "--output-dir", out, "--loader", "gpu", *flags)
     assert_one_error_line(code, capfd.readouterr().err, *words)
     assert not out.exists()
+
+
+def test_loader_gpu_batches_are_cut_over_the_devices_of_the_mesh(jpeg_root, tmp_path):
+    """JAX on 2 devices: each device takes its rows of the DLPack batch (loop.to_mesh), and the run logs the losses
+    of the run on one device (the same global batch, the same update)."""
+    (recipe,) = [r for r in JAX_RECIPES if r.name == "deit3"]
+    one, two = tmp_path / "one_device", tmp_path / "two_devices"
+    assert call(recipe, "--data", jpeg_root, "--output-dir", one, "--loader", "gpu") == 0
+    result = run_script(recipe.script, *recipe.args, "--data", jpeg_root, "--output-dir", two, "--loader", "gpu",
+                        devices=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [[r["loss"] for r in log_records(run) if "loss" in r] for run in (one, two)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5), losses
+    assert json.loads((two / "config.json").read_text())["devices"] == 2
