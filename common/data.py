@@ -37,7 +37,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,7 @@ def _is_url(data: str) -> bool:
     return "://" in data
 
 
-def _source_kind(data: str) -> str:
+def source_kind(data: str) -> str:
     """'synthetic' | 'digits' | 'cifar10' | 'cifar100' | 'folder' | 'shards' (info.json) | 'raw_shards'."""
     if data in BUILTIN_SOURCES:
         return data
@@ -117,7 +117,7 @@ def describe(data: str, num_classes: int = -1) -> DataSpec:
     num_classes: -1 reads it from the data; required (> 0) for raw shards, optional for synthetic (default
     1000); for other sources it must match the data when given.
     """
-    kind = _source_kind(data)
+    kind = source_kind(data)
     if kind == "synthetic":
         return DataSpec(num_classes if num_classes > 0 else 1000, None, None, None, "synthetic")
     if kind == "raw_shards":
@@ -125,11 +125,11 @@ def describe(data: str, num_classes: int = -1) -> DataSpec:
             raise UserError(f"webdataset shards {data} come without info.json: give the number of classes")
         return DataSpec(num_classes, None, None, None, "shards")
     if kind == "shards":
-        info = _shard_info(data)
+        info = shard_info(data)
         spec = DataSpec(int(info["num_classes"]), info["train"]["size"] if "train" in info else None,
                         info["val"]["size"] if "val" in info else None, info.get("class_names"), "shards")
     else:
-        train, val, class_names = _splits(kind, data)
+        train, val, class_names = splits(kind, data)
         spec = DataSpec(len(class_names), len(train), len(val) if val is not None else None, class_names,
                         kind)
     if num_classes > 0 and num_classes != spec.num_classes:
@@ -170,7 +170,7 @@ class _FileSplit:
         return os.fsdecode(self.paths[index])
 
 
-class _ArraySplit:
+class ArraySplit:
     """Labelled uint8 HWC images held in memory (digits, cifar)."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, source: str):
@@ -221,7 +221,7 @@ def _folder_splits(root: str) -> tuple[_FileSplit, _FileSplit | None, list[str]]
     return _FileSplit(paths, labels), val, class_names
 
 
-def _digits_splits() -> tuple[_ArraySplit, _ArraySplit, list[str]]:
+def _digits_splits() -> tuple[ArraySplit, ArraySplit, list[str]]:
     """scikit-learn's digits (UCI, 1797 images of 8x8 in 0..16): upscaled to 32x32 RGB; 20% val by a
     fixed-seed permutation."""
     from sklearn.datasets import load_digits
@@ -233,11 +233,11 @@ def _digits_splits() -> tuple[_ArraySplit, _ArraySplit, list[str]]:
     order = np.random.default_rng(0).permutation(len(images))
     num_val = len(images) // 5
     val, train = order[:num_val], order[num_val:]
-    return (_ArraySplit(images[train], digits.target[train], "digits/train"),
-            _ArraySplit(images[val], digits.target[val], "digits/val"), [str(i) for i in range(10)])
+    return (ArraySplit(images[train], digits.target[train], "digits/train"),
+            ArraySplit(images[val], digits.target[val], "digits/val"), [str(i) for i in range(10)])
 
 
-def _cifar_splits(name: str, root: Path) -> tuple[_ArraySplit, _ArraySplit, list[str]]:
+def _cifar_splits(name: str, root: Path) -> tuple[ArraySplit, ArraySplit, list[str]]:
     """torchvision's CIFAR10/CIFAR100 under `root` (downloaded there when absent). The md5 of the official files is
     checked when torchvision downloads the archive, not on every load, so a locally made file of the format works."""
     import torchvision
@@ -257,12 +257,13 @@ def _cifar_splits(name: str, root: Path) -> tuple[_ArraySplit, _ArraySplit, list
                             "folder that holds it") from None
 
     train, val = split(True), split(False)
-    return (_ArraySplit(train.data, np.asarray(train.targets), f"{name}/train"),
-            _ArraySplit(val.data, np.asarray(val.targets), f"{name}/val"), list(train.classes))
+    return (ArraySplit(train.data, np.asarray(train.targets), f"{name}/train"),
+            ArraySplit(val.data, np.asarray(val.targets), f"{name}/val"), list(train.classes))
 
 
-def _splits(kind: str, data: str):
-    """(train split, val split or None, class names) of a folder, digits or cifar source."""
+def splits(kind: str, data: str) -> tuple[Any, Any, list[str]]:
+    """(train split, val split or None, class names) of a folder, digits or cifar source (`source_kind`): map-style
+    splits, `len(split)` images, `split.load(i)` -> (PIL image or uint8 array, label)."""
     return _cached_splits(kind, data if kind == "folder" else str(data_cache_dir()))
 
 
@@ -293,7 +294,7 @@ def epoch_stream(num_samples: int, seed: int, epoch: int, repeats: int = 1) -> t
     return np.repeat(order, repeats)[:num_samples], sample_seeds
 
 
-class _TrainBatchSampler:
+class TrainBatchSampler:
     """Yields, for global steps start_step, start_step + 1, ..., this host's slice of the step's stream positions
     as groups (index, seeds): consecutive copies of one image, decoded once by `_DecodingDataset`."""
 
@@ -398,6 +399,14 @@ def forget_named_files() -> None:
     _NAMED_UNREADABLE.clear()
 
 
+def name_unreadable(entries: Iterable[str]) -> None:
+    """Name each unreadable file (path and reason) on stderr, once per run, whichever loader met it."""
+    for entry in entries:
+        if entry not in _NAMED_UNREADABLE:
+            _NAMED_UNREADABLE.add(entry)
+            print(f"warning: skipping unreadable image {entry}", file=sys.stderr, flush=True)
+
+
 def _host_batches(loader: DataLoader) -> Iterator[dict]:
     """Torch batches from `loader` -> numpy batches {"image", "label", "skipped"}; names each bad file once."""
     with warnings.catch_warnings():
@@ -406,14 +415,12 @@ def _host_batches(loader: DataLoader) -> Iterator[dict]:
         warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)
         batches = iter(loader)
     for batch in batches:
-        for entry in batch["bad"]:
-            if entry not in _NAMED_UNREADABLE:
-                _NAMED_UNREADABLE.add(entry)
-                print(f"warning: skipping unreadable image {entry}", file=sys.stderr, flush=True)
+        name_unreadable(batch["bad"])
         yield {"image": batch["image"].numpy(), "label": batch["label"].numpy(), "skipped": len(batch["bad"])}
 
 
-def _check_batch(global_batch: int, process_count: int) -> int:
+def check_batch(global_batch: int, process_count: int) -> int:
+    """The per-process batch of a global batch split over `process_count` processes (UserError if it does not split)."""
     if global_batch <= 0 or global_batch % process_count:
         raise UserError(f"the global batch {global_batch} must be a positive multiple of the "
                         f"{process_count} processes")
@@ -440,19 +447,19 @@ def train_batches(data: str, transform: Transform, *, global_batch: int, seed: i
     pin_memory: the batches land in page-locked memory, copied there by the DataLoader's pinning thread (not the
         training loop), so that a CUDA copy of them is asynchronous (PyTorch recipes on GPUs).
     """
-    local_batch = _check_batch(global_batch, process_count)
+    local_batch = check_batch(global_batch, process_count)
     if repeats < 1:
         raise UserError(f"repeats must be >= 1, got {repeats}")
-    kind = _source_kind(data)
+    kind = source_kind(data)
     if kind == "synthetic":
         raise UserError("synthetic batches are made on the device by the recipe, not by the data loader")
     if kind in ("shards", "raw_shards"):
-        urls = _train_shard_urls(data, kind)
+        urls = train_shard_urls(data, kind)
         return _shard_train_batches(urls, transform, local_batch=local_batch, repeats=repeats, seed=seed,
                                     start_step=start_step, workers=workers, process_index=process_index,
                                     process_count=process_count, shuffle_buffer=shuffle_buffer, pin_memory=pin_memory)
-    train, _, _ = _splits(kind, data)
-    sampler = _TrainBatchSampler(len(train), global_batch=global_batch, seed=seed, repeats=repeats,
+    train, _, _ = splits(kind, data)
+    sampler = TrainBatchSampler(len(train), global_batch=global_batch, seed=seed, repeats=repeats,
                                  start_step=start_step, process_index=process_index, process_count=process_count)
     dataset = _DecodingDataset(train, transform, skip_bad=True)
     return _host_batches(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
@@ -467,21 +474,21 @@ def eval_batches(data: str, transform: Transform, *, global_batch: int, workers:
     unreadable images) hold zeros with label -1, to be masked out. Sources without a val split (synthetic,
     raw shards, a folder without val/) yield no batches.
     """
-    local_batch = _check_batch(global_batch, process_count)
-    kind = _source_kind(data)
+    local_batch = check_batch(global_batch, process_count)
+    kind = source_kind(data)
     if kind in ("synthetic", "raw_shards"):
         return iter(())
     if kind == "shards":
-        val = _shard_info(data).get("val")
+        val = shard_info(data).get("val")
         if val is None:
             return iter(())
-        urls = _expand(_join(data, val["pattern"]))
+        urls = expand_shards(join_url(data, val["pattern"]))
         sizes = val.get("shard_sizes")
         if sizes is None or len(sizes) != len(urls):
-            raise UserError(f"{_join(data, 'info.json')}: val needs shard_sizes, one per shard")
+            raise UserError(f"{join_url(data, 'info.json')}: val needs shard_sizes, one per shard")
         return _shard_eval_batches(data, urls, sizes, transform, local_batch=local_batch, workers=workers,
                                    process_index=process_index, process_count=process_count)
-    _, val, _ = _splits(kind, data)
+    _, val, _ = splits(kind, data)
     if val is None:
         return iter(())
     # Global batch k holds val positions [k B, (k+1) B); host h its h-th slice; positions >= len(val) pad.
@@ -498,16 +505,17 @@ def eval_batches(data: str, transform: Transform, *, global_batch: int, workers:
 # ----------------------------------------------------------------------------------------------
 
 
-def _join(prefix: str, name: str) -> str:
+def join_url(prefix: str, name: str) -> str:
+    """`name` under a folder or URL prefix."""
     return prefix.rstrip("/") + "/" + name if _is_url(prefix) else os.path.join(prefix, name)
 
 
 @functools.lru_cache(maxsize=8)
-def _shard_info(data: str) -> dict:
+def shard_info(data: str) -> dict:
     """info.json of a shard folder / URL prefix (see scripts/make_shards.py)."""
     import webdataset as wds
 
-    location = _join(data, "info.json")
+    location = join_url(data, "info.json")
     try:
         with wds.gopen(location, "rb") as f:
             info = json.load(f)
@@ -518,27 +526,29 @@ def _shard_info(data: str) -> dict:
     return info
 
 
-def _expand(pattern: str) -> list[str]:
+def expand_shards(pattern: str) -> list[str]:
+    """A brace pattern ('train-{0000..0099}.tar') as the list of shard paths or URLs it names."""
     import webdataset as wds
 
     return wds.shardlists.expand_urls(pattern)
 
 
-def _train_shard_urls(data: str, kind: str) -> list[str]:
+def train_shard_urls(data: str, kind: str) -> list[str]:
+    """The training shards of a shard source: raw shards as given, or info.json's train pattern under its folder."""
     if kind == "raw_shards":
-        urls = _expand(data)
+        urls = expand_shards(data)
     else:
-        info = _shard_info(data)
+        info = shard_info(data)
         if "train" not in info:
-            raise UserError(f"{_join(data, 'info.json')} lists no train shards")
-        urls = _expand(_join(data, info["train"]["pattern"]))
+            raise UserError(f"{join_url(data, 'info.json')} lists no train shards")
+        urls = expand_shards(join_url(data, info["train"]["pattern"]))
     missing = [u for u in urls if not _is_url(u) and not u.startswith("pipe:") and not os.path.exists(u)]
     if missing:
         raise UserError(f"{len(missing)} of {len(urls)} shards are missing, e.g. {missing[0]}")
     return urls
 
 
-class _SkipLog:
+class SkipLog:
     """webdataset error handler that keeps going, remembering what it skipped (reported with the next batch).
     Many failures in a row (every shard missing, say) stop the run instead of looping forever."""
 
@@ -561,7 +571,7 @@ class _SkipLog:
         return bad
 
 
-def _decoded_samples(samples: Iterator[dict], skips: _SkipLog) -> Iterator[tuple[Image.Image, int]]:
+def _decoded_samples(samples: Iterator[dict], skips: SkipLog) -> Iterator[tuple[Image.Image, int]]:
     """webdataset samples ({"jpg": bytes, "cls": b"3", ...}) -> (RGB image, label); bad samples are skipped."""
     for sample in samples:
         try:
@@ -575,7 +585,8 @@ def _decoded_samples(samples: Iterator[dict], skips: _SkipLog) -> Iterator[tuple
         yield image, label
 
 
-def _worker() -> tuple[int, int]:
+def worker_slot() -> tuple[int, int]:
+    """(this DataLoader worker's index, the number of workers); (0, 1) in the main process."""
     info = get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
@@ -593,9 +604,9 @@ class _ShardTrainStream(IterableDataset):
     def __iter__(self):
         import webdataset as wds
 
-        worker, _ = _worker()
+        worker, _ = worker_slot()
         rng = random.Random(int(np.random.SeedSequence([self.seed, worker]).generate_state(1)[0]))
-        skips = _SkipLog()
+        skips = SkipLog()
         shards = (dict(url=rng.choice(self.urls)) for _ in itertools.count())
         samples = wds.tarfile_samples(shards, handler=skips)
         samples = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
@@ -631,8 +642,8 @@ class _ShardReader(IterableDataset):
     def __iter__(self):
         import webdataset as wds
 
-        worker, num_workers = _worker()
-        skips = _SkipLog()
+        worker, num_workers = worker_slot()
+        skips = SkipLog()
         samples = wds.tarfile_samples((dict(url=u) for u in self.urls[worker::num_workers]), handler=skips)
         images, labels = [], []
         for image, label in _decoded_samples(samples, skips):
@@ -693,7 +704,7 @@ def benchmark_input(data: str, transform: Transform, *, global_batch: int, worke
     img_per_sec is the global rate: this host's images/s x process_count (the hosts load in parallel). Compare it
     with --benchmark's figure: a recipe whose steps take more images/s than this is input-bound.
     """
-    if _source_kind(data) == "synthetic":
+    if source_kind(data) == "synthetic":
         raise UserError("--benchmark-input times the input pipeline and --data synthetic has none (its batches are "
                         "made on the device): give an image folder, shards, digits or cifar")
     if steps <= 0 or warmup < 0:

@@ -32,7 +32,6 @@ import json
 import math
 import random
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -306,7 +305,7 @@ def sample_params(spec: AugSpec, seed: int | None, height: int, width: int) -> d
 def _read_payload(split, index: int) -> tuple[np.ndarray, bool, int, int]:
     """(payload, is_jpeg, height, width) of one image: the file's bytes for a JPEG (the header is parsed to learn
     the size and that it is an image), else the decoded uint8 HWC pixels (PNG & co are rare; PIL decodes them)."""
-    if isinstance(split, data._ArraySplit):
+    if isinstance(split, data.ArraySplit):
         pixels = np.ascontiguousarray(split.images[index])
         if pixels.ndim == 2:
             pixels = np.repeat(pixels[..., None], 3, axis=-1)
@@ -428,7 +427,7 @@ class _WholeBatches:
             yield [groups]
 
 
-def _shard_item(sample: dict, spec: AugSpec, seeds: tuple[int, ...] | None, skips: data._SkipLog) -> dict | None:
+def _shard_item(sample: dict, spec: AugSpec, seeds: tuple[int, ...] | None, skips: data.SkipLog) -> dict | None:
     """A webdataset sample ({"jpg": bytes, "cls": b"3", ...}) as `_read_item`'s dict; None (logged) if unreadable."""
     name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
     try:
@@ -445,7 +444,7 @@ def _shard_item(sample: dict, spec: AugSpec, seeds: tuple[int, ...] | None, skip
 
 
 class _ShardByteStream(IterableDataset):
-    """`common.data._ShardTrainStream` reading bytes: endless packed batches of `local_batch` copies from shards
+    """`common.data`'s shard train stream reading bytes: endless packed batches of `local_batch` copies from shards
     drawn with replacement (so no host waits for another at an epoch's end). A repeat group that does not fit
     continues in the next batch."""
 
@@ -457,9 +456,9 @@ class _ShardByteStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         import webdataset as wds
 
-        worker, _ = data._worker()
+        worker, _ = data.worker_slot()
         rng = random.Random(int(np.random.SeedSequence([self.seed, worker]).generate_state(1)[0]))
-        skips = data._SkipLog()
+        skips = data.SkipLog()
         shards = (dict(url=rng.choice(self.urls)) for _ in itertools.count())
         samples = wds.tarfile_samples(shards, handler=skips)
         samples = wds.shuffle(self.shuffle_buffer, min(self.shuffle_buffer, 100), rng=rng)(samples)
@@ -487,15 +486,15 @@ def _shard_eval_host_batches(data_source: str, spec: AugSpec, *, local_batch: in
     one needs, and the others pad up to that count (as `common.data`)."""
     import webdataset as wds
 
-    val = data._shard_info(data_source).get("val")
+    val = data.shard_info(data_source).get("val")
     if val is None:
         return
-    urls = data._expand(data._join(data_source, val["pattern"]))
+    urls = data.expand_shards(data.join_url(data_source, val["pattern"]))
     sizes = val.get("shard_sizes")
     if sizes is None or len(sizes) != len(urls):
-        raise UserError(f"{data._join(data_source, 'info.json')}: val needs shard_sizes, one per shard")
+        raise UserError(f"{data.join_url(data_source, 'info.json')}: val needs shard_sizes, one per shard")
     num_batches = max(math.ceil(sum(sizes[h::process_count]) / local_batch) for h in range(process_count))
-    skips = data._SkipLog()
+    skips = data.SkipLog()
     items: list[dict | None] = []
     emitted = 0
     samples = wds.tarfile_samples((dict(url=u) for u in urls[process_index::process_count]), handler=skips)
@@ -786,14 +785,6 @@ def random_erasing(x: torch.Tensor, boxes: torch.Tensor, seeds: torch.Tensor) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def _name_once(entries: list[str]) -> None:
-    """Name each unreadable file once per run on stderr (the record `common.data` keeps)."""
-    for entry in entries:
-        if entry not in data._NAMED_UNREADABLE:
-            data._NAMED_UNREADABLE.add(entry)
-            print(f"warning: skipping unreadable image {entry}", file=sys.stderr, flush=True)
-
-
 def _replace_undecodable(batch: dict, images: list[torch.Tensor | None], spec: AugSpec, train: bool) -> list[str]:
     """Copies whose image could not be decoded: in training they take the next decodable image of the batch
     (their own seeds, params drawn again for its size), in evaluation they become padding (label -1)."""
@@ -840,7 +831,7 @@ def augment_batch(batch: dict, spec: AugSpec, device: torch.device, *, train: bo
     """
     images = _decode_payloads(batch, device)
     bad = list(batch["bad"]) + _replace_undecodable(batch, images, spec, train)
-    _name_once(bad)
+    data.name_unreadable(bad)
     size, count = spec.image_size, len(batch["label"])
     real = torch.nonzero(batch["owner"] >= 0).flatten()
     x = torch.zeros((count, 3, size, size), device=device)
@@ -905,7 +896,7 @@ def loader_for(flag: str, device: torch.device | str, augmentation: Mapping[str,
 
 
 def _source(data_source: str) -> str:
-    kind = data._source_kind(data_source)
+    kind = data.source_kind(data_source)
     if kind == "synthetic":
         raise UserError("synthetic batches are made on the device by the recipe, not by the data loader")
     return kind
@@ -924,7 +915,7 @@ def train_batches(data_source: str, spec: AugSpec, *, global_batch: int, seed: i
     Webdataset shards stream as in `common.data` (resampled shards, `shuffle_buffer` samples per worker; a resumed
     run reshuffles), their workers reading bytes only.
     """
-    data._check_batch(global_batch, process_count)
+    data.check_batch(global_batch, process_count)
     if repeats < 1:
         raise UserError(f"repeats must be >= 1, got {repeats}")
     if spec.random_erasing > 0 and normalize is None:
@@ -932,15 +923,15 @@ def train_batches(data_source: str, spec: AugSpec, *, global_batch: int, seed: i
     kind = _source(data_source)
     if kind in ("shards", "raw_shards"):
         # As common.data: shards resume at the right step with a fresh shuffle seeded by (seed, start_step, process).
-        urls = data._train_shard_urls(data_source, kind)
+        urls = data.train_shard_urls(data_source, kind)
         process_urls = urls[process_index::process_count] if len(urls) >= process_count else urls
         process_seed = int(np.random.SeedSequence([seed, start_step, process_index]).generate_state(1)[0])
         stream = _ShardByteStream(process_urls, spec, local_batch=global_batch // process_count, repeats=repeats,
                                   seed=process_seed, shuffle_buffer=shuffle_buffer)
         loader = DataLoader(stream, batch_size=None, num_workers=workers)
         return _device_batches(loader, spec, torch.device(device), True, normalize)
-    train, _, _ = data._splits(kind, data_source)
-    sampler = data._TrainBatchSampler(len(train), global_batch=global_batch, seed=seed, repeats=repeats,
+    train, _, _ = data.splits(kind, data_source)
+    sampler = data.TrainBatchSampler(len(train), global_batch=global_batch, seed=seed, repeats=repeats,
                                       start_step=start_step, process_index=process_index,
                                       process_count=process_count)
     loader = DataLoader(_ByteReader(train, spec, skip_bad=True), batch_sampler=_WholeBatches(sampler),
@@ -954,7 +945,7 @@ def eval_batches(data_source: str, spec: AugSpec, *, global_batch: int, workers:
     """Per-process batches covering the val split once (resize the shorter side to image_size / crop_ratio, centre
     crop), as `common.data.eval_batches`: slots past the end and unreadable images hold zeros with label -1.
     Val shards are read in this process (bytes only); sources without a val split yield no batches."""
-    local_batch = data._check_batch(global_batch, process_count)
+    local_batch = data.check_batch(global_batch, process_count)
     kind = _source(data_source)
     if kind == "raw_shards":
         return iter(())
@@ -963,7 +954,7 @@ def eval_batches(data_source: str, spec: AugSpec, *, global_batch: int, workers:
                                                 process_index=process_index, process_count=process_count)
         return (augment_batch(batch, spec, torch.device(device), train=False, normalize=normalize)
                 for batch in host_batches)
-    _, val, _ = data._splits(kind, data_source)
+    _, val, _ = data.splits(kind, data_source)
     if val is None:
         return iter(())
     offset = process_index * local_batch
