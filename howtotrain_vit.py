@@ -444,10 +444,7 @@ def read_init(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, torch
                         "needs); only a run of this script brings its own")
     if source == "random":
         return own, None, "no pretrained weights (--init random)"
-    try:
-        return own, convert.read_torch_state_dict(source, "--init"), source
-    except UserError as e:  # torch.load's reasons run over many lines; the contract prints one
-        raise UserError(str(e).splitlines()[0]) from None
+    return own, convert.read_torch_state_dict(source, "--init"), source
 
 
 def load_init_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> str:

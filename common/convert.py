@@ -185,7 +185,8 @@ def read_torch_state_dict(path: str, flag: str) -> dict:
 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
-        raise UserError(f"{flag} {path} is not a PyTorch state dict: {e}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch.load's run long
+        raise UserError(f"{flag} {path} is not a PyTorch state dict: {reason}") from None
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):
         raise UserError(f"{flag} {path} is not a PyTorch state dict")

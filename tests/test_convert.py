@@ -26,7 +26,7 @@ from timm.layers import resample_abs_pos_embed  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import deit3_jax  # noqa: E402
-from common import convert  # noqa: E402
+from common import UserError, convert  # noqa: E402
 
 SCRIPT = REPO / "scripts" / "convert_flax_to_timm.py"
 TOLERANCE = 1e-4
@@ -328,3 +328,15 @@ def test_script_on_a_real_checkpoint(tmp_path):
     saved = torch.load(tmp_path / "export/m.pth")
     expected = convert.flax_to_timm(params)
     assert set(saved) == set(expected) and all(np.array_equal(saved[k].numpy(), expected[k]) for k in expected)
+
+
+def test_an_unreadable_state_dict_is_one_error_line(tmp_path):
+    """torch.load's reasons run over many lines (weights_only's advice); the fault contract prints one."""
+    pickled = tmp_path / "object.pth"
+    torch.save({"model": object()}, pickled)  # refused by weights_only=True, with a long multi-line reason
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    for path in (pickled, garbage):
+        with pytest.raises(UserError) as error:
+            convert.read_torch_state_dict(str(path), "--init")
+        assert "\n" not in str(error.value) and "--init" in str(error.value), str(error.value)
