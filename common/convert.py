@@ -185,7 +185,8 @@ def read_torch_state_dict(path: str, flag: str) -> dict:
 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__  # torch.load's run long
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch.load's reasons run long, with terminal colours
+        reason = text.splitlines()[0] if text else type(e).__name__
         raise UserError(f"{flag} {path} is not a PyTorch state dict: {reason}") from None
     state = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(state, dict):

@@ -339,4 +339,5 @@ def test_an_unreadable_state_dict_is_one_error_line(tmp_path):
     for path in (pickled, garbage):
         with pytest.raises(UserError) as error:
             convert.read_torch_state_dict(str(path), "--init")
-        assert "\n" not in str(error.value) and "--init" in str(error.value), str(error.value)
+        assert "\n" not in str(error.value) and "\x1b" not in str(error.value) and "--init" in str(error.value), \
+            str(error.value)
