@@ -447,6 +447,19 @@ def read_init(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, torch
     return own, convert.read_torch_state_dict(source, "--init"), source
 
 
+def run_architecture(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, str | None]:
+    """The model to build, its starting weights and where they come from: `train`: the flags', from scratch;
+    `finetune`: --init's (`read_init`), but on --resume the run's own (its config.json), so that the upstream file
+    need not be there any more: the checkpoint holds the weights."""
+    if args.command != "finetune":
+        return dict(model=args.model, shape={}, pre_logits=args.pre_logits), None, None
+    saved = run.saved_config(args.output_dir) if args.resume else {}
+    if saved.get("init_from") and "model_kwargs" in saved:
+        shape = {k: v for k, v in saved["model_kwargs"].items() if k in SHAPE_KWARGS}
+        return dict(model=saved["model"], shape=shape, pre_logits=saved["pre_logits"]), None, saved["init_from"]
+    return read_init(args)
+
+
 def load_init_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: str) -> str:
     """Load everything but the head (the zero head of `create_model` stays). A position embedding of another grid is
     resized as the originals do (`convert.resize_pos_embed`: bicubic on the (1, D, g, g) grid, no antialiasing)."""
@@ -674,8 +687,7 @@ def run_training(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     if total_steps <= 0:
         raise UserError(f"{args.data} has no known size: give --training-steps")
     peak = peak_lr(args)
-    architecture, init_weights, init_from = read_init(args) if args.command == "finetune" else (
-        dict(model=args.model, shape={}, pre_logits=args.pre_logits), None, None)
+    architecture, init_weights, init_from = run_architecture(args)
     config = dict(vars(args), **run_record(f"{SCRIPT} {args.command}", args), model=architecture["model"],
                   pre_logits=architecture["pre_logits"], init_from=init_from, num_classes=spec.num_classes,
                   class_names=spec.class_names, peak_lr=peak, adamw_weight_decay=args.weight_decay / peak,

@@ -486,13 +486,19 @@ def test_finetune_from_a_timm_file_at_another_size_learns(timm_files, tmp_path, 
 
 
 def test_finetune_resumes_bitwise(timm_files, tmp_path):
-    """Stop after 3 steps and resume: the weights, the momentum and the log of an uninterrupted run (inception crop,
-    flip and one loader worker on, so that the data continue exactly too)."""
+    """Stop after 3 steps and resume (with the upstream file gone: the run's config gives the architecture): the
+    weights, the momentum and the log of an uninterrupted run (inception crop, flip and one loader worker on, so that
+    the data continue exactly too)."""
     args = ["--init", timm_files[".pth"], *TIMM_FLAGS, *FINETUNE, "--image-size", 24, "--training-steps", 8,
             "--random-crop", "rrc", "--hflip", "0.5", "--workers", 1, "--log-interval", 1, "--eval-interval", 100]
     assert finetune(*args, "--output-dir", tmp_path / "straight") == 0
     assert finetune(*args, "--stop-after", 3, "--output-dir", tmp_path / "stopped") == 0
-    assert finetune(*args, "--resume", "--output-dir", tmp_path / "stopped") == 0
+    upstream = Path(timm_files[".pth"])
+    moved = upstream.rename(upstream.with_suffix(".away"))  # the checkpoint holds the weights now
+    try:
+        assert finetune(*args, "--resume", "--output-dir", tmp_path / "stopped") == 0
+    finally:
+        moved.rename(upstream)
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "stopped")
     for key, value in straight["model"].items():
         assert torch.equal(resumed["model"][key], value), f"{key} differs after resuming"
