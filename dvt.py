@@ -613,15 +613,11 @@ def crop_augmentation(config: dict[str, Any], auto_augment: str | None) -> dict[
 
 
 def crop_transform(config: dict[str, Any], auto_augment: str | None):
-    return tr.host_transform(crop_augmentation(config, auto_augment), "pil")
+    return gpu_input.host_transform(crop_augmentation(config, auto_augment))
 
 
 def train_augmentation(config: dict[str, Any]) -> dict[str, Any] | Callable:
     return crop_augmentation(config, config["auto_augment"])
-
-
-def train_transform(config: dict[str, Any]):
-    return crop_transform(config, config["auto_augment"])
 
 
 def calibration_transform(config: dict[str, Any]):

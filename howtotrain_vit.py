@@ -561,7 +561,7 @@ def input_loader(args: argparse.Namespace, device: torch.device) -> str:
 
 
 def train_transform(args: argparse.Namespace):
-    return tr.host_transform(train_augmentation(args), "pil")
+    return gpu_input.host_transform(train_augmentation(args))
 
 
 def eval_transform(image_size: int, crop_ratio: float):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from common import UserError, data
+from common import UserError, augment, data
 
 RANDOM_CROPS = ("rrc", "src", "none")
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -1004,3 +1004,64 @@ def benchmark_input(data_source: str, spec: AugSpec, *, global_batch: int, worke
     if process_index == 0:
         print(json.dumps(result), flush=True)
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Either loader: what a recipe calls, whichever --loader resolved to (`loader_for`)
+# ----------------------------------------------------------------------------------------------
+
+
+def host_transform(augmentation: Mapping[str, Any] | Callable) -> Callable:
+    """The PIL transform of an augmentation description (`AugSpec`'s keyword arguments, as `common.augment` takes
+    them); a recipe's own PIL transform, for an augmentation only the host runs, passes through."""
+    return augment.train_transform(**augmentation) if isinstance(augmentation, Mapping) else augmentation
+
+
+def _spec(augmentation: Mapping[str, Any] | Callable) -> AugSpec:
+    if not isinstance(augmentation, Mapping):  # `loader_for` sends these to the host loader, or refuses them
+        raise UserError("--loader gpu cannot run the recipe's PIL transform: use --loader pil")
+    return AugSpec(**augmentation)
+
+
+def loader_train_batches(loader: str, data_source: str, augmentation: Mapping[str, Any] | Callable, *,
+                         global_batch: int, seed: int, start_step: int, workers: int, device: torch.device | str,
+                         process_index: int = 0, process_count: int = 1, repeats: int = 1,
+                         normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+                         pin_memory: bool = False) -> Iterator[dict]:
+    """This process's training batches from `loader`, one augmentation description for both: 'gpu' decodes and
+    augments on `device` (`train_batches`; normalised with `normalize`), 'pil' in host workers (`common.data`:
+    uint8 numpy batches, page-locked with `pin_memory`)."""
+    if loader == "gpu":
+        return train_batches(data_source, _spec(augmentation), global_batch=global_batch, seed=seed,
+                             start_step=start_step, workers=workers, device=device, process_index=process_index,
+                             process_count=process_count, repeats=repeats, normalize=normalize)
+    return data.train_batches(data_source, host_transform(augmentation), global_batch=global_batch, seed=seed,
+                              repeats=repeats, start_step=start_step, workers=workers, process_index=process_index,
+                              process_count=process_count, pin_memory=pin_memory)
+
+
+def loader_eval_batches(loader: str, data_source: str, *, image_size: int, crop_ratio: float, interpolation: str,
+                        global_batch: int, workers: int, device: torch.device | str, process_index: int = 0,
+                        process_count: int = 1, normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+                        pin_memory: bool = False) -> Iterator[dict]:
+    """The val split once from `loader` (resize the shorter side to image_size / crop_ratio, centre crop), as
+    `loader_train_batches` delivers training batches."""
+    if loader == "gpu":
+        spec = AugSpec(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
+        return eval_batches(data_source, spec, global_batch=global_batch, workers=workers, device=device,
+                            process_index=process_index, process_count=process_count, normalize=normalize)
+    transform = augment.eval_transform(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
+    return data.eval_batches(data_source, transform, global_batch=global_batch, workers=workers,
+                             process_index=process_index, process_count=process_count, pin_memory=pin_memory)
+
+
+def loader_benchmark_input(loader: str, data_source: str, augmentation: Mapping[str, Any] | Callable, *,
+                           global_batch: int, workers: int, steps: int, seed: int, device: torch.device | str,
+                           repeats: int = 1, process_index: int = 0, process_count: int = 1, **report: Any) -> dict:
+    """--benchmark-input for `loader`: the input pipeline alone, one JSON line, img_per_sec last."""
+    process = dict(process_index=process_index, process_count=process_count)
+    if loader == "gpu":
+        return benchmark_input(data_source, _spec(augmentation), global_batch=global_batch, workers=workers,
+                               steps=steps, device=device, seed=seed, repeats=repeats, **process, **report)
+    return data.benchmark_input(data_source, host_transform(augmentation), global_batch=global_batch,
+                                workers=workers, steps=steps, seed=seed, repeats=repeats, **process, **report)

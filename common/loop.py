@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from common import UserError, augment, checkpoint, data, dist, run, runtime
+from common import UserError, checkpoint, data, dist, run, runtime
 from common.checkpoint import Checkpointer
 from common.runlog import RunLog
 
@@ -163,17 +163,12 @@ def train_stream(data_source: str, augmentation: Mapping[str, Any], mesh: Mesh, 
         fixed = synthetic_batch(mesh, global_batch, image_size, num_classes, seed)
         while True:
             yield fixed, 0
-    if loader == "gpu":
-        from common import gpu_input
+    from common import gpu_input
 
-        batches = gpu_input.train_batches(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
-                                          seed=seed, repeats=repeats, start_step=start_step, workers=workers,
-                                          device=loader_device(), process_index=jax.process_index(),
-                                          process_count=jax.process_count())
-    else:
-        batches = data.train_batches(data_source, augment.train_transform(**augmentation), global_batch=global_batch,
-                                     seed=seed, repeats=repeats, start_step=start_step, workers=workers,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+    batches = gpu_input.loader_train_batches(loader, data_source, augmentation, global_batch=global_batch, seed=seed,
+                                             repeats=repeats, start_step=start_step, workers=workers,
+                                             device=loader_device(), process_index=jax.process_index(),
+                                             process_count=jax.process_count())
     for host_batch in batches:
         yield to_mesh(host_batch, mesh), int(host_batch.get("skipped", 0))
 
@@ -182,31 +177,25 @@ def eval_stream(data_source: str, *, image_size: int, crop_ratio: float, global_
                 loader: str = "pil", interpolation: str = "bicubic") -> Iterator[dict]:
     """This host's rows of each val batch (resize the shorter side to image_size / crop_ratio, centre crop), from
     either loader; `evaluate` puts them on the mesh."""
-    if loader == "gpu":
-        from common import gpu_input
+    from common import gpu_input
 
-        spec = gpu_input.AugSpec(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
-        return gpu_input.eval_batches(data_source, spec, global_batch=global_batch, workers=workers,
-                                      device=loader_device(), process_index=jax.process_index(),
-                                      process_count=jax.process_count())
-    transform = augment.eval_transform(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
-    return data.eval_batches(data_source, transform, global_batch=global_batch, workers=workers,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+    return gpu_input.loader_eval_batches(loader, data_source, image_size=image_size, crop_ratio=crop_ratio,
+                                         interpolation=interpolation, global_batch=global_batch, workers=workers,
+                                         device=loader_device(), process_index=jax.process_index(),
+                                         process_count=jax.process_count())
 
 
 def benchmark_input(data_source: str, augmentation: Mapping[str, Any], *, global_batch: int, workers: int,
                     steps: int, seed: int, repeats: int, loader: str, **report: Any) -> dict:
     """--benchmark-input: the input pipeline alone (no model, nothing written), one JSON line, img_per_sec last."""
-    dist.initialize()
-    process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    if loader_choice(loader, augmentation) == "gpu":
-        from common import gpu_input
+    from common import gpu_input
 
-        return gpu_input.benchmark_input(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
-                                         workers=workers, steps=steps, device=loader_device(), seed=seed,
-                                         repeats=repeats, **process, **report)
-    return data.benchmark_input(data_source, augment.train_transform(**augmentation), global_batch=global_batch,
-                                workers=workers, steps=steps, seed=seed, repeats=repeats, **process, **report)
+    dist.initialize()
+    return gpu_input.loader_benchmark_input(loader_choice(loader, augmentation), data_source, augmentation,
+                                            global_batch=global_batch, workers=workers, steps=steps, seed=seed,
+                                            device=loader_device(), repeats=repeats,
+                                            process_index=jax.process_index(), process_count=jax.process_count(),
+                                            **report)
 
 
 def check_batch_sizes(global_batch: int, eval_batch: int, *, mixing: bool) -> None:

@@ -48,7 +48,7 @@ import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
 
-from common import UserError, augment, data, gpu_input, run, runtime
+from common import UserError, data, gpu_input, run, runtime
 
 # ----------------------------------------------------------------------------------------------
 # Processes: torchrun / DDP over one or many nodes, or a single process
@@ -456,16 +456,6 @@ def add_loader_flag(group: argparse._ArgumentGroup | argparse.ArgumentParser) ->
                             "on a CUDA machine, pil elsewhere")
 
 
-def host_transform(augmentation: Mapping[str, Any] | Callable, loader: str) -> Callable:
-    """The PIL transform of an augmentation description (a recipe's own transform passes through); a transform that
-    only the host can run is refused for --loader gpu."""
-    if isinstance(augmentation, Mapping):
-        return augment.train_transform(**augmentation)
-    if loader == "gpu":
-        raise UserError(f"--loader gpu cannot run {augmentation}: use --loader pil")
-    return augmentation
-
-
 def train_batches(data_source: str, augmentation: Mapping[str, Any] | Callable, env: DistEnv, *, global_batch: int,
                   seed: int, start_step: int, workers: int, num_classes: int, image_size: int,
                   mean: tuple[float, ...], std: tuple[float, ...], repeats: int = 1,
@@ -474,23 +464,18 @@ def train_batches(data_source: str, augmentation: Mapping[str, Any] | Callable, 
     only, so a resumed run continues the sequence; `synthetic` repeats one device-made batch.
 
     augmentation: the keyword arguments of `common.augment.train_transform` (image_size, random_crop, scale, hflip,
-    color_jitter, auto_augment, interpolation), one description for both loaders: `loader` 'pil' decodes and
-    augments in host workers (`common.data`), 'gpu' on the device (`common.gpu_input`); or a recipe's own PIL
-    transform, for an augmentation only the host runs."""
+    color_jitter, auto_augment, interpolation), one description for both loaders (`gpu_input.loader_train_batches`):
+    `loader` 'pil' decodes and augments in host workers, 'gpu' on the device; or a recipe's own PIL transform, for an
+    augmentation only the host runs."""
     if data.describe(data_source).source == "synthetic":
         fixed = synthetic_batch(global_batch // env.world_size, image_size, num_classes, env.device, seed + env.rank,
                                 mean, std)
         return iter(lambda: fixed, None)
-    transform = host_transform(augmentation, loader)
-    if loader == "gpu":
-        return gpu_input.train_batches(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
-                                       seed=seed, start_step=start_step, workers=workers, device=env.device,
-                                       process_index=env.rank, process_count=env.world_size, repeats=repeats,
-                                       normalize=(mean, std))
-    host_batches = data.train_batches(data_source, transform, global_batch=global_batch, seed=seed, repeats=repeats,
-                                      start_step=start_step, workers=workers, process_index=env.rank,
-                                      process_count=env.world_size, pin_memory=env.device.type == "cuda")
-    return batches_to_device(host_batches, env.device, mean, std)
+    batches = gpu_input.loader_train_batches(loader, data_source, augmentation, global_batch=global_batch, seed=seed,
+                                             start_step=start_step, workers=workers, device=env.device,
+                                             process_index=env.rank, process_count=env.world_size, repeats=repeats,
+                                             normalize=(mean, std), pin_memory=env.device.type == "cuda")
+    return batches if loader == "gpu" else batches_to_device(batches, env.device, mean, std)
 
 
 def eval_batches(data_source: str, env: DistEnv, *, image_size: int, crop_ratio: float, interpolation: str,
@@ -500,16 +485,11 @@ def eval_batches(data_source: str, env: DistEnv, *, image_size: int, crop_ratio:
     this process's shard of each global batch, or with `shard` False the whole batch in every process. Padding rows
     and unreadable images carry label -1."""
     processes, index = (env.world_size, env.rank) if shard else (1, 0)
-    if loader == "gpu":
-        spec = gpu_input.AugSpec(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
-        return gpu_input.eval_batches(data_source, spec, global_batch=global_batch, workers=workers,
-                                      device=env.device, process_index=index, process_count=processes,
-                                      normalize=(mean, std))
-    transform = augment.eval_transform(image_size, crop_ratio=crop_ratio, interpolation=interpolation)
-    host_batches = data.eval_batches(data_source, transform, global_batch=global_batch, workers=workers,
-                                     process_index=index, process_count=processes,
-                                     pin_memory=env.device.type == "cuda")
-    return batches_to_device(host_batches, env.device, mean, std)
+    batches = gpu_input.loader_eval_batches(loader, data_source, image_size=image_size, crop_ratio=crop_ratio,
+                                            interpolation=interpolation, global_batch=global_batch, workers=workers,
+                                            device=env.device, process_index=index, process_count=processes,
+                                            normalize=(mean, std), pin_memory=env.device.type == "cuda")
+    return batches if loader == "gpu" else batches_to_device(batches, env.device, mean, std)
 
 
 def benchmark_input(data_source: str, augmentation: Mapping[str, Any] | Callable, env: DistEnv, *, global_batch: int,
@@ -517,15 +497,10 @@ def benchmark_input(data_source: str, augmentation: Mapping[str, Any] | Callable
                     **report: Any) -> dict:
     """--benchmark-input: the input pipeline alone (no model, nothing written), one JSON line with img_per_sec last,
     for the loader the run would use."""
-    transform = host_transform(augmentation, loader)
-    if loader == "gpu":
-        return gpu_input.benchmark_input(data_source, gpu_input.AugSpec(**augmentation), global_batch=global_batch,
-                                         workers=workers, steps=steps, device=env.device, seed=seed, repeats=repeats,
-                                         process_index=env.rank, process_count=env.world_size,
-                                         image_size=image_size, **report)
-    return data.benchmark_input(data_source, transform, global_batch=global_batch,
-                                workers=workers, steps=steps, seed=seed, repeats=repeats, process_index=env.rank,
-                                process_count=env.world_size, image_size=image_size, **report)
+    return gpu_input.loader_benchmark_input(loader, data_source, augmentation, global_batch=global_batch,
+                                            workers=workers, steps=steps, seed=seed, device=env.device,
+                                            repeats=repeats, process_index=env.rank, process_count=env.world_size,
+                                            image_size=image_size, **report)
 
 
 def progress(start_step: int, total_steps: int, env: DistEnv, desc: str = "train") -> Iterator[int]:
