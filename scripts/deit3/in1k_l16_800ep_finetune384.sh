@@ -7,8 +7,7 @@
 # AdamW lr 1e-5 (unscaled), wd 0.1, batch 16 x 32 GPUs = 512, 20 epochs (5 warmup from 1e-6), eval crop ratio
 # 1.0, RandAugment rand-m9-mstd0.5-inc1, CE + label smoothing 0.1, mixup 0.8 / cutmix 1.0, no repeats, no
 # random erasing, no gradient clipping; the pos-emb is resized bicubically to the 24 x 24 grid when loading.
-# Drop path 0.4: the README's 384 command, not the pretraining value (this repo's pretraining preset: 0.5, the
-# README's pretraining command: 0.45).
+# Drop path 0.4: the README's 384 command, not the pretraining value (pretraining: 0.45).
 # Color jitter 0: timm ignores the README's 0.3 whenever RandAugment is on. min-lr 1e-5 equals the peak lr, so
 # the lr stays at 1e-5 after warmup, as in the original code (its --min-lr default is 1e-5).
 # The README's command starts from "model_path" without naming it; this preset starts from the 800-epoch
