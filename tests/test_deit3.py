@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, assert_states_close, recipe_env, run_script
 from PIL import Image
 
@@ -254,6 +255,12 @@ def test_finetune_at_new_resolution_with_label_mapping_then_eval_only(tmp_path, 
     source, _ = checkpoint.load_params_and_config(pre)
     tuned, config = checkpoint.load_params_and_config(fine)
     assert config["image_size"] == 48 and tuned["pos_embed"].shape == (1, 36, 64)
+    # lr 0: the pos-emb is as loaded, resized as DeiT's main.py --finetune does it (F.interpolate, bicubic,
+    # align_corners=False on the (1, D, g, g) grid; DeiT-III has no cls row in it).
+    grid = torch.from_numpy(np.asarray(source["pos_embed"], np.float32)).reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    np.testing.assert_allclose(tuned["pos_embed"], expected.permute(0, 2, 3, 1).reshape(1, 36, 64).numpy(),
+                               rtol=0, atol=1e-6)
     np.testing.assert_allclose(tuned["head"]["kernel"][:, ::-1], source["head"]["kernel"], atol=1e-6)
     np.testing.assert_allclose(tuned["blocks_1"]["mlp"]["fc1"]["kernel"], source["blocks_1"]["mlp"]["fc1"]["kernel"],
                                atol=1e-6)

@@ -404,6 +404,24 @@ def test_finetune_learns_digits_from_the_pretrained_encoder(digits_run, tmp_path
     assert len(top1) == 3 and top1[-1] > 40 and top1[-1] > top1[0], top1
 
 
+def test_encoder_at_a_new_resolution_gets_the_originals_bicubic_pos_embed(digits_run):
+    """--pretrained at another image size (16 px -> 24 px: grid 4 -> 6): the patch grid of the position embedding is
+    resized as MAE's interpolate_pos_embed does it, F.interpolate(bicubic, align_corners=False) on (1, D, g, g), and
+    its cls row is kept."""
+    args = recipe.parse_args(["finetune", *ARCH, "--embed-dim", "64", "--image-size", "24",
+                              "--pretrained", str(digits_run)])
+    config = dict(vars(args), **recipe.arch_config(args), num_classes=10)
+    model = recipe.build_classifier(config)
+    recipe.load_encoder(model, str(digits_run), config)
+    source = read_encoder(digits_run)["pos_embed"]
+    grid = source[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected = torch.nn.functional.interpolate(grid, size=(6, 6), mode="bicubic", align_corners=False)
+    loaded = model.pos_embed.detach()
+    assert loaded.shape == (1, 37, 64)
+    torch.testing.assert_close(loaded[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 36, 64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(loaded[:, :1], source[:, :1], rtol=0, atol=0)
+
+
 def test_training_steps_set_the_length_and_the_last_step_evaluates_and_saves(tmp_path):
     """--training-steps 7 (inside the first epoch of 45 steps): the schedule ends at step 7, the last
     step is evaluated and checkpointed although no epoch ended."""
