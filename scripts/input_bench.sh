@@ -35,7 +35,7 @@ if [ -z "${DATA:-}" ]; then  # JPEGs of ImageNet's typical size and file size (~
   [ "$TINY" = 1 ] && COUNT=96 || COUNT=2048
   "$PY" - "$DATA" "$COUNT" <<'EOF'
 import sys
-from multiprocessing import Pool
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,7 @@ def write(index: int) -> None:
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-with Pool() as pool:
+with get_context("fork").Pool() as pool:  # the functions above live in this stdin script: fork, not spawn
     pool.map(write, range(count + count // 8))
 EOF
 fi
