@@ -791,13 +791,8 @@ def evaluate_run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
             tr.check_state_dict(model, weights, str(path))
             model.load_state_dict(weights)
             results |= evaluate(model.to(env.device), config, env, prefix)
-    if results:  # (synthetic data has no val split)
-        with contextlib.closing(RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard,
-                                       main=env.is_main)) as log:
-            log.write(state["step"], **results)
-    if env.is_main:
-        print(json.dumps(dict(results, step=state["step"], checkpoint=str(path))))
-    return results
+    return tr.report_eval(args.output_dir, state["step"], results, str(path), env, wandb=args.wandb,
+                          tensorboard=args.tensorboard)  # (synthetic data has no val split: no results)
 
 
 def init_weights_from(model: DVT, path: str) -> None:

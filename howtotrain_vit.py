@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
-import json
 import math
 import sys
 from collections import OrderedDict
@@ -797,13 +796,8 @@ def evaluate_run(args: argparse.Namespace, env: tr.DistEnv) -> dict:
     config = state["config"]
     data.describe(args.data, num_classes=config["num_classes"])  # the run's classes, or an error: line
     results = evaluate(model.to(env.device), args, env, config)
-    if results:  # (synthetic data has no val split)
-        with contextlib.closing(RunLog(args.output_dir, None, wandb_project=args.wandb, tensorboard=args.tensorboard,
-                                       main=env.is_main)) as log:
-            log.write(state["step"], **results)
-    if env.is_main:
-        print(json.dumps(dict(results, step=state["step"], checkpoint=str(path))))
-    return results
+    return tr.report_eval(args.output_dir, state["step"], results, str(path), env, wandb=args.wandb,
+                          tensorboard=args.tensorboard)  # (synthetic data has no val split: no results)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import UserError, data, gpu_input, run, runtime
+from common.runlog import RunLog
 
 # ----------------------------------------------------------------------------------------------
 # Processes: torchrun / DDP over one or many nodes, or a single process
@@ -629,6 +630,20 @@ def evaluate_classifier(model: nn.Module, batches: Iterator[dict], env: DistEnv,
         return {}
     return {f"{prefix}_loss": loss / count, f"{prefix}_top1": 100 * top1 / count, f"{prefix}_top5": 100 * top5 / count,
             f"{prefix}_images": int(count)}
+
+
+def report_eval(output_dir: str, step: int, results: dict[str, float], checkpoint: str, env: DistEnv, *,
+                wandb: str | None, tensorboard: bool) -> dict[str, float]:
+    """--eval-only: the results as one record of the run's log.jsonl (none when there was nothing to evaluate;
+    config.json and the checkpoints stay as they are) and, with the step and checkpoint, as one JSON line on
+    stdout."""
+    if results:
+        with contextlib.closing(RunLog(output_dir, None, wandb_project=wandb, tensorboard=tensorboard,
+                                       main=env.is_main)) as log:
+            log.write(step, **results)
+    if env.is_main:
+        print(json.dumps(dict(results, step=step, checkpoint=checkpoint)))
+    return results
 
 
 def benchmark(step: Callable[[dict | None], torch.Tensor], env: DistEnv, *, steps: int, global_batch: int,
