@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_states_close, recipe_env, run_script
+from conftest import REPO, assert_states_close, assert_user_error, recipe_env, run_script
 from PIL import Image
 
 from common import checkpoint
@@ -28,16 +28,6 @@ def run_main(*argv) -> int:
     import deit3_jax
 
     return deit3_jax.main([str(a) for a in argv])
-
-
-def assert_error(code: int, capsys, *words):
-    """Exit status 2 and a last stderr line `error: ...` naming `words`, without a traceback."""
-    err = capsys.readouterr().err
-    assert code == 2, err[-3000:]
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "Traceback" not in err, err[-3000:]
-    for word in words:
-        assert word in last, last
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -272,7 +262,7 @@ def test_finetune_at_new_resolution_with_label_mapping_then_eval_only(tmp_path, 
     assert result["val_loss"] == pytest.approx(logged["val_loss"], rel=1e-5), (result, logged)
     code = run_main(*TINY, "--training-steps", "1", "--pretrained-ckpt", tmp_path / "none", "--output-dir",
                     tmp_path / "bad")
-    assert_error(code, capsys, "none")
+    assert_user_error(code, capsys, "none")
 
 
 # ---------------------------------------------------------------------------------------------- deit3-jax's files
@@ -382,7 +372,7 @@ def test_a_deit3_jax_msgpack_checkpoint_loads_and_exports(tiny_run, tmp_path, ca
     assert "deit3_small" not in capsys.readouterr().out  # the tiny model has no timm name; it still loads strict
     code = run_main(*TINY, "--training-steps", "1", "--pretrained-ckpt", tmp_path / "from_run.pth.msgpack",
                     "--output-dir", tmp_path / "bad")
-    assert_error(code, capsys, "deit3-jax")
+    assert_user_error(code, capsys, "deit3-jax")
 
 
 def test_deit3_jax_shard_pair_in_a_make_shards_folder_becomes_that_folder(tmp_path):
