@@ -111,7 +111,7 @@ def _rows() -> dict[str, tuple[dict, float | None]]:
             pretrain = f"in1k_{model}_{epochs}ep_pretrain"
             rows[pretrain] = (dict(IN1K_PRETRAIN, model=model, image_size=size, epochs=epochs, lr=lr,
                                    weight_decay=wd, drop_path=droppath), top1)
-            if size != 224:  # S and M are pretrained at 224: no fine-tune stage
+            if ft_droppath is not None:  # None: S and M, pretrained at 224, have no fine-tune stage
                 rows[f"in1k_{model}_{epochs}ep_finetune224"] = (dict(
                     IN1K_FINETUNE, model=model, drop_path=ft_droppath,
                     pretrained_ckpt=f"runs/deit3/{pretrain}"), top1)

@@ -9,7 +9,7 @@
 # Color jitter 0: the original code's 0.3 is ignored by timm whenever RandAugment is on.
 # min-lr 1e-5 equals the peak lr, so the lr stays at 1e-5 after warmup, as in the original code
 # (its --min-lr default is 1e-5).
-# Drop path 0.55: the official README's command (pretraining: 0.6; the reference notes and deit3-jax: 0.6).
+# Drop path 0.55: the official README's command (pretraining, and the reference notes and deit3-jax here: 0.6).
 # Where the paper's Table 1 or the reference notes and the official README's command disagree, the preset
 # follows the README: its commands trained the released checkpoints, whose top-1 are the paper's numbers.
 #
