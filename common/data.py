@@ -694,37 +694,48 @@ def _shard_eval_batches(data: str, urls: list[str], sizes: list[int], transform:
 # ----------------------------------------------------------------------------------------------
 
 
-def benchmark_input(data: str, transform: Transform, *, global_batch: int, workers: int, steps: int,
-                    seed: int = 0, repeats: int = 1, warmup: int = 3, process_index: int = 0, process_count: int = 1,
-                    **report: Any) -> dict:
-    """Time the host input pipeline alone (`train_batches` with the recipe's transform, workers and repeats; no
-    model, no device): skip `warmup` batches (workers starting, first decodes), time the next `steps`, and print
-    (on process 0) and return one JSON line, `report` first and `img_per_sec` last, as --benchmark prints.
+def time_input(make_batches: Callable[[], Iterator[dict]], fields: dict[str, Any], *, steps: int, warmup: int,
+               process_index: int, process_count: int, sync: Callable[[], None] = lambda: None) -> dict:
+    """The clock of --benchmark-input, for either loader: build the batches, skip `warmup` of them (workers starting,
+    first decodes), time the next `steps` (`sync` waits for the device before each clock), and print (on process 0)
+    and return one JSON line: `fields`, then steps, skipped, batch_ms and `img_per_sec` last.
 
-    img_per_sec is the global rate: this host's images/s x process_count (the hosts load in parallel). Compare it
-    with --benchmark's figure: a recipe whose steps take more images/s than this is input-bound.
-    """
-    if source_kind(data) == "synthetic":
-        raise UserError("--benchmark-input times the input pipeline and --data synthetic has none (its batches are "
-                        "made on the device): give an image folder, shards, digits or cifar")
+    img_per_sec is the global rate: this host's images/s x process_count (the hosts load in parallel)."""
     if steps <= 0 or warmup < 0:
         raise UserError(f"the input benchmark needs steps > 0 and warmup >= 0, got {steps} and {warmup}")
-    batches = train_batches(data, transform, global_batch=global_batch, seed=seed, repeats=repeats, workers=workers,
-                            process_index=process_index, process_count=process_count)
+    batches = make_batches()
     try:
         for _ in range(warmup):
             next(batches)
+        sync()
         start, images, skipped = time.perf_counter(), 0, 0
         for _ in range(steps):
             batch = next(batches)
             images += len(batch["label"])
             skipped += batch["skipped"]
+        sync()
         seconds = time.perf_counter() - start
     finally:
         batches.close()  # shuts the loader workers down
-    result = dict(report, data=data, batch_size=global_batch, workers=workers, repeats=repeats, loader="pil",
-                  steps=steps, skipped=skipped, batch_ms=round(1000 * seconds / steps, 2),
+    result = dict(fields, steps=steps, skipped=skipped, batch_ms=round(1000 * seconds / steps, 2),
                   img_per_sec=round(images * process_count / seconds, 1))
     if process_index == 0:
         print(json.dumps(result), flush=True)
     return result
+
+
+def benchmark_input(data: str, transform: Transform, *, global_batch: int, workers: int, steps: int,
+                    seed: int = 0, repeats: int = 1, warmup: int = 3, process_index: int = 0, process_count: int = 1,
+                    **report: Any) -> dict:
+    """Time the host input pipeline alone (`train_batches` with the recipe's transform, workers and repeats; no
+    model, no device) with `time_input`: one JSON line, `report` first and `img_per_sec` last, as --benchmark prints.
+    Compare img_per_sec with --benchmark's figure: a recipe whose steps take more images/s than this is input-bound.
+    """
+    if source_kind(data) == "synthetic":
+        raise UserError("--benchmark-input times the input pipeline and --data synthetic has none (its batches are "
+                        "made on the device): give an image folder, shards, digits or cifar")
+    return time_input(
+        lambda: train_batches(data, transform, global_batch=global_batch, seed=seed, repeats=repeats,
+                              workers=workers, process_index=process_index, process_count=process_count),
+        dict(report, data=data, batch_size=global_batch, workers=workers, repeats=repeats, loader="pil"),
+        steps=steps, warmup=warmup, process_index=process_index, process_count=process_count)

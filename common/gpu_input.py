@@ -28,11 +28,9 @@ import contextlib
 import dataclasses
 import io
 import itertools
-import json
 import math
 import random
 import re
-import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -975,35 +973,17 @@ def to_jax(tensor: torch.Tensor):
 def benchmark_input(data_source: str, spec: AugSpec, *, global_batch: int, workers: int, steps: int,
                     device: torch.device | str, seed: int = 0, repeats: int = 1, warmup: int = 3,
                     process_index: int = 0, process_count: int = 1, **report: Any) -> dict:
-    """Time this pipeline alone (`train_batches`, no model) as `common.data.benchmark_input` times the PIL one:
-    skip `warmup` batches, time `steps`, print (process 0) and return one JSON line with "loader": "gpu" and
-    img_per_sec (global: this process's rate x process_count) last. The device is synchronised before each clock."""
-    if steps <= 0 or warmup < 0:
-        raise UserError(f"the input benchmark needs steps > 0 and warmup >= 0, got {steps} and {warmup}")
+    """Time this pipeline alone (`train_batches`, no model) with the PIL loader's clock (`common.data.time_input`):
+    one JSON line with "loader": "gpu" and img_per_sec last. The device is synchronised before each clock."""
     device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    batches = train_batches(data_source, spec, global_batch=global_batch, seed=seed, repeats=repeats,
-                            workers=workers, device=device, process_index=process_index,
-                            process_count=process_count)
-    try:
-        for _ in range(warmup):
-            next(batches)
-        sync()
-        start, images, skipped = time.perf_counter(), 0, 0
-        for _ in range(steps):
-            batch = next(batches)
-            images += len(batch["label"])
-            skipped += batch["skipped"]
-        sync()
-        seconds = time.perf_counter() - start
-    finally:
-        batches.close()
-    result = dict(report, data=data_source, batch_size=global_batch, workers=workers, repeats=repeats, loader="gpu",
-                  device=str(device), steps=steps, skipped=skipped, batch_ms=round(1000 * seconds / steps, 2),
-                  img_per_sec=round(images * process_count / seconds, 1))
-    if process_index == 0:
-        print(json.dumps(result), flush=True)
-    return result
+    return data.time_input(
+        lambda: train_batches(data_source, spec, global_batch=global_batch, seed=seed, repeats=repeats,
+                              workers=workers, device=device, process_index=process_index,
+                              process_count=process_count),
+        dict(report, data=data_source, batch_size=global_batch, workers=workers, repeats=repeats, loader="gpu",
+             device=str(device)),
+        steps=steps, warmup=warmup, process_index=process_index, process_count=process_count,
+        sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
 
 
 # ----------------------------------------------------------------------------------------------
