@@ -468,7 +468,7 @@ def train_batches(data_source: str, augmentation: Mapping[str, Any] | Callable, 
     color_jitter, auto_augment, interpolation), one description for both loaders (`gpu_input.loader_train_batches`):
     `loader` 'pil' decodes and augments in host workers, 'gpu' on the device; or a recipe's own PIL transform, for an
     augmentation only the host runs."""
-    if data.describe(data_source).source == "synthetic":
+    if data.source_kind(data_source) == "synthetic":
         fixed = synthetic_batch(global_batch // env.world_size, image_size, num_classes, env.device, seed + env.rank,
                                 mean, std)
         return iter(lambda: fixed, None)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from common import UserError, augment, data
+from common import UserError, augment, data, torch_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -251,6 +252,17 @@ def test_raw_shard_pattern_needs_num_classes(shards):
     with pytest.raises(UserError, match="shards are missing"):
         next(data.train_batches(str(shards / "train-{000000..000009}.tar"), EVAL, global_batch=4, seed=0,
                                 workers=0))
+
+
+def test_pytorch_recipes_train_on_a_raw_shard_pattern(shards):
+    """common.torch_run.train_batches takes raw shards (the recipe gave --num-classes; the data cannot say it): only
+    the source's kind decides whether batches are made on the device. Asking the data for its classes refused them."""
+    env = torch_run.DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    batches = torch_run.train_batches(str(shards / "train-{000000..000004}.tar"), dict(image_size=32), env,
+                                      global_batch=4, seed=0, start_step=0, workers=0, num_classes=3, image_size=32,
+                                      mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    batch = next(batches)
+    assert batch["image"].shape == (4, 3, 32, 32) and set(batch["label"].tolist()) <= {0, 1, 2}
 
 
 def test_make_shards_missing_source_exits_2(run, tmp_path):
