@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import math
@@ -820,6 +821,15 @@ def _exact_float32() -> contextlib.AbstractContextManager:
         return torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False)
 
 
+@functools.cache
+def normalisation_constants(device: torch.device, mean: tuple[float, ...],
+                            std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std in 0-255 units as (1, C, 1, 1) float32 tensors on `device`, made once (not a host copy every
+    batch); `common.torch_run.images_to_device` normalises the PIL loader's batches with them too."""
+    return (torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0,
+            torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+
+
 def augment_batch(batch: dict, spec: AugSpec, device: torch.device, *, train: bool,
                   normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> dict:
     """One host batch (`_pack`) -> {"image", "label" (int64), "skipped"} on `device`.
@@ -843,7 +853,7 @@ def augment_batch(batch: dict, spec: AugSpec, device: torch.device, *, train: bo
         if spec.random_erasing > 0 and train:
             raise UserError("random erasing runs on normalised images: pass normalize=(mean, std)")
         return {"image": x.to(torch.uint8).permute(0, 2, 3, 1).contiguous(), "label": labels, "skipped": len(bad)}
-    mean, std = (torch.tensor(v, device=device, dtype=torch.float32).view(1, -1, 1, 1) * 255.0 for v in normalize)
+    mean, std = normalisation_constants(device, tuple(normalize[0]), tuple(normalize[1]))
     x = (x - mean) / std
     if train and spec.random_erasing > 0:
         x = random_erasing(x, batch["erase"], batch["seed"])

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import random
@@ -150,16 +149,8 @@ def images_to_device(images: np.ndarray | torch.Tensor, device: torch.device, me
     if device.type == "cuda" and images.device.type == "cpu" and not images.is_pinned():
         images = images.pin_memory()
     images = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    mean_t, std_t = _normalisation_constants(device, tuple(mean), tuple(std))
+    mean_t, std_t = gpu_input.normalisation_constants(device, tuple(mean), tuple(std))
     return (images - mean_t) / std_t
-
-
-@functools.cache
-def _normalisation_constants(device: torch.device, mean: tuple[float, ...],
-                             std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean and std in 0-255 units as (1, C, 1, 1) tensors on `device`, made once (not a host copy every batch)."""
-    return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
-            torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)
 
 
 def labels_to_device(labels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:

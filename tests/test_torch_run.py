@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import gpu_input
 from common import torch_run as tr
 
 
@@ -20,9 +21,9 @@ def test_images_to_device_normalises_as_before_and_makes_its_constants_once():
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float()
     want = (x - torch.tensor(mean).view(1, -1, 1, 1) * 255.0) / (torch.tensor(std).view(1, -1, 1, 1) * 255.0)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    first = tr._normalisation_constants(torch.device("cpu"), mean, std)
+    first = gpu_input.normalisation_constants(torch.device("cpu"), mean, std)
     tr.images_to_device(images, torch.device("cpu"), mean, std)
-    assert tr._normalisation_constants(torch.device("cpu"), mean, std)[0] is first[0], "constants made again"
+    assert gpu_input.normalisation_constants(torch.device("cpu"), mean, std)[0] is first[0], "constants made again"
 
 
 def test_per_sample_erasing_is_the_same_whatever_the_split():
